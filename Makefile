@@ -1,0 +1,36 @@
+# `make run` and `make test` bootstrap .venv from nothing; both are quick once it exists.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test lint typecheck pytest install clean bench
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/cvi-agent serve
+
+lint: $(STAMP)
+	$(BIN)/ruff check cvi_agent tests
+	$(BIN)/ruff format --check cvi_agent tests
+
+typecheck: $(STAMP)
+	$(BIN)/mypy --strict cvi_agent tests
+
+pytest: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+test: lint typecheck pytest
+
+bench: $(STAMP)
+	$(BIN)/cvi-agent bench
+
+clean:
+	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

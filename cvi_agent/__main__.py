@@ -1,0 +1,3 @@
+from cvi_agent.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""The room bot: joins a conversation's Daily room, sends interactions, records events."""

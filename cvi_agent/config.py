@@ -1,0 +1,103 @@
+"""One Settings object, read from the environment (CVI_*, TAVUS_*, HOST, PORT).
+
+Every field has a default that works on a fresh machine, so `make run` needs no configuration.
+"""
+
+from __future__ import annotations
+
+import secrets
+from functools import cached_property
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class Settings(BaseSettings):
+    """Runtime configuration. Field names are Python names; the environment names are aliases."""
+
+    model_config = SettingsConfigDict(populate_by_name=True, extra="ignore")
+
+    api_keys_raw: str = Field(default="", validation_alias=_env("CVI_API_KEYS", "api_keys_raw"))
+    database_url: str = Field(
+        default="sqlite+aiosqlite:///./var/cvi-agent.db",
+        validation_alias=_env("CVI_DATABASE_URL", "database_url"),
+    )
+    redis_url: str | None = Field(default=None, validation_alias=_env("CVI_REDIS_URL", "redis_url"))
+    personas_dir: Path = Field(
+        default=Path("personas"), validation_alias=_env("CVI_PERSONAS_DIR", "personas_dir")
+    )
+    public_url: str = Field(
+        default="http://127.0.0.1:8000", validation_alias=_env("CVI_PUBLIC_URL", "public_url")
+    )
+    callback_token: str = Field(
+        default="", validation_alias=_env("CVI_CALLBACK_TOKEN", "callback_token")
+    )
+    upstream_base_url: str = Field(
+        default="https://api.openai.com/v1",
+        validation_alias=_env("CVI_UPSTREAM_BASE_URL", "upstream_base_url"),
+    )
+    upstream_api_key: str = Field(
+        default="", validation_alias=_env("CVI_UPSTREAM_API_KEY", "upstream_api_key")
+    )
+    upstream_connect_timeout: float = Field(
+        default=2.0, validation_alias=_env("CVI_UPSTREAM_CONNECT_TIMEOUT", "upstream_connect_timeout")
+    )
+    upstream_first_token_timeout: float = Field(
+        default=4.0,
+        validation_alias=_env("CVI_UPSTREAM_FIRST_TOKEN_TIMEOUT", "upstream_first_token_timeout"),
+    )
+    upstream_read_timeout: float = Field(
+        default=10.0, validation_alias=_env("CVI_UPSTREAM_READ_TIMEOUT", "upstream_read_timeout")
+    )
+    tavus_api_key: str = Field(default="", validation_alias=_env("TAVUS_API_KEY", "tavus_api_key"))
+    tavus_api_url: str = Field(
+        default="https://tavusapi.com", validation_alias=_env("TAVUS_API_URL", "tavus_api_url")
+    )
+    host: str = Field(default="127.0.0.1", validation_alias=_env("HOST", "host"))
+    port: int = Field(default=8000, validation_alias=_env("PORT", "port"))
+    max_body_bytes: int = Field(
+        default=2 * 1024 * 1024, validation_alias=_env("CVI_MAX_BODY_BYTES", "max_body_bytes")
+    )
+    tool_timeout: float = Field(default=5.0, validation_alias=_env("CVI_TOOL_TIMEOUT", "tool_timeout"))
+    max_tool_rounds: int = Field(
+        default=4, validation_alias=_env("CVI_MAX_TOOL_ROUNDS", "max_tool_rounds")
+    )
+    log_level: str = Field(default="info", validation_alias=_env("CVI_LOG_LEVEL", "log_level"))
+    var_dir: Path = Field(default=Path("var"), validation_alias=_env("CVI_VAR_DIR", "var_dir"))
+
+    @cached_property
+    def api_keys(self) -> tuple[str, ...]:
+        return tuple(k.strip() for k in self.api_keys_raw.split(",") if k.strip())
+
+
+def mask_key(key: str) -> str:
+    """A key as it may appear in logs: never more than its first few characters."""
+    if len(key) <= 8:
+        return "***"
+    return key[:6] + "…" + f"({len(key)} chars)"
+
+
+def ensure_dev_key(settings: Settings) -> str | None:
+    """With no CVI_API_KEYS, use (and persist under var/) one generated development key.
+
+    Returns the generated key so the caller can print it once, or None when keys were configured.
+    """
+    if settings.api_keys:
+        return None
+    path = settings.var_dir / "dev-api-key"
+    key = ""
+    if path.exists():
+        key = path.read_text().strip()
+    if not key:
+        key = "cvi-dev-" + secrets.token_urlsafe(24)
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(key + "\n")
+        path.chmod(0o600)
+    settings.api_keys_raw = key
+    settings.__dict__.pop("api_keys", None)
+    return key

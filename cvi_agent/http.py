@@ -1,0 +1,187 @@
+"""HTTP plumbing shared by every router: the OpenAI error shape, auth, bounded body reading."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cvi_agent.protocol.chat import error_payload
+
+log = logging.getLogger(__name__)
+
+_STATUS_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    415: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    502: "upstream_error",
+    503: "service_unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answered in the OpenAI shape `{"error": {message, type, code, param}}`."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        code: str | None = None,
+        param: str | None = None,
+        type_: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code
+        self.param = param
+        self.type = type_ or _STATUS_TYPES.get(status, "api_error")
+        self.headers = headers
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            error_payload(self.message, self.type, self.code, self.param),
+            status_code=self.status,
+            headers=self.headers,
+        )
+
+
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    return ApiError(status, message, code, param).response()
+
+
+def constant_time_in(candidate: str, accepted: tuple[str, ...]) -> bool:
+    """Whether `candidate` is one of `accepted`, comparing every key in constant time."""
+    found = False
+    given = candidate.encode()
+    for key in accepted:
+        found |= hmac.compare_digest(given, key.encode())
+    return found
+
+
+def presented_key(request_headers: Any) -> str | None:
+    """The API key from `Authorization: Bearer K` or `x-api-key: K`."""
+    auth = request_headers.get("authorization")
+    if auth:
+        scheme, _, value = auth.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return str(value.strip())
+    key = request_headers.get("x-api-key")
+    return str(key).strip() if key else None
+
+
+def check_api_key(request_headers: Any, accepted: tuple[str, ...]) -> None:
+    key = presented_key(request_headers)
+    if not key:
+        raise ApiError(
+            401,
+            "Missing API key: send 'Authorization: Bearer <key>' or 'x-api-key: <key>'.",
+            "missing_api_key",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    if not constant_time_in(key, accepted):
+        raise ApiError(401, "Invalid API key.", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+CONVERSATION_HEADERS = ("conversation_id", "conversation-id", "x-conversation-id")
+
+
+def conversation_id_from(request_headers: Any) -> str | None:
+    """The conversation id Tavus sends as a header; its spelling is undocumented (any case)."""
+    for name in CONVERSATION_HEADERS:
+        value = request_headers.get(name)
+        if value:
+            value = str(value).strip()
+            if value and len(value) <= 256:
+                return value
+    return None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) anything over `limit` bytes without reading it all."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            size = int(declared)
+        except ValueError:
+            raise ApiError(400, "Invalid Content-Length header.", "invalid_content_length") from None
+        if size > limit:
+            raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body.strip():
+        raise ApiError(400, "Request body is empty; expected a JSON object.", "invalid_json")
+    try:
+        value = json.loads(body)
+    except UnicodeDecodeError:
+        raise ApiError(400, "Request body is not valid UTF-8.", "invalid_json") from None
+    except json.JSONDecodeError as exc:
+        raise ApiError(400, f"Request body is not valid JSON: {exc.msg} at position {exc.pos}.", "invalid_json") from None
+    except RecursionError:
+        raise ApiError(400, "Request body is nested too deeply.", "invalid_json") from None
+    if not isinstance(value, dict):
+        raise ApiError(400, "Request body must be a JSON object.", "invalid_json")
+    return value
+
+
+async def read_json_object(request: Request, limit: int) -> dict[str, Any]:
+    return parse_json_object(await read_body(request, limit))
+
+
+def validation_message(errors: list[Any]) -> tuple[str, str | None]:
+    """A short human message and the offending parameter from pydantic errors."""
+    if not errors:
+        return "Invalid request.", None
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    param = ".".join(loc) or None
+    msg = first.get("msg", "invalid value")
+    more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
+    return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        message = exc.detail if isinstance(exc.detail, str) else "HTTP error"
+        if exc.status_code == 404 and message == "Not Found":
+            message = f"No route for {request.method} {request.url.path}."
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return ApiError(exc.status_code, message, code, headers=getattr(exc, "headers", None)).response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        message, param = validation_message(list(exc.errors()))
+        return ApiError(400, message, "invalid_request", param).response()
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return ApiError(500, "Internal server error.", "internal_error", type_="api_error").response()

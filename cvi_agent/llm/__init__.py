@@ -1,0 +1,1 @@
+"""The custom LLM endpoint: routes, SSE encoding, brains and tools."""

@@ -1,0 +1,21 @@
+"""Brains answer a turn: `upstream` (any OpenAI-compatible model), `flow` (deterministic), `echo`."""
+
+from __future__ import annotations
+
+from cvi_agent.llm.brains.base import Brain
+from cvi_agent.llm.brains.echo import EchoBrain
+from cvi_agent.llm.brains.flow import FlowBrain
+from cvi_agent.llm.brains.upstream import UpstreamBrain, UpstreamClients
+from cvi_agent.personas import Persona
+
+
+def make_brain(persona: Persona, clients: UpstreamClients) -> Brain:
+    kind = persona.brain.kind
+    if kind == "upstream":
+        return UpstreamBrain(persona, clients)
+    if kind == "flow":
+        return FlowBrain(persona)
+    return EchoBrain()
+
+
+__all__ = ["Brain", "EchoBrain", "FlowBrain", "UpstreamBrain", "UpstreamClients", "make_brain"]

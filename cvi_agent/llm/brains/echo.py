@@ -1,0 +1,20 @@
+"""The echo brain: repeats the last user message. A wiring check that needs no model."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from cvi_agent.llm.brains.base import BrainEvent, Finish, TurnContext, estimate_tokens
+from cvi_agent.llm.brains.speech import clean_user_text, speak
+
+
+class EchoBrain:
+    async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
+        text = clean_user_text(ctx.request.last_user_text()) or "I didn't catch that."
+        cfg = ctx.persona.brain
+        async for delta in speak(text, cfg.words_per_chunk, cfg.chunk_delay_ms):
+            yield delta
+        yield Finish("stop", estimate_tokens(text), estimate_tokens(text))
+
+    async def aclose(self) -> None:
+        return None

@@ -1,0 +1,223 @@
+"""The upstream brain: proxies to any OpenAI-compatible model, streaming deltas through.
+
+Client tool calls pass through with their index/id/name/argument fragments; server tool calls
+are swallowed, run here, and the turn continues with their results (several rounds allowed).
+Closing the generator closes the upstream stream (and its connection) at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import openai
+
+from cvi_agent.config import Settings
+from cvi_agent.llm.brains.base import BrainEvent, Finish, TextDelta, ToolCallDelta, TurnContext
+from cvi_agent.personas import Persona
+
+log = logging.getLogger(__name__)
+
+
+class UpstreamError(Exception):
+    """The upstream model failed before or while answering; the message is safe to log."""
+
+
+@dataclass(slots=True)
+class _Call:
+    id: str = ""
+    name: str = ""
+    arguments: list[str] = field(default_factory=list)
+    client_index: int | None = None
+
+
+class UpstreamClients:
+    """One `AsyncOpenAI` (and so one connection pool) per upstream base URL and key."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+
+    def get(self, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:
+        url = (base_url or self.settings.upstream_base_url).rstrip("/")
+        key = api_key or self.settings.upstream_api_key or "not-needed"
+        client = self._clients.get((url, key))
+        if client is None:
+            s = self.settings
+            client = openai.AsyncOpenAI(
+                base_url=url,
+                api_key=key,
+                max_retries=0,
+                timeout=openai.Timeout(
+                    s.upstream_read_timeout,
+                    connect=s.upstream_connect_timeout,
+                    read=s.upstream_read_timeout,
+                    write=s.upstream_connect_timeout,
+                    pool=s.upstream_connect_timeout,
+                ),
+            )
+            self._clients[(url, key)] = client
+        return client
+
+    async def aclose(self) -> None:
+        clients, self._clients = list(self._clients.values()), {}
+        for client in clients:
+            await client.close()
+
+
+class UpstreamBrain:
+    def __init__(self, persona: Persona, clients: UpstreamClients) -> None:
+        self.persona = persona
+        self.clients = clients
+        cfg = persona.brain
+        api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else None
+        self.client = clients.get(cfg.base_url, api_key)
+
+    async def aclose(self) -> None:
+        return None
+
+    def _params(self, ctx: TurnContext, messages: list[dict[str, Any]], last_round: bool) -> dict[str, Any]:
+        req = ctx.request
+        cfg = self.persona.brain
+        params: dict[str, Any] = {
+            "model": cfg.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
+        temperature = req.temperature if req.temperature is not None else cfg.temperature
+        if temperature is not None:
+            params["temperature"] = temperature
+        max_tokens = req.max_tokens or req.max_completion_tokens or cfg.max_tokens
+        if max_tokens is not None:
+            params["max_tokens"] = max_tokens
+        raw_tools = ctx.state.get("raw_tools")
+        tools = ctx.tools.openai_tools(raw_tools if isinstance(raw_tools, list) else None)
+        if tools:
+            params["tools"] = tools
+            if last_round:
+                params["tool_choice"] = "none"
+            elif req.tool_choice is not None:
+                params["tool_choice"] = req.tool_choice
+        return params
+
+    async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
+        messages: list[dict[str, Any]] = list(ctx.state.get("raw_messages") or [
+            m.model_dump(exclude_none=True) for m in ctx.request.messages
+        ])
+        max_rounds = max(1, ctx.settings.max_tool_rounds)
+        first_token_timeout = (
+            self.persona.brain.first_token_timeout or ctx.settings.upstream_first_token_timeout
+        )
+        prompt_tokens = completion_tokens = 0
+        next_client_index = 0
+        for round_no in range(max_rounds + 1):
+            params = self._params(ctx, messages, last_round=round_no == max_rounds)
+            calls: dict[int, _Call] = {}
+            text_parts: list[str] = []
+            finish_reason = "stop"
+            deadline = asyncio.get_running_loop().time() + first_token_timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    stream = await self.client.chat.completions.create(**params)
+            except TimeoutError as exc:
+                raise UpstreamError(f"no answer from upstream within {first_token_timeout:g}s") from exc
+            except openai.APIStatusError as exc:
+                raise UpstreamError(f"upstream answered HTTP {exc.status_code}") from exc
+            except openai.APIError as exc:
+                raise UpstreamError(f"upstream request failed: {type(exc).__name__}") from exc
+            try:
+                async with stream:
+                    got_first = False
+                    deadline_cm = asyncio.timeout_at(deadline)
+                    async with deadline_cm:
+                        async for chunk in stream:
+                            if not got_first:
+                                got_first = True
+                                deadline_cm.reschedule(None)
+                            if chunk.usage is not None:
+                                prompt_tokens += chunk.usage.prompt_tokens or 0
+                                completion_tokens += chunk.usage.completion_tokens or 0
+                            if not chunk.choices:
+                                continue
+                            choice = chunk.choices[0]
+                            delta = choice.delta
+                            if delta is not None:
+                                if delta.content:
+                                    text_parts.append(delta.content)
+                                    yield TextDelta(delta.content)
+                                for tc in delta.tool_calls or ():
+                                    call = calls.get(tc.index)
+                                    if call is None:
+                                        call = calls[tc.index] = _Call()
+                                    fn = tc.function
+                                    fragment = (fn.arguments if fn is not None else None) or ""
+                                    if tc.id:
+                                        call.id = tc.id
+                                    if fn is not None and fn.name:
+                                        call.name = fn.name
+                                    if ctx.tools.is_server(call.name):
+                                        call.arguments.append(fragment)
+                                        continue
+                                    if call.client_index is None:
+                                        call.client_index = next_client_index
+                                        next_client_index += 1
+                                        yield ToolCallDelta(
+                                            call.client_index, call.id or None, call.name or None, fragment
+                                        )
+                                    else:
+                                        yield ToolCallDelta(call.client_index, None, None, fragment)
+                            if choice.finish_reason:
+                                finish_reason = choice.finish_reason
+            except TimeoutError as exc:
+                raise UpstreamError(f"no first token from upstream within {first_token_timeout:g}s") from exc
+            except openai.APIError as exc:
+                raise UpstreamError(f"upstream stream failed: {type(exc).__name__}") from exc
+
+            server_calls = [c for c in calls.values() if ctx.tools.is_server(c.name)]
+            client_calls = [c for c in calls.values() if c.client_index is not None]
+            if client_calls:
+                if server_calls:
+                    log.warning(
+                        "upstream mixed server and client tool calls; forwarding only the client calls"
+                    )
+                yield Finish("tool_calls", prompt_tokens, completion_tokens)
+                return
+            if not server_calls or round_no == max_rounds:
+                if finish_reason == "tool_calls":
+                    finish_reason = "stop"
+                yield Finish(finish_reason, prompt_tokens, completion_tokens)
+                return
+            results = await asyncio.gather(
+                *(
+                    ctx.tools.run(
+                        c.name,
+                        "".join(c.arguments),
+                        c.id,
+                        ctx.conversation_id,
+                        side_effects_allowed=ctx.side_effects_allowed,
+                    )
+                    for c in server_calls
+                )
+            )
+            messages.append(
+                {
+                    "role": "assistant",
+                    "content": "".join(text_parts) or None,
+                    "tool_calls": [
+                        {
+                            "id": c.id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": "".join(c.arguments)},
+                        }
+                        for c in server_calls
+                    ],
+                }
+            )
+            for result in results:
+                messages.append({"role": "tool", "tool_call_id": result.call_id, "content": result.output})
+        yield Finish("stop", prompt_tokens, completion_tokens)

@@ -1,0 +1,195 @@
+"""`POST /v1/chat/completions` (and `/chat/completions`), `GET /v1/models`.
+
+The request is parsed and validated once; everything after that is the hot path: brain events
+become pre-encoded SSE bytes. A closed client stream closes the brain generator, which closes
+the upstream request (see ARCHITECTURE.md, "Who cancels whom").
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+from sse_starlette import EventSourceResponse
+
+from cvi_agent.http import (
+    ApiError,
+    check_api_key,
+    conversation_id_from,
+    read_json_object,
+    validation_message,
+)
+from cvi_agent.llm.brains.base import Brain, Finish, TextDelta, ToolCallDelta, TurnContext
+from cvi_agent.llm.sse import DONE, ChunkEncoder
+from cvi_agent.llm.tools import ToolRunner
+from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
+from cvi_agent.runtime import Runtime, get_runtime
+
+log = logging.getLogger(__name__)
+
+
+def require_key(request: Request) -> None:
+    check_api_key(request.headers, get_runtime(request).settings.api_keys)
+
+
+router = APIRouter(dependencies=[Depends(require_key)])
+
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413)
+}
+_BODY_DOC: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+    }
+}
+
+
+def build_turn(runtime: Runtime, request: Request, raw: dict[str, Any]) -> TurnContext:
+    try:
+        req = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as exc:
+        message, param = validation_message(list(exc.errors()))
+        raise ApiError(400, message, "invalid_request", param) from None
+    persona = runtime.personas.get(req.model)
+    if persona is None:
+        raise ApiError(
+            404,
+            f"The model {req.model!r} does not exist: it must name a persona "
+            f"({', '.join(sorted(runtime.personas)) or 'none loaded'}).",
+            "model_not_found",
+            "model",
+        )
+    request_tools = [t.function.name for t in req.tools or ()]
+    tools = ToolRunner(persona, request_tools, runtime.settings.tool_timeout)
+    ctx = TurnContext(
+        request=req,
+        persona=persona,
+        settings=runtime.settings,
+        tools=tools,
+        conversation_id=conversation_id_from(request.headers),
+    )
+    ctx.state["raw_messages"] = raw.get("messages")
+    ctx.state["raw_tools"] = raw.get("tools")
+    return ctx
+
+
+async def sse_stream(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> AsyncIterator[bytes]:
+    """Brain events → SSE bytes. Always ends with a finish chunk and `[DONE]`."""
+    sent = False
+    finish: Finish | None = None
+    events = brain.stream(ctx)
+    try:
+        async for event in events:
+            kind = type(event)
+            if kind is TextDelta:
+                if event.text:  # type: ignore[union-attr]
+                    sent = True
+                    yield enc.content(event.text)  # type: ignore[union-attr]
+            elif kind is ToolCallDelta:
+                sent = True
+                yield enc.tool_call(event.index, event.id, event.name, event.arguments)  # type: ignore[union-attr]
+            else:
+                finish = event  # type: ignore[assignment]
+    except Exception as exc:
+        log.warning(
+            "persona %s conversation %s: brain failed (%s); %s",
+            ctx.persona.name,
+            ctx.conversation_id,
+            exc,
+            "ending the reply" if sent else "speaking the fallback line",
+        )
+        if not sent:
+            yield enc.content(ctx.persona.fallback_text)
+        finish = Finish("stop")
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    if finish is None:
+        finish = Finish("stop")
+    yield enc.finish(finish.reason)
+    opts = ctx.request.stream_options
+    if opts is not None and opts.include_usage:
+        yield enc.usage(finish.prompt_tokens, finish.completion_tokens)
+    yield DONE
+
+
+async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[str, Any]:
+    """A non-streamed answer: the brain's events gathered into one `chat.completion`."""
+    text: list[str] = []
+    calls: dict[int, dict[str, Any]] = {}
+    finish = Finish("stop")
+    try:
+        async for event in brain.stream(ctx):
+            if isinstance(event, TextDelta):
+                text.append(event.text)
+            elif isinstance(event, ToolCallDelta):
+                call = calls.setdefault(
+                    event.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+                )
+                if event.id:
+                    call["id"] = event.id
+                if event.name:
+                    call["function"]["name"] = event.name
+                call["function"]["arguments"] += event.arguments
+            else:
+                finish = event
+    except Exception as exc:
+        log.warning("persona %s: brain failed (%s)", ctx.persona.name, exc)
+        if not text and not calls:
+            text.append(ctx.persona.fallback_text)
+        finish = Finish("stop")
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    if calls:
+        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    return {
+        "id": enc.id,
+        "object": "chat.completion",
+        "created": enc.created,
+        "model": enc.model,
+        "choices": [{"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": None}],
+        "usage": {
+            "prompt_tokens": finish.prompt_tokens,
+            "completion_tokens": finish.completion_tokens,
+            "total_tokens": finish.prompt_tokens + finish.completion_tokens,
+        },
+    }
+
+
+async def chat_completions(request: Request) -> Response:
+    runtime = get_runtime(request)
+    raw = await read_json_object(request, runtime.settings.max_body_bytes)
+    ctx = build_turn(runtime, request, raw)
+    brain = runtime.brains[ctx.persona.name]
+    enc = ChunkEncoder(ctx.request.model)
+    log.debug("turn persona=%s conversation=%s stream=%s", ctx.persona.name, ctx.conversation_id, ctx.request.stream)
+    if ctx.request.stream:
+        return EventSourceResponse(sse_stream(brain, ctx, enc), sep="\n", ping=15)
+    return JSONResponse(await complete(brain, ctx, enc))
+
+
+for _path in ("/v1/chat/completions", "/chat/completions"):
+    router.add_api_route(
+        _path,
+        chat_completions,
+        methods=["POST"],
+        responses=_ERRORS,
+        openapi_extra=_BODY_DOC,
+        summary="OpenAI-compatible chat completions (the persona is the model)",
+        include_in_schema=_path.startswith("/v1"),
+    )
+
+
+@router.get("/v1/models", summary="The personas, as OpenAI models")
+async def list_models(request: Request) -> dict[str, Any]:
+    runtime = get_runtime(request)
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "cvi-agent"}
+            for name in sorted(runtime.personas)
+        ],
+    }

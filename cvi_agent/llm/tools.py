@@ -1,0 +1,178 @@
+"""Tools: the registry of server-side tool handlers and their execution with a timeout.
+
+`execution: server` tools run here and the brain continues the turn with their result;
+`execution: client` tools (and any tool sent in the request itself) are streamed back as
+`tool_calls`, so Tavus broadcasts `conversation.tool_call` into the room.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from cvi_agent.personas import Persona, ToolSpec
+
+log = logging.getLogger(__name__)
+
+ToolHandler = Callable[[dict[str, Any], "ToolCallContext"], Awaitable[Any]]
+
+BUILTIN_TOOLS: dict[str, ToolHandler] = {}
+
+
+def builtin(name: str) -> Callable[[ToolHandler], ToolHandler]:
+    def register(fn: ToolHandler) -> ToolHandler:
+        BUILTIN_TOOLS[name] = fn
+        return fn
+
+    return register
+
+
+@dataclass(slots=True)
+class ToolCallContext:
+    conversation_id: str | None
+    persona: Persona
+    spec: ToolSpec
+    call_id: str
+
+
+@dataclass(slots=True)
+class ToolResult:
+    call_id: str
+    name: str
+    output: str
+    ok: bool
+
+
+class ToolError(Exception):
+    """A tool failed in a way worth telling the model (the message is safe to show)."""
+
+
+class SideEffectsNotAllowed(ToolError):
+    pass
+
+
+@builtin("get_current_time")
+async def get_current_time(args: dict[str, Any], ctx: ToolCallContext) -> dict[str, Any]:
+    """The current local time in an IANA time zone (e.g. `Europe/Istanbul`)."""
+    zone_name = str(args.get("timezone") or args.get("time_zone") or "UTC")
+    try:
+        zone = ZoneInfo(zone_name)
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ToolError(f"unknown time zone {zone_name!r}") from exc
+    now = datetime.now(zone)
+    return {
+        "timezone": zone_name,
+        "iso": now.isoformat(timespec="seconds"),
+        "spoken": now.strftime("%-I:%M %p on %A, %B %-d"),
+    }
+
+
+def resolve_handler(spec: ToolSpec) -> ToolHandler:
+    """A server tool's handler: a built-in by name, or `package.module:function`."""
+    ref = spec.handler or spec.name
+    if ":" in ref:
+        module_name, _, attr = ref.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+            handler = getattr(module, attr)
+        except (ImportError, AttributeError) as exc:
+            raise LookupError(f"tool {spec.name!r}: cannot import handler {ref!r}: {exc}") from exc
+        if not callable(handler):
+            raise LookupError(f"tool {spec.name!r}: handler {ref!r} is not callable")
+        return handler  # type: ignore[no-any-return]
+    if ref in BUILTIN_TOOLS:
+        return BUILTIN_TOOLS[ref]
+    raise LookupError(
+        f"tool {spec.name!r}: no built-in handler named {ref!r} "
+        f"(built-ins: {', '.join(sorted(BUILTIN_TOOLS))})"
+    )
+
+
+def validate_persona_tools(persona: Persona) -> list[str]:
+    """Problems with a persona's server tools (unknown handlers), as readable lines."""
+    problems = []
+    for spec in persona.tools:
+        if spec.execution == "server":
+            try:
+                resolve_handler(spec)
+            except LookupError as exc:
+                problems.append(f"{persona.source or persona.name}: tools.{spec.name}: {exc}")
+    return problems
+
+
+def _encode_output(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, default=str)
+
+
+class ToolRunner:
+    """Runs a persona's server tools; knows which tool names are client tools for a request."""
+
+    def __init__(self, persona: Persona, request_tools: list[str], default_timeout: float) -> None:
+        self.persona = persona
+        self.default_timeout = default_timeout
+        self.server: dict[str, ToolSpec] = {
+            t.name: t for t in persona.tools if t.execution == "server"
+        }
+        client = [t.name for t in persona.tools if t.execution == "client"]
+        client.extend(n for n in request_tools if n not in self.server and n not in client)
+        self.client_names = frozenset(client)
+
+    def is_server(self, name: str | None) -> bool:
+        return name is not None and name in self.server
+
+    def openai_tools(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+        """Every tool the model may call: the persona's plus those sent in the request."""
+        tools = [t.openai_tool() for t in self.persona.tools]
+        known = {t.name for t in self.persona.tools}
+        for tool in request_tools or []:
+            name = tool.get("function", {}).get("name")
+            if name not in known:
+                tools.append(tool)
+        return tools
+
+    async def run(
+        self,
+        name: str,
+        arguments: str,
+        call_id: str,
+        conversation_id: str | None,
+        side_effects_allowed: bool = True,
+    ) -> ToolResult:
+        spec = self.server.get(name)
+        if spec is None:
+            return ToolResult(call_id, name, _encode_output({"error": f"unknown tool {name}"}), False)
+        if spec.side_effects and not side_effects_allowed:
+            raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
+        try:
+            args = json.loads(arguments) if arguments.strip() else {}
+            if not isinstance(args, dict):
+                raise ToolError("arguments must be a JSON object")
+            handler = resolve_handler(spec)
+            ctx = ToolCallContext(conversation_id, self.persona, spec, call_id)
+            result = await asyncio.wait_for(
+                handler(args, ctx), timeout=spec.timeout or self.default_timeout
+            )
+            return ToolResult(call_id, name, _encode_output(result), True)
+        except SideEffectsNotAllowed:
+            raise
+        except json.JSONDecodeError:
+            error = "arguments are not valid JSON"
+        except TimeoutError:
+            error = "the tool timed out"
+        except ToolError as exc:
+            error = str(exc)
+        except LookupError as exc:
+            error = str(exc)
+        except Exception:
+            log.exception("server tool %s failed", name)
+            error = "the tool failed"
+        return ToolResult(call_id, name, _encode_output({"error": error}), False)

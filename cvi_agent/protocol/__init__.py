@@ -1,0 +1,1 @@
+"""Pure pydantic models of every wire format we speak. No I/O, no globals."""
