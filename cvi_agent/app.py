@@ -24,7 +24,9 @@ def load_checked_personas(settings: Settings) -> dict[str, Persona]:
     return personas
 
 
-def create_app(settings: Settings | None = None, personas: dict[str, Persona] | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, personas: dict[str, Persona] | None = None
+) -> FastAPI:
     settings = settings or Settings()
     if personas is None:
         personas = load_checked_personas(settings)

@@ -7,6 +7,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from cvi_agent.config import Settings, ensure_dev_key, mask_key
 from cvi_agent.personas import PersonaError
@@ -47,7 +48,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
             flush=True,
         )
     print(f"cvi-agent: personas: {', '.join(sorted(personas))}", flush=True)
-    print(f"cvi-agent: serving on {base}  (chat: {base}/v1/chat/completions, docs: {base}/docs)", flush=True)
+    print(
+        f"cvi-agent: serving on {base}  (chat: {base}/v1/chat/completions, docs: {base}/docs)",
+        flush=True,
+    )
     if args.workers and args.workers > 1:
         import os
 
@@ -78,7 +82,7 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
     settings = Settings()
     if args.dir:
-        settings.personas_dir = args.dir
+        settings.personas_dir = Path(args.dir)
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:

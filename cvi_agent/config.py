@@ -45,7 +45,8 @@ class Settings(BaseSettings):
         default="", validation_alias=_env("CVI_UPSTREAM_API_KEY", "upstream_api_key")
     )
     upstream_connect_timeout: float = Field(
-        default=2.0, validation_alias=_env("CVI_UPSTREAM_CONNECT_TIMEOUT", "upstream_connect_timeout")
+        default=2.0,
+        validation_alias=_env("CVI_UPSTREAM_CONNECT_TIMEOUT", "upstream_connect_timeout"),
     )
     upstream_first_token_timeout: float = Field(
         default=4.0,
@@ -63,7 +64,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(
         default=2 * 1024 * 1024, validation_alias=_env("CVI_MAX_BODY_BYTES", "max_body_bytes")
     )
-    tool_timeout: float = Field(default=5.0, validation_alias=_env("CVI_TOOL_TIMEOUT", "tool_timeout"))
+    tool_timeout: float = Field(
+        default=5.0, validation_alias=_env("CVI_TOOL_TIMEOUT", "tool_timeout")
+    )
     max_tool_rounds: int = Field(
         default=4, validation_alias=_env("CVI_MAX_TOOL_ROUNDS", "max_tool_rounds")
     )

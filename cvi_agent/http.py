@@ -60,7 +60,9 @@ class ApiError(Exception):
         )
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+def error_response(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     return ApiError(status, message, code, param).response()
 
 
@@ -94,7 +96,9 @@ def check_api_key(request_headers: Any, accepted: tuple[str, ...]) -> None:
             headers={"WWW-Authenticate": "Bearer"},
         )
     if not constant_time_in(key, accepted):
-        raise ApiError(401, "Invalid API key.", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+        raise ApiError(
+            401, "Invalid API key.", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
+        )
 
 
 CONVERSATION_HEADERS = ("conversation_id", "conversation-id", "x-conversation-id")
@@ -118,7 +122,9 @@ async def read_body(request: Request, limit: int) -> bytes:
         try:
             size = int(declared)
         except ValueError:
-            raise ApiError(400, "Invalid Content-Length header.", "invalid_content_length") from None
+            raise ApiError(
+                400, "Invalid Content-Length header.", "invalid_content_length"
+            ) from None
         if size > limit:
             raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
     chunks: list[bytes] = []
@@ -139,7 +145,9 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise ApiError(400, "Request body is not valid UTF-8.", "invalid_json") from None
     except json.JSONDecodeError as exc:
-        raise ApiError(400, f"Request body is not valid JSON: {exc.msg} at position {exc.pos}.", "invalid_json") from None
+        raise ApiError(
+            400, f"Request body is not valid JSON: {exc.msg} at position {exc.pos}.", "invalid_json"
+        ) from None
     except RecursionError:
         raise ApiError(400, "Request body is nested too deeply.", "invalid_json") from None
     if not isinstance(value, dict):
@@ -174,7 +182,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"No route for {request.method} {request.url.path}."
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
-        return ApiError(exc.status_code, message, code, headers=getattr(exc, "headers", None)).response()
+        return ApiError(
+            exc.status_code, message, code, headers=getattr(exc, "headers", None)
+        ).response()
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -184,4 +194,6 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return ApiError(500, "Internal server error.", "internal_error", type_="api_error").response()
+        return ApiError(
+            500, "Internal server error.", "internal_error", type_="api_error"
+        ).response()

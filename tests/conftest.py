@@ -30,7 +30,9 @@ def upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-def make_settings(tmp_path: Path, upstream_url: str = "http://127.0.0.1:9", **overrides: Any) -> Settings:
+def make_settings(
+    tmp_path: Path, upstream_url: str = "http://127.0.0.1:9", **overrides: Any
+) -> Settings:
     values: dict[str, Any] = {
         "api_keys_raw": API_KEY,
         "personas_dir": PERSONAS,

@@ -50,7 +50,9 @@ async def test_stream_exact_openai_shape(server: LoopbackServer) -> None:
         assert chunk["id"] == chunks[0]["id"]
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert all("role" not in c["choices"][0]["delta"] for c in chunks[1:])
-    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + ["stop"]
+    assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * (len(chunks) - 1) + [
+        "stop"
+    ]
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
     assert text == "hello there my friend"
     assert len(chunks) > 2, "replies stream in several chunks"
@@ -90,7 +92,9 @@ async def test_alias_without_v1(server: LoopbackServer) -> None:
     assert completion.choices[0].message.content == "alias works"
 
 
-async def test_streamed_tool_calls_reassemble(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+async def test_streamed_tool_calls_reassemble(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     args_a = json.dumps({"location": "San Francisco, CA", "unit": "fahrenheit"})
     args_b = json.dumps({"location": "Istanbul"})
     upstream.push(
@@ -108,7 +112,9 @@ async def test_streamed_tool_calls_reassemble(client: openai.AsyncOpenAI, upstre
         )
     )
     stream = await client.chat.completions.create(
-        model="weather", stream=True, messages=[{"role": "user", "content": "weather in SF and Istanbul?"}]
+        model="weather",
+        stream=True,
+        messages=[{"role": "user", "content": "weather in SF and Istanbul?"}],
     )
     calls: dict[int, dict[str, str]] = {}
     content = []
@@ -135,9 +141,13 @@ async def test_streamed_tool_calls_reassemble(client: openai.AsyncOpenAI, upstre
     assert sent_tools == {"get_current_weather", "get_current_time"}
 
 
-async def test_request_tools_are_client_tools(client: openai.AsyncOpenAI, upstream: FakeUpstream) -> None:
+async def test_request_tools_are_client_tools(
+    client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
     upstream.push(
-        Plan(steps=[Step(tool_name="book_table", tool_id="call_x"), Step(tool_arguments='{"n": 2}')])
+        Plan(
+            steps=[Step(tool_name="book_table", tool_id="call_x"), Step(tool_arguments='{"n": 2}')]
+        )
     )
     extra_tool = {
         "type": "function",
@@ -157,18 +167,67 @@ async def test_request_tools_are_client_tools(client: openai.AsyncOpenAI, upstre
 @pytest.mark.parametrize(
     ("headers", "body", "status", "code"),
     [
-        ({}, {"model": "echo", "messages": [{"role": "user", "content": "x"}]}, 401, "missing_api_key"),
-        ({"Authorization": "Bearer wrong"}, {"model": "echo", "messages": [{"role": "user", "content": "x"}]}, 401, "invalid_api_key"),
-        ({"Authorization": "Basic abc"}, {"model": "echo", "messages": [{"role": "user", "content": "x"}]}, 401, "missing_api_key"),
-        (AUTH, {"model": "nope", "messages": [{"role": "user", "content": "x"}]}, 404, "model_not_found"),
+        (
+            {},
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+            401,
+            "missing_api_key",
+        ),
+        (
+            {"Authorization": "Bearer wrong"},
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+            401,
+            "invalid_api_key",
+        ),
+        (
+            {"Authorization": "Basic abc"},
+            {"model": "echo", "messages": [{"role": "user", "content": "x"}]},
+            401,
+            "missing_api_key",
+        ),
+        (
+            AUTH,
+            {"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            404,
+            "model_not_found",
+        ),
         (AUTH, {"model": "echo"}, 400, "invalid_request"),
         (AUTH, {"model": "echo", "messages": []}, 400, "invalid_request"),
         (AUTH, {"model": "echo", "messages": "hello"}, 400, "invalid_request"),
-        (AUTH, {"model": "echo", "messages": [{"role": "robot", "content": "x"}]}, 400, "invalid_request"),
-        (AUTH, {"model": 5, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request"),
-        (AUTH, {"model": "echo", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request"),
-        (AUTH, {"model": "echo", "temperature": 9, "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request"),
-        (AUTH, {"model": "echo", "tools": [{"type": "function"}], "messages": [{"role": "user", "content": "x"}]}, 400, "invalid_request"),
+        (
+            AUTH,
+            {"model": "echo", "messages": [{"role": "robot", "content": "x"}]},
+            400,
+            "invalid_request",
+        ),
+        (
+            AUTH,
+            {"model": 5, "messages": [{"role": "user", "content": "x"}]},
+            400,
+            "invalid_request",
+        ),
+        (
+            AUTH,
+            {"model": "echo", "stream": "yes", "messages": [{"role": "user", "content": "x"}]},
+            400,
+            "invalid_request",
+        ),
+        (
+            AUTH,
+            {"model": "echo", "temperature": 9, "messages": [{"role": "user", "content": "x"}]},
+            400,
+            "invalid_request",
+        ),
+        (
+            AUTH,
+            {
+                "model": "echo",
+                "tools": [{"type": "function"}],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            400,
+            "invalid_request",
+        ),
         (AUTH, [1, 2, 3], 400, "invalid_json"),
     ],
 )
@@ -189,14 +248,19 @@ async def test_error_cases(
     [
         (b"{not json", "invalid_json"),
         (b"", "invalid_json"),
-        (b'{"model": "echo", "messages": [{"role": "user", "content": "\xff\xfe"}]}', "invalid_json"),
+        (
+            b'{"model": "echo", "messages": [{"role": "user", "content": "\xff\xfe"}]}',
+            "invalid_json",
+        ),
         (b"[" * 100_000 + b"]" * 100_000, "invalid_json"),
     ],
 )
 async def test_malformed_bodies(server: LoopbackServer, content: bytes, code: str) -> None:
     async with httpx.AsyncClient(base_url=server.url) as http:
         resp = await http.post(
-            "/chat/completions", content=content, headers={**AUTH, "content-type": "application/json"}
+            "/chat/completions",
+            content=content,
+            headers={**AUTH, "content-type": "application/json"},
         )
     assert resp.status_code == 400
     assert resp.json()["error"]["code"] == code
@@ -220,11 +284,15 @@ async def test_body_too_large(serve: ServerFactory, upstream: FakeUpstream) -> N
 
 async def test_sdk_error_types(client: openai.AsyncOpenAI, server: LoopbackServer) -> None:
     with pytest.raises(openai.NotFoundError) as not_found:
-        await client.chat.completions.create(model="ghost", messages=[{"role": "user", "content": "x"}])
+        await client.chat.completions.create(
+            model="ghost", messages=[{"role": "user", "content": "x"}]
+        )
     assert not_found.value.code == "model_not_found"
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="bad", max_retries=0) as bad:
         with pytest.raises(openai.AuthenticationError):
-            await bad.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+            await bad.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "x"}]
+            )
 
 
 async def test_x_api_key_header(server: LoopbackServer) -> None:
@@ -270,8 +338,7 @@ async def test_conversation_id_header_reaches_brain(
     reader, writer = await asyncio.open_connection(srv.host, srv.port)
     writer.write(
         b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-        + f"Authorization: Bearer {API_KEY}\r\n{header}: c123abc\r\nContent-Length: {len(body)}\r\n"
-        .encode()
+        + f"Authorization: Bearer {API_KEY}\r\n{header}: c123abc\r\nContent-Length: {len(body)}\r\n".encode()
         + b"Connection: close\r\n\r\n"
         + body
     )

@@ -21,14 +21,15 @@ def free_port(host: str = "127.0.0.1") -> int:
 class LoopbackServer:
     """`with LoopbackServer(app) as srv: srv.url` — a real HTTP server for the block's duration."""
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int | None = None, **config: Any) -> None:
+    def __init__(
+        self, app: Any, host: str = "127.0.0.1", port: int | None = None, **config: Any
+    ) -> None:
         self.host = host
         self.port = port or free_port(host)
         config.setdefault("log_level", "warning")
         config.setdefault("access_log", False)
         config.setdefault("lifespan", "on")
         self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, **config))
-        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
         self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 
@@ -60,6 +61,9 @@ class LoopbackServer:
         return self.start()
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         self.stop()

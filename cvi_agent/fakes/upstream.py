@@ -14,7 +14,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
-from cvi_agent.llm.sse import ChunkEncoder, DONE
+from cvi_agent.llm.sse import DONE, ChunkEncoder
 
 Scope = dict[str, Any]
 
@@ -78,7 +78,10 @@ class FakeUpstream:
     def reply(self, text: str, words_per_chunk: int = 1, **kw: Any) -> Plan:
         words = text.split(" ")
         steps = [
-            Step(content=" ".join(words[i : i + words_per_chunk]) + (" " if i + words_per_chunk < len(words) else ""))
+            Step(
+                content=" ".join(words[i : i + words_per_chunk])
+                + (" " if i + words_per_chunk < len(words) else "")
+            )
             for i in range(0, len(words), words_per_chunk)
         ]
         return Plan(steps=steps, **kw)
@@ -89,12 +92,19 @@ class FakeUpstream:
         cfg = self.config
         if isinstance(last, dict) and last.get("role") == "tool":
             return self.reply(f"The tool said: {last.get('content')}")
-        if body.get("tools") and cfg.tool_call_share > 0 and self._random.random() < cfg.tool_call_share:
+        if (
+            body.get("tools")
+            and cfg.tool_call_share > 0
+            and self._random.random() < cfg.tool_call_share
+        ):
             args = json.dumps({"location": "San Francisco, CA"})
             return Plan(
                 steps=[
                     Step(content="Let me check. "),
-                    Step(tool_name=cfg.tool_name, tool_id="call_" + str(self._random.randrange(10**9))),
+                    Step(
+                        tool_name=cfg.tool_name,
+                        tool_id="call_" + str(self._random.randrange(10**9)),
+                    ),
                     Step(tool_arguments=args[: len(args) // 2]),
                     Step(tool_arguments=args[len(args) // 2 :]),
                 ],
@@ -115,7 +125,9 @@ class FakeUpstream:
             return
         path: str = scope["path"]
         if scope["method"] == "GET" and path.endswith("/models"):
-            await self._json(send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]})
+            await self._json(
+                send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]}
+            )
             return
         if scope["method"] != "POST" or not path.endswith("/chat/completions"):
             await self._json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
@@ -137,7 +149,9 @@ class FakeUpstream:
         plan = self.plans.popleft() if self.plans else self._default_plan(body)
         if plan.status != 200:
             await self._json(
-                send, plan.status, plan.error_body or {"error": {"message": "upstream error", "type": "server_error"}}
+                send,
+                plan.status,
+                plan.error_body or {"error": {"message": "upstream error", "type": "server_error"}},
             )
             record.finished = time.monotonic()
             return
@@ -157,7 +171,10 @@ class FakeUpstream:
             {
                 "type": "http.response.start",
                 "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())],
+                "headers": [
+                    (b"content-type", b"application/json"),
+                    (b"content-length", str(len(data)).encode()),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": data})
@@ -172,7 +189,13 @@ class FakeUpstream:
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": body.get("model", "fake"),
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": text},
+                        "finish_reason": "stop",
+                    }
+                ],
                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2},
             },
         )
@@ -196,13 +219,18 @@ class FakeUpstream:
                 task.cancel()
             await asyncio.gather(watcher, writer, return_exceptions=True)
 
-    async def _write(self, plan: Plan, body: dict[str, Any], record: RequestRecord, send: Any) -> None:
+    async def _write(
+        self, plan: Plan, body: dict[str, Any], record: RequestRecord, send: Any
+    ) -> None:
         cfg = self.config
         await send(
             {
                 "type": "http.response.start",
                 "status": 200,
-                "headers": [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-store")],
+                "headers": [
+                    (b"content-type", b"text/event-stream"),
+                    (b"cache-control", b"no-store"),
+                ],
             }
         )
         ttft = plan.ttft if plan.ttft is not None else cfg.ttft
@@ -227,7 +255,9 @@ class FakeUpstream:
                 chunk = enc.content(step.content)
             elif step.tool_name is not None:
                 tool_index += 1
-                chunk = enc.tool_call(tool_index, step.tool_id or f"call_{tool_index}", step.tool_name, "")
+                chunk = enc.tool_call(
+                    tool_index, step.tool_id or f"call_{tool_index}", step.tool_name, ""
+                )
             else:
                 chunk = enc.tool_call(max(tool_index, 0), None, None, step.tool_arguments)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -128,7 +128,8 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
                 text.append(event.text)
             elif isinstance(event, ToolCallDelta):
                 call = calls.setdefault(
-                    event.index, {"id": "", "type": "function", "function": {"name": "", "arguments": ""}}
+                    event.index,
+                    {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                 )
                 if event.id:
                     call["id"] = event.id
@@ -142,7 +143,10 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
         if not text and not calls:
             text.append(ctx.persona.fallback_text)
         finish = Finish("stop")
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(text) if text or not calls else None}
+    message: dict[str, Any] = {
+        "role": "assistant",
+        "content": "".join(text) if text or not calls else None,
+    }
     if calls:
         message["tool_calls"] = [calls[i] for i in sorted(calls)]
     return {
@@ -150,7 +154,9 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
         "object": "chat.completion",
         "created": enc.created,
         "model": enc.model,
-        "choices": [{"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": None}],
+        "choices": [
+            {"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": None}
+        ],
         "usage": {
             "prompt_tokens": finish.prompt_tokens,
             "completion_tokens": finish.completion_tokens,
@@ -165,7 +171,12 @@ async def chat_completions(request: Request) -> Response:
     ctx = build_turn(runtime, request, raw)
     brain = runtime.brains[ctx.persona.name]
     enc = ChunkEncoder(ctx.request.model)
-    log.debug("turn persona=%s conversation=%s stream=%s", ctx.persona.name, ctx.conversation_id, ctx.request.stream)
+    log.debug(
+        "turn persona=%s conversation=%s stream=%s",
+        ctx.persona.name,
+        ctx.conversation_id,
+        ctx.request.stream,
+    )
     if ctx.request.stream:
         return EventSourceResponse(sse_stream(brain, ctx, enc), sep="\n", ping=15)
     return JSONResponse(await complete(brain, ctx, enc))

@@ -52,9 +52,7 @@ class ChunkEncoder:
     def content(self, text: str) -> bytes:
         return self._chunk("{" + self._role() + '"content":' + _dumps(text) + "}")
 
-    def tool_call(
-        self, index: int, call_id: str | None, name: str | None, arguments: str
-    ) -> bytes:
+    def tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> bytes:
         call: dict[str, Any] = {"index": index}
         function: dict[str, Any] = {"arguments": arguments}
         if call_id is not None:
@@ -63,7 +61,9 @@ class ChunkEncoder:
         if name is not None:
             function["name"] = name
         call["function"] = function
-        return self._chunk("{" + self._role() + '"content":null,"tool_calls":[' + _dumps(call) + "]}")
+        return self._chunk(
+            "{" + self._role() + '"content":null,"tool_calls":[' + _dumps(call) + "]}"
+        )
 
     def finish(self, reason: str) -> bytes:
         return self._chunk("{" + self._role().rstrip(",") + "}", _dumps(reason))

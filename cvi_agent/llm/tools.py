@@ -149,7 +149,9 @@ class ToolRunner:
     ) -> ToolResult:
         spec = self.server.get(name)
         if spec is None:
-            return ToolResult(call_id, name, _encode_output({"error": f"unknown tool {name}"}), False)
+            return ToolResult(
+                call_id, name, _encode_output({"error": f"unknown tool {name}"}), False
+            )
         if spec.side_effects and not side_effects_allowed:
             raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
         try:

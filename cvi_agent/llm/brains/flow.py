@@ -64,7 +64,9 @@ class FlowBrain:
     async def aclose(self) -> None:
         return None
 
-    def _variables(self, ctx: TurnContext, user_text: str, answers: dict[str, str]) -> dict[str, Any]:
+    def _variables(
+        self, ctx: TurnContext, user_text: str, answers: dict[str, str]
+    ) -> dict[str, Any]:
         variables: dict[str, Any] = {
             "persona_name": self.persona.persona_name,
             "conversation_id": ctx.conversation_id or "",
@@ -99,11 +101,16 @@ class FlowBrain:
         remaining = [question for question in q.questions if question.id not in asked]
         if not asked:
             lead = " ".join(p for p in (self.flow.greeting or "", q.intro) if p)
-            return render(" ".join(p for p in (lead, remaining[0].ask) if p), self._variables(ctx, user_text, answers))
+            return render(
+                " ".join(p for p in (lead, remaining[0].ask) if p),
+                self._variables(ctx, user_text, answers),
+            )
         last_asked = asked[-1]
         if last_asked not in answers and not remaining:
             return None
-        ack = q.acknowledgements[len(answers) % len(q.acknowledgements)] if q.acknowledgements else ""
+        ack = (
+            q.acknowledgements[len(answers) % len(q.acknowledgements)] if q.acknowledgements else ""
+        )
         if remaining:
             text = " ".join(p for p in (ack, remaining[0].ask) if p)
         else:
@@ -150,8 +157,10 @@ class FlowBrain:
                 yield event
             return
 
-        text = self._plan_questionnaire(ctx, user_text)
-        if text is None:
+        planned = self._plan_questionnaire(ctx, user_text)
+        if planned is not None:
+            text = planned
+        else:
             if not any(m.role == "assistant" for m in messages) and self.flow.greeting:
                 text = render(self.flow.greeting, self._variables(ctx, user_text, answers))
             else:
@@ -169,7 +178,10 @@ class FlowBrain:
                 yield delta
             yield Finish("stop", 0, estimate_tokens(reply))
             return
-        arguments = {k: render(v, variables) if isinstance(v, str) else v for k, v in intent.tool.arguments.items()}
+        arguments = {
+            k: render(v, variables) if isinstance(v, str) else v
+            for k, v in intent.tool.arguments.items()
+        }
         arguments_json = json.dumps(arguments, ensure_ascii=False)
         call_id = "call_" + secrets.token_hex(8)
         if ctx.tools.is_server(intent.tool.name):

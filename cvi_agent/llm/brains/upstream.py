@@ -80,7 +80,9 @@ class UpstreamBrain:
     async def aclose(self) -> None:
         return None
 
-    def _params(self, ctx: TurnContext, messages: list[dict[str, Any]], last_round: bool) -> dict[str, Any]:
+    def _params(
+        self, ctx: TurnContext, messages: list[dict[str, Any]], last_round: bool
+    ) -> dict[str, Any]:
         req = ctx.request
         cfg = self.persona.brain
         params: dict[str, Any] = {
@@ -106,9 +108,10 @@ class UpstreamBrain:
         return params
 
     async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
-        messages: list[dict[str, Any]] = list(ctx.state.get("raw_messages") or [
-            m.model_dump(exclude_none=True) for m in ctx.request.messages
-        ])
+        messages: list[dict[str, Any]] = list(
+            ctx.state.get("raw_messages")
+            or [m.model_dump(exclude_none=True) for m in ctx.request.messages]
+        )
         max_rounds = max(1, ctx.settings.max_tool_rounds)
         first_token_timeout = (
             self.persona.brain.first_token_timeout or ctx.settings.upstream_first_token_timeout
@@ -125,7 +128,9 @@ class UpstreamBrain:
                 async with asyncio.timeout_at(deadline):
                     stream = await self.client.chat.completions.create(**params)
             except TimeoutError as exc:
-                raise UpstreamError(f"no answer from upstream within {first_token_timeout:g}s") from exc
+                raise UpstreamError(
+                    f"no answer from upstream within {first_token_timeout:g}s"
+                ) from exc
             except openai.APIStatusError as exc:
                 raise UpstreamError(f"upstream answered HTTP {exc.status_code}") from exc
             except openai.APIError as exc:
@@ -167,14 +172,19 @@ class UpstreamBrain:
                                         call.client_index = next_client_index
                                         next_client_index += 1
                                         yield ToolCallDelta(
-                                            call.client_index, call.id or None, call.name or None, fragment
+                                            call.client_index,
+                                            call.id or None,
+                                            call.name or None,
+                                            fragment,
                                         )
                                     else:
                                         yield ToolCallDelta(call.client_index, None, None, fragment)
                             if choice.finish_reason:
                                 finish_reason = choice.finish_reason
             except TimeoutError as exc:
-                raise UpstreamError(f"no first token from upstream within {first_token_timeout:g}s") from exc
+                raise UpstreamError(
+                    f"no first token from upstream within {first_token_timeout:g}s"
+                ) from exc
             except openai.APIError as exc:
                 raise UpstreamError(f"upstream stream failed: {type(exc).__name__}") from exc
 
@@ -219,5 +229,7 @@ class UpstreamBrain:
                 }
             )
             for result in results:
-                messages.append({"role": "tool", "tool_call_id": result.call_id, "content": result.output})
+                messages.append(
+                    {"role": "tool", "tool_call_id": result.call_id, "content": result.output}
+                )
         yield Finish("stop", prompt_tokens, completion_tokens)
