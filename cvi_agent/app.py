@@ -33,7 +33,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime = Runtime.build(settings, personas)
+        runtime = await Runtime.start(settings, personas)
         app.state.runtime = runtime
         try:
             yield

@@ -10,6 +10,7 @@ from fastapi import Request
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
 from cvi_agent.personas import Persona
+from cvi_agent.store import SqlStore
 
 
 @dataclass
@@ -17,13 +18,17 @@ class Runtime:
     settings: Settings
     personas: dict[str, Persona]
     upstreams: UpstreamClients
+    store: SqlStore
     brains: dict[str, Brain] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def build(cls, settings: Settings, personas: dict[str, Persona]) -> Runtime:
+    async def start(cls, settings: Settings, personas: dict[str, Persona]) -> Runtime:
+        """Open every shared resource (the store runs its migrations here)."""
+        store = SqlStore(settings.database_url)
+        await store.init()
         upstreams = UpstreamClients(settings)
-        runtime = cls(settings=settings, personas=personas, upstreams=upstreams)
+        runtime = cls(settings=settings, personas=personas, upstreams=upstreams, store=store)
         for persona in personas.values():
             runtime.brains[persona.name] = make_brain(persona, upstreams)
         return runtime
@@ -32,6 +37,7 @@ class Runtime:
         for brain in self.brains.values():
             await brain.aclose()
         await self.upstreams.aclose()
+        await self.store.aclose()
 
 
 def get_runtime(request: Request) -> Runtime:

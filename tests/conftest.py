@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import os
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ from cvi_agent.app import create_app
 from cvi_agent.config import Settings
 from cvi_agent.fakes.server import LoopbackServer
 from cvi_agent.fakes.upstream import FakeUpstream
+from cvi_agent.store import SqlStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
 PERSONAS = ROOT / "personas"
@@ -74,3 +77,60 @@ def server(serve: ServerFactory, upstream: FakeUpstream) -> LoopbackServer:
 async def client(server: LoopbackServer) -> Any:
     async with openai.AsyncOpenAI(base_url=server.url + "/v1", api_key=API_KEY, max_retries=0) as c:
         yield c
+
+
+PG_ADMIN_URL = os.environ.get("CVI_TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("CVI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+async def create_pg_database() -> tuple[str, str]:
+    """A fresh, empty PostgreSQL database: (name, SQLAlchemy URL).
+
+    Fails loudly when PostgreSQL is not running: these tests must not silently skip in CI.
+    """
+    import asyncpg  # type: ignore[import-untyped]
+
+    name = "cvi_test_" + uuid.uuid4().hex[:12]
+    try:
+        admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        pytest.fail(f"PostgreSQL is required at {PG_ADMIN_URL} ({exc}); start it, see README")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    host_part = PG_ADMIN_URL.split("://", 1)[1].rsplit("/", 1)[0]
+    return name, f"postgresql+asyncpg://{host_part}/{name}"
+
+
+async def drop_pg_database(name: str) -> None:
+    import asyncpg
+
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def pg_url() -> AsyncIterator[str]:
+    """A fresh PostgreSQL database URL for one test (dropped afterwards)."""
+    name, url = await create_pg_database()
+    yield url
+    await drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """The SQL store on SQLite and on the real PostgreSQL of this machine."""
+    name = None
+    if request.param == "sqlite":
+        url = f"sqlite+aiosqlite:///{tmp_path / 'store.db'}"
+    else:
+        name, url = await create_pg_database()
+    s = await open_store(url)
+    yield s
+    await s.aclose()
+    if name is not None:
+        await drop_pg_database(name)

@@ -1,0 +1,20 @@
+"""Persistence: one schema on SQLite (default, WAL) or PostgreSQL, via SQLAlchemy async."""
+
+from cvi_agent.store.base import (
+    ConversationRecord,
+    EventRecord,
+    ToolCallRecord,
+    UtteranceRecord,
+    VideoRecord,
+)
+from cvi_agent.store.sql import SqlStore, open_store
+
+__all__ = [
+    "ConversationRecord",
+    "EventRecord",
+    "SqlStore",
+    "ToolCallRecord",
+    "UtteranceRecord",
+    "VideoRecord",
+    "open_store",
+]

@@ -1,0 +1,162 @@
+"""Records the store keeps. Plain dataclasses: the store's public vocabulary, no I/O."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def now() -> float:
+    return time.time()
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """One thing that happened in a conversation, from any source, kept raw.
+
+    `dedupe_key` identifies a delivery: the same key from the same source is stored once.
+    """
+
+    conversation_id: str
+    source: str  # room | callback | llm | api | bot | video
+    kind: str  # event_type (or a descriptive name for our own events)
+    dedupe_key: str
+    payload: dict[str, Any]
+    seq: int | None = None
+    inference_id: str | None = None
+    turn_idx: int | None = None
+    role: str | None = None
+    occurred_at: float | None = None
+    received_at: float = field(default_factory=now)
+    id: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "conversation_id": self.conversation_id,
+            "source": self.source,
+            "kind": self.kind,
+            "seq": self.seq,
+            "inference_id": self.inference_id,
+            "turn_idx": self.turn_idx,
+            "role": self.role,
+            "occurred_at": self.occurred_at,
+            "received_at": self.received_at,
+            "payload": self.payload,
+        }
+
+
+@dataclass(slots=True)
+class ConversationRecord:
+    id: str
+    persona: str | None = None
+    status: str = "active"
+    conversation_url: str | None = None
+    shutdown_reason: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=now)
+    updated_at: float = field(default_factory=now)
+    ended_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "persona": self.persona,
+            "status": self.status,
+            "conversation_url": self.conversation_url,
+            "shutdown_reason": self.shutdown_reason,
+            "meta": self.meta,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "ended_at": self.ended_at,
+        }
+
+
+@dataclass(slots=True)
+class UtteranceRecord:
+    """What one participant said in one turn.
+
+    `intended_text` comes from `conversation.utterance` (for the replica: what the LLM meant
+    to say); `spoken_text` from the final `conversation.utterance.streaming` (what was actually
+    spoken, cut short when `is_interrupted`). Either may arrive first; each fills its own column.
+    """
+
+    conversation_id: str
+    role: str  # user | replica
+    key: str  # inference_id, or seq when there is none
+    intended_text: str | None = None
+    spoken_text: str | None = None
+    is_interrupted: bool | None = None
+    inference_id: str | None = None
+    turn_idx: int | None = None
+    seq: int | None = None
+    occurred_at: float | None = None
+
+    @property
+    def text(self) -> str:
+        return self.spoken_text if self.spoken_text is not None else (self.intended_text or "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "text": self.text,
+            "intended_text": self.intended_text,
+            "spoken_text": self.spoken_text,
+            "is_interrupted": bool(self.is_interrupted),
+            "inference_id": self.inference_id,
+            "turn_idx": self.turn_idx,
+            "seq": self.seq,
+            "occurred_at": self.occurred_at,
+        }
+
+
+@dataclass(slots=True)
+class ToolCallRecord:
+    conversation_id: str
+    key: str  # tool_call_id, or inference_id:name:seq
+    name: str
+    arguments: str
+    tool_call_id: str | None = None
+    inference_id: str | None = None
+    status: str = "called"  # called | success | error
+    output: str | None = None
+    occurred_at: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "tool_call_id": self.tool_call_id,
+            "name": self.name,
+            "arguments": self.arguments,
+            "inference_id": self.inference_id,
+            "status": self.status,
+            "output": self.output,
+            "occurred_at": self.occurred_at,
+        }
+
+
+@dataclass(slots=True)
+class VideoRecord:
+    provider: str  # tavus | argil | jogg
+    video_id: str
+    status: str  # queued | rendering | ready | failed
+    conversation_id: str | None = None
+    url: str | None = None
+    error: str | None = None
+    script: str | None = None
+    raw: dict[str, Any] = field(default_factory=dict)
+    created_at: float = field(default_factory=now)
+    updated_at: float = field(default_factory=now)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "provider": self.provider,
+            "video_id": self.video_id,
+            "status": self.status,
+            "conversation_id": self.conversation_id,
+            "url": self.url,
+            "error": self.error,
+            "script": self.script,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+        }

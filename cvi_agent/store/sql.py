@@ -1,0 +1,733 @@
+"""The SQL store: SQLAlchemy Core on an async engine. SQLite (WAL) by default, PostgreSQL by URL.
+
+Idempotency lives in unique constraints, not in application checks: a duplicate delivery is an
+`INSERT … ON CONFLICT DO NOTHING` that inserts nothing. The schema is versioned; migrations run
+on startup, serialized across processes (PostgreSQL advisory lock; SQLite's write lock).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from cvi_agent.store.base import (
+    ConversationRecord,
+    EventRecord,
+    ToolCallRecord,
+    UtteranceRecord,
+    VideoRecord,
+    now,
+)
+
+log = logging.getLogger(__name__)
+
+JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+metadata = sa.MetaData()
+
+conversations = sa.Table(
+    "conversations",
+    metadata,
+    sa.Column("id", sa.String(128), primary_key=True),
+    sa.Column("persona", sa.String(128)),
+    sa.Column("status", sa.String(32), nullable=False, default="active"),
+    sa.Column("conversation_url", sa.Text),
+    sa.Column("shutdown_reason", sa.Text),
+    sa.Column("meta", JSONType, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Column("ended_at", sa.Double),
+)
+
+events = sa.Table(
+    "events",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("conversation_id", sa.String(128), nullable=False),
+    sa.Column("source", sa.String(16), nullable=False),
+    sa.Column("kind", sa.String(128), nullable=False),
+    sa.Column("dedupe_key", sa.String(512), nullable=False),
+    sa.Column("seq", sa.BigInteger),
+    sa.Column("inference_id", sa.String(128)),
+    sa.Column("turn_idx", sa.Integer),
+    sa.Column("role", sa.String(32)),
+    sa.Column("occurred_at", sa.Double),
+    sa.Column("received_at", sa.Double, nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.UniqueConstraint("source", "dedupe_key", name="uq_events_delivery"),
+    sa.Index("ix_events_conversation", "conversation_id", "id"),
+)
+
+utterances = sa.Table(
+    "utterances",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("conversation_id", sa.String(128), nullable=False),
+    sa.Column("role", sa.String(32), nullable=False),
+    sa.Column("key", sa.String(256), nullable=False),
+    sa.Column("intended_text", sa.Text),
+    sa.Column("spoken_text", sa.Text),
+    sa.Column("is_interrupted", sa.Boolean),
+    sa.Column("inference_id", sa.String(128)),
+    sa.Column("turn_idx", sa.Integer),
+    sa.Column("seq", sa.BigInteger),
+    sa.Column("occurred_at", sa.Double),
+    sa.UniqueConstraint("conversation_id", "role", "key", name="uq_utterances_turn"),
+)
+
+tool_calls = sa.Table(
+    "tool_calls",
+    metadata,
+    sa.Column(
+        "id",
+        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
+        primary_key=True,
+        autoincrement=True,
+    ),
+    sa.Column("conversation_id", sa.String(128), nullable=False),
+    sa.Column("key", sa.String(256), nullable=False),
+    sa.Column("tool_call_id", sa.String(128)),
+    sa.Column("name", sa.String(128), nullable=False),
+    sa.Column("arguments", sa.Text, nullable=False),
+    sa.Column("inference_id", sa.String(128)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("output", sa.Text),
+    sa.Column("occurred_at", sa.Double),
+    sa.UniqueConstraint("conversation_id", "key", name="uq_tool_calls_call"),
+)
+
+transcripts = sa.Table(
+    "transcripts",
+    metadata,
+    sa.Column("conversation_id", sa.String(128), primary_key=True),
+    sa.Column("entries", JSONType, nullable=False),
+    sa.Column("received_at", sa.Double, nullable=False),
+)
+
+answers = sa.Table(
+    "answers",
+    metadata,
+    sa.Column("conversation_id", sa.String(128), primary_key=True),
+    sa.Column("question_id", sa.String(128), primary_key=True),
+    sa.Column("answer", sa.Text, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+)
+
+videos = sa.Table(
+    "videos",
+    metadata,
+    sa.Column("provider", sa.String(16), primary_key=True),
+    sa.Column("video_id", sa.String(128), primary_key=True),
+    sa.Column("conversation_id", sa.String(128)),
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column("url", sa.Text),
+    sa.Column("error", sa.Text),
+    sa.Column("script", sa.Text),
+    sa.Column("raw", JSONType, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+    sa.Column("updated_at", sa.Double, nullable=False),
+    sa.Index("ix_videos_conversation", "conversation_id"),
+)
+
+leases = sa.Table(
+    "leases",
+    metadata,
+    sa.Column("conversation_id", sa.String(128), primary_key=True),
+    sa.Column("owner", sa.String(128)),
+    sa.Column("expires_at", sa.Double, nullable=False),
+    sa.Column("payload", JSONType, nullable=False),
+    sa.Column("created_at", sa.Double, nullable=False),
+)
+
+schema_version = sa.Table(
+    "schema_version",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.Double, nullable=False),
+)
+
+Migration = Callable[[AsyncConnection], Awaitable[None]]
+
+
+async def _v1_initial(conn: AsyncConnection) -> None:
+    await conn.run_sync(metadata.create_all)
+
+
+# Append-only: a released migration is never edited; a schema change is a new entry.
+MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1_initial)]
+
+_VIDEO_RANK = {"queued": 0, "rendering": 1, "ready": 2, "failed": 2}
+
+
+def _sqlite_path(url: str) -> Path | None:
+    parsed = make_url(url)
+    if (
+        parsed.get_backend_name() != "sqlite"
+        or not parsed.database
+        or parsed.database == ":memory:"
+    ):
+        return None
+    return Path(parsed.database)
+
+
+class SqlStore:
+    """Every read and write of the conversation record."""
+
+    def __init__(self, url: str, *, echo: bool = False) -> None:
+        self.url = url
+        path = _sqlite_path(url)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        self.dialect = make_url(url).get_backend_name()
+        kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": self.dialect != "sqlite"}
+        if self.dialect == "sqlite":
+            kwargs["connect_args"] = {"timeout": 30}
+        else:
+            kwargs.update(pool_size=10, max_overflow=20)
+        self.engine: AsyncEngine = create_async_engine(url, **kwargs)
+        if self.dialect == "sqlite":
+            sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+
+    async def init(self) -> None:
+        """Create or migrate the schema (idempotent, safe to run from several processes)."""
+        async with self.engine.begin() as conn:
+            if self.dialect == "postgresql":
+                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(74210331)"))
+            await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
+            current = (
+                await conn.execute(sa.select(sa.func.max(schema_version.c.version)))
+            ).scalar()
+            for version, migrate in MIGRATIONS:
+                if current is not None and version <= current:
+                    continue
+                log.info("applying schema migration %d", version)
+                await migrate(conn)
+                await conn.execute(
+                    schema_version.insert().values(version=version, applied_at=now())
+                )
+
+    async def schema_version(self) -> int:
+        async with self.engine.connect() as conn:
+            return int(
+                (await conn.execute(sa.select(sa.func.max(schema_version.c.version)))).scalar() or 0
+            )
+
+    async def aclose(self) -> None:
+        await self.engine.dispose()
+
+    # -- helpers -------------------------------------------------------------------------------
+
+    def _insert(self, table: sa.Table) -> Any:
+        if self.dialect == "postgresql":
+            return postgresql.insert(table)
+        return sqlite.insert(table)
+
+    async def _retrying(
+        self, fn: Callable[[AsyncConnection], Awaitable[Any]], attempts: int = 5
+    ) -> Any:
+        """Run `fn` in a transaction, retrying when the database is briefly unavailable."""
+        delay = 0.05
+        for attempt in range(attempts):
+            try:
+                async with self.engine.begin() as conn:
+                    return await fn(conn)
+            except (OperationalError, DBAPIError) as exc:
+                if attempt == attempts - 1 or not _transient(exc):
+                    raise
+                log.warning("database busy or unavailable (%s); retrying", type(exc.orig).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+        raise AssertionError("unreachable")
+
+    # -- conversations -------------------------------------------------------------------------
+
+    async def upsert_conversation(self, conversation_id: str, **fields: Any) -> None:
+        """Create the conversation if new; otherwise update the given non-None fields."""
+        values = {k: v for k, v in fields.items() if v is not None}
+        meta = values.pop("meta", None)
+        ts = now()
+
+        async def run(conn: AsyncConnection) -> None:
+            row = (
+                await conn.execute(
+                    sa.select(conversations.c.meta).where(conversations.c.id == conversation_id)
+                )
+            ).first()
+            if row is None:
+                stmt = self._insert(conversations).values(
+                    id=conversation_id,
+                    meta=meta or {},
+                    created_at=ts,
+                    updated_at=ts,
+                    status="active",
+                    **values,
+                )
+                await conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
+                return
+            update: dict[str, Any] = dict(values, updated_at=ts)
+            if meta:
+                update["meta"] = {**(row.meta or {}), **meta}
+            await conn.execute(
+                conversations.update().where(conversations.c.id == conversation_id).values(**update)
+            )
+
+        await self._retrying(run)
+
+    async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(conversations).where(conversations.c.id == conversation_id)
+                )
+            ).first()
+        return _conversation(row) if row is not None else None
+
+    async def list_conversations(
+        self, limit: int = 50, before: float | None = None
+    ) -> list[ConversationRecord]:
+        query = sa.select(conversations).order_by(
+            conversations.c.created_at.desc(), conversations.c.id.desc()
+        )
+        if before is not None:
+            query = query.where(conversations.c.created_at < before)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.limit(limit))).all()
+        return [_conversation(r) for r in rows]
+
+    # -- events --------------------------------------------------------------------------------
+
+    async def add_events(self, records: Sequence[EventRecord]) -> list[EventRecord]:
+        """Store a batch; returns the records that were new (duplicates are absorbed)."""
+        if not records:
+            return []
+
+        async def run(conn: AsyncConnection) -> list[EventRecord]:
+            inserted: list[EventRecord] = []
+            for record in records:
+                stmt = (
+                    self._insert(events)
+                    .values(
+                        conversation_id=record.conversation_id,
+                        source=record.source,
+                        kind=record.kind,
+                        dedupe_key=record.dedupe_key,
+                        seq=record.seq,
+                        inference_id=record.inference_id,
+                        turn_idx=record.turn_idx,
+                        role=record.role,
+                        occurred_at=record.occurred_at,
+                        received_at=record.received_at,
+                        payload=record.payload,
+                    )
+                    .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
+                    .returning(events.c.id)
+                )
+                new_id = (await conn.execute(stmt)).scalar()
+                if new_id is not None:
+                    record.id = int(new_id)
+                    inserted.append(record)
+            return inserted
+
+        result: list[EventRecord] = await self._retrying(run)
+        return result
+
+    async def add_event(self, record: EventRecord) -> bool:
+        return bool(await self.add_events([record]))
+
+    async def list_events(
+        self,
+        conversation_id: str,
+        *,
+        after_id: int = 0,
+        limit: int = 1000,
+        source: str | None = None,
+        order: str = "seq",
+    ) -> list[EventRecord]:
+        query = sa.select(events).where(
+            events.c.conversation_id == conversation_id, events.c.id > after_id
+        )
+        if source is not None:
+            query = query.where(events.c.source == source)
+        if order == "seq":
+            # Room events carry `seq`; everything else falls back to arrival order.
+            query = query.order_by(
+                sa.func.coalesce(events.c.occurred_at, events.c.received_at),
+                events.c.seq,
+                events.c.id,
+            )
+        else:
+            query = query.order_by(events.c.id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query.limit(limit))).all()
+        return [_event(r) for r in rows]
+
+    async def count_events(
+        self, conversation_id: str | None = None, source: str | None = None
+    ) -> int:
+        query = sa.select(sa.func.count()).select_from(events)
+        if conversation_id is not None:
+            query = query.where(events.c.conversation_id == conversation_id)
+        if source is not None:
+            query = query.where(events.c.source == source)
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(query)).scalar() or 0)
+
+    # -- utterances and tool calls ----------------------------------------------------------------
+
+    async def upsert_utterances(self, records: Sequence[UtteranceRecord]) -> None:
+        if not records:
+            return
+
+        async def run(conn: AsyncConnection) -> None:
+            for r in records:
+                values = {
+                    "conversation_id": r.conversation_id,
+                    "role": r.role,
+                    "key": r.key,
+                    "intended_text": r.intended_text,
+                    "spoken_text": r.spoken_text,
+                    "is_interrupted": r.is_interrupted,
+                    "inference_id": r.inference_id,
+                    "turn_idx": r.turn_idx,
+                    "seq": r.seq,
+                    "occurred_at": r.occurred_at,
+                }
+                stmt = self._insert(utterances).values(**values)
+                excluded = stmt.excluded
+                update = {
+                    name: sa.func.coalesce(getattr(excluded, name), getattr(utterances.c, name))
+                    for name in (
+                        "intended_text",
+                        "spoken_text",
+                        "is_interrupted",
+                        "inference_id",
+                        "turn_idx",
+                    )
+                }
+                # Keep the earliest seq/time of the turn so ordering reflects when it started.
+                update["seq"] = sa.func.coalesce(utterances.c.seq, excluded.seq)
+                update["occurred_at"] = sa.func.coalesce(
+                    utterances.c.occurred_at, excluded.occurred_at
+                )
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["conversation_id", "role", "key"], set_=update
+                    )
+                )
+
+        await self._retrying(run)
+
+    async def list_utterances(self, conversation_id: str) -> list[UtteranceRecord]:
+        query = (
+            sa.select(utterances)
+            .where(utterances.c.conversation_id == conversation_id)
+            .order_by(
+                sa.func.coalesce(utterances.c.seq, 0), utterances.c.occurred_at, utterances.c.id
+            )
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            UtteranceRecord(
+                conversation_id=r.conversation_id,
+                role=r.role,
+                key=r.key,
+                intended_text=r.intended_text,
+                spoken_text=r.spoken_text,
+                is_interrupted=r.is_interrupted,
+                inference_id=r.inference_id,
+                turn_idx=r.turn_idx,
+                seq=r.seq,
+                occurred_at=r.occurred_at,
+            )
+            for r in rows
+        ]
+
+    async def upsert_tool_call(self, record: ToolCallRecord) -> None:
+        async def run(conn: AsyncConnection) -> None:
+            stmt = self._insert(tool_calls).values(
+                conversation_id=record.conversation_id,
+                key=record.key,
+                tool_call_id=record.tool_call_id,
+                name=record.name,
+                arguments=record.arguments,
+                inference_id=record.inference_id,
+                status=record.status,
+                output=record.output,
+                occurred_at=record.occurred_at,
+            )
+            update: dict[str, Any] = {}
+            if record.status != "called":
+                update = {"status": record.status, "output": record.output}
+            if update:
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["conversation_id", "key"], set_=update
+                    )
+                )
+            else:
+                await conn.execute(
+                    stmt.on_conflict_do_nothing(index_elements=["conversation_id", "key"])
+                )
+
+        await self._retrying(run)
+
+    async def list_tool_calls(self, conversation_id: str) -> list[ToolCallRecord]:
+        query = (
+            sa.select(tool_calls)
+            .where(tool_calls.c.conversation_id == conversation_id)
+            .order_by(tool_calls.c.id)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [
+            ToolCallRecord(
+                conversation_id=r.conversation_id,
+                key=r.key,
+                name=r.name,
+                arguments=r.arguments,
+                tool_call_id=r.tool_call_id,
+                inference_id=r.inference_id,
+                status=r.status,
+                output=r.output,
+                occurred_at=r.occurred_at,
+            )
+            for r in rows
+        ]
+
+    # -- transcripts and answers ---------------------------------------------------------------
+
+    async def set_transcript(self, conversation_id: str, entries: list[dict[str, Any]]) -> None:
+        async def run(conn: AsyncConnection) -> None:
+            stmt = self._insert(transcripts).values(
+                conversation_id=conversation_id, entries=entries, received_at=now()
+            )
+            await conn.execute(
+                stmt.on_conflict_do_update(
+                    index_elements=["conversation_id"],
+                    set_={
+                        "entries": stmt.excluded.entries,
+                        "received_at": stmt.excluded.received_at,
+                    },
+                )
+            )
+
+        await self._retrying(run)
+
+    async def get_transcript(self, conversation_id: str) -> list[dict[str, Any]] | None:
+        async with self.engine.connect() as conn:
+            value = (
+                await conn.execute(
+                    sa.select(transcripts.c.entries).where(
+                        transcripts.c.conversation_id == conversation_id
+                    )
+                )
+            ).scalar()
+        return list(value) if value is not None else None
+
+    async def set_answers(self, conversation_id: str, values: dict[str, str]) -> None:
+        if not values:
+            return
+
+        async def run(conn: AsyncConnection) -> None:
+            for question_id, answer in values.items():
+                stmt = self._insert(answers).values(
+                    conversation_id=conversation_id,
+                    question_id=question_id,
+                    answer=answer,
+                    updated_at=now(),
+                )
+                await conn.execute(
+                    stmt.on_conflict_do_update(
+                        index_elements=["conversation_id", "question_id"],
+                        set_={
+                            "answer": stmt.excluded.answer,
+                            "updated_at": stmt.excluded.updated_at,
+                        },
+                    )
+                )
+
+        await self._retrying(run)
+
+    async def get_answers(self, conversation_id: str) -> dict[str, str]:
+        async with self.engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    sa.select(answers).where(answers.c.conversation_id == conversation_id)
+                )
+            ).all()
+        return {r.question_id: r.answer for r in rows}
+
+    # -- videos --------------------------------------------------------------------------------
+
+    async def upsert_video(self, record: VideoRecord) -> VideoRecord:
+        """Insert or advance a video; a late, older status never overwrites a newer one."""
+
+        async def run(conn: AsyncConnection) -> VideoRecord:
+            key = (videos.c.provider == record.provider) & (videos.c.video_id == record.video_id)
+            row = (await conn.execute(sa.select(videos).where(key).with_for_update())).first()
+            if row is None:
+                stmt = self._insert(videos).values(
+                    provider=record.provider,
+                    video_id=record.video_id,
+                    conversation_id=record.conversation_id,
+                    status=record.status,
+                    url=record.url,
+                    error=record.error,
+                    script=record.script,
+                    raw=record.raw,
+                    created_at=record.created_at,
+                    updated_at=record.updated_at,
+                )
+                await conn.execute(
+                    stmt.on_conflict_do_nothing(index_elements=["provider", "video_id"])
+                )
+                return record
+            current = _video(row)
+            incoming = record
+            if _VIDEO_RANK.get(incoming.status, 0) < _VIDEO_RANK.get(current.status, 0):
+                incoming = current
+            merged = VideoRecord(
+                provider=current.provider,
+                video_id=current.video_id,
+                status=incoming.status,
+                conversation_id=incoming.conversation_id or current.conversation_id,
+                url=incoming.url or current.url,
+                error=incoming.error or current.error,
+                script=current.script or incoming.script,
+                raw={**current.raw, **incoming.raw},
+                created_at=current.created_at,
+                updated_at=now(),
+            )
+            await conn.execute(
+                videos.update()
+                .where(key)
+                .values(
+                    status=merged.status,
+                    conversation_id=merged.conversation_id,
+                    url=merged.url,
+                    error=merged.error,
+                    script=merged.script,
+                    raw=merged.raw,
+                    updated_at=merged.updated_at,
+                )
+            )
+            return merged
+
+        result: VideoRecord = await self._retrying(run)
+        return result
+
+    async def get_video(self, provider: str, video_id: str) -> VideoRecord | None:
+        async with self.engine.connect() as conn:
+            row = (
+                await conn.execute(
+                    sa.select(videos).where(
+                        (videos.c.provider == provider) & (videos.c.video_id == video_id)
+                    )
+                )
+            ).first()
+        return _video(row) if row is not None else None
+
+    async def list_videos(
+        self, conversation_id: str | None = None, limit: int = 100
+    ) -> list[VideoRecord]:
+        query = sa.select(videos).order_by(videos.c.created_at.desc()).limit(limit)
+        if conversation_id is not None:
+            query = query.where(videos.c.conversation_id == conversation_id)
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return [_video(r) for r in rows]
+
+
+def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+    cursor = dbapi_conn.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _transient(exc: DBAPIError) -> bool:
+    text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+    markers = (
+        "locked",
+        "busy",
+        "connection",
+        "terminat",
+        "shutdown",
+        "closed",
+        "timeout",
+        "refused",
+        "reset",
+    )
+    return exc.connection_invalidated or any(m in text for m in markers)
+
+
+def _conversation(row: Any) -> ConversationRecord:
+    return ConversationRecord(
+        id=row.id,
+        persona=row.persona,
+        status=row.status,
+        conversation_url=row.conversation_url,
+        shutdown_reason=row.shutdown_reason,
+        meta=dict(row.meta or {}),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        ended_at=row.ended_at,
+    )
+
+
+def _event(row: Any) -> EventRecord:
+    return EventRecord(
+        id=row.id,
+        conversation_id=row.conversation_id,
+        source=row.source,
+        kind=row.kind,
+        dedupe_key=row.dedupe_key,
+        seq=row.seq,
+        inference_id=row.inference_id,
+        turn_idx=row.turn_idx,
+        role=row.role,
+        occurred_at=row.occurred_at,
+        received_at=row.received_at,
+        payload=dict(row.payload or {}),
+    )
+
+
+def _video(row: Any) -> VideoRecord:
+    return VideoRecord(
+        provider=row.provider,
+        video_id=row.video_id,
+        conversation_id=row.conversation_id,
+        status=row.status,
+        url=row.url,
+        error=row.error,
+        script=row.script,
+        raw=dict(row.raw or {}),
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+async def open_store(url: str) -> SqlStore:
+    store = SqlStore(url)
+    await store.init()
+    return store

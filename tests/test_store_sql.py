@@ -1,0 +1,94 @@
+"""The SQL store on SQLite and the real PostgreSQL: idempotency, merging, ordering, migrations."""
+
+from __future__ import annotations
+
+from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord, VideoRecord
+
+
+def event(key: str, seq: int | None = None, conv: str = "c1", kind: str = "x") -> EventRecord:
+    return EventRecord(
+        conversation_id=conv, source="room", kind=kind, dedupe_key=key, payload={"k": key}, seq=seq
+    )
+
+
+async def test_duplicate_deliveries_stored_once(store: SqlStore) -> None:
+    first = await store.add_events([event("a", 1), event("b", 2)])
+    assert [e.dedupe_key for e in first] == ["a", "b"]
+    again = await store.add_events([event("a", 1), event("c", 3), event("b", 2)])
+    assert [e.dedupe_key for e in again] == ["c"]
+    assert await store.count_events("c1") == 3
+    # the same key from another source is another delivery
+    other = EventRecord(
+        conversation_id="c1", source="callback", kind="x", dedupe_key="a", payload={}
+    )
+    assert await store.add_event(other)
+    assert await store.count_events("c1") == 4
+
+
+async def test_events_read_back_in_seq_order(store: SqlStore) -> None:
+    for seq in (5, 3, 4, 1, 2):
+        rec = event(f"k{seq}", seq)
+        rec.occurred_at = 1000.0 + seq
+        await store.add_event(rec)
+    seqs = [e.seq for e in await store.list_events("c1")]
+    assert seqs == [1, 2, 3, 4, 5]
+    assert (await store.list_events("c1"))[0].payload == {"k": "k1"}
+
+
+async def test_utterance_halves_merge_in_any_order(store: SqlStore) -> None:
+    spoken = UtteranceRecord(
+        "c1", "replica", "inf1", spoken_text="It's sixty", is_interrupted=True, seq=57
+    )
+    intended = UtteranceRecord(
+        "c1", "replica", "inf1", intended_text="It's sixty-eight degrees.", seq=50
+    )
+    await store.upsert_utterances([spoken])
+    await store.upsert_utterances([intended])
+    [u] = await store.list_utterances("c1")
+    assert u.text == "It's sixty" and u.intended_text == "It's sixty-eight degrees."
+    assert u.is_interrupted is True and u.seq == 57
+
+
+async def test_tool_call_result_updates(store: SqlStore) -> None:
+    call = ToolCallRecord("c1", "call_1", "get_current_weather", '{"location": "SF"}', "call_1")
+    await store.upsert_tool_call(call)
+    await store.upsert_tool_call(call)
+    done = ToolCallRecord(
+        "c1", "call_1", "get_current_weather", "{}", "call_1", status="success", output="68F"
+    )
+    await store.upsert_tool_call(done)
+    [row] = await store.list_tool_calls("c1")
+    assert row.status == "success" and row.output == "68F" and row.arguments == '{"location": "SF"}'
+
+
+async def test_video_status_never_regresses(store: SqlStore) -> None:
+    await store.upsert_video(VideoRecord("argil", "v1", "rendering", conversation_id="c1"))
+    await store.upsert_video(VideoRecord("argil", "v1", "ready", url="https://x/v.mp4"))
+    late = await store.upsert_video(VideoRecord("argil", "v1", "queued"))
+    assert late.status == "ready"
+    row = await store.get_video("argil", "v1")
+    assert row is not None and row.status == "ready" and row.url == "https://x/v.mp4"
+    assert row.conversation_id == "c1"
+    assert [v.video_id for v in await store.list_videos("c1")] == ["v1"]
+
+
+async def test_conversations_transcripts_answers(store: SqlStore) -> None:
+    await store.upsert_conversation("c1", persona="echo", meta={"a": 1})
+    await store.upsert_conversation("c1", status="ended", meta={"b": 2})
+    conv = await store.get_conversation("c1")
+    assert conv is not None and conv.status == "ended" and conv.persona == "echo"
+    assert conv.meta == {"a": 1, "b": 2}
+    await store.set_transcript("c1", [{"role": "user", "content": "hi"}])
+    await store.set_transcript("c1", [{"role": "user", "content": "hello"}])
+    assert await store.get_transcript("c1") == [{"role": "user", "content": "hello"}]
+    await store.set_answers("c1", {"name": "Maya", "role": "engineer"})
+    await store.set_answers("c1", {"name": "Maya B."})
+    assert await store.get_answers("c1") == {"name": "Maya B.", "role": "engineer"}
+    assert [c.id for c in await store.list_conversations()] == ["c1"]
+
+
+async def test_migrations_idempotent(store: SqlStore) -> None:
+    version = await store.schema_version()
+    assert version >= 1
+    await store.init()
+    assert await store.schema_version() == version
