@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from cvi_agent import __version__
+from cvi_agent.api import router as api_router
+from cvi_agent.callbacks import router as callbacks_router
 from cvi_agent.config import Settings
 from cvi_agent.http import install_error_handlers
 from cvi_agent.llm.routes import router as llm_router
@@ -48,6 +50,8 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(llm_router)
+    app.include_router(callbacks_router)
+    app.include_router(api_router)
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:

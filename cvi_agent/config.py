@@ -72,10 +72,35 @@ class Settings(BaseSettings):
     )
     log_level: str = Field(default="info", validation_alias=_env("CVI_LOG_LEVEL", "log_level"))
     var_dir: Path = Field(default=Path("var"), validation_alias=_env("CVI_VAR_DIR", "var_dir"))
+    # Conversation record, live feed and scale-out (callbacks.py, api.py, bus.py, bot/worker.py).
+    callback_max_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        validation_alias=_env("CVI_CALLBACK_MAX_BYTES", "callback_max_bytes"),
+    )
+    run_worker: bool = Field(default=True, validation_alias=_env("CVI_RUN_WORKER", "run_worker"))
+    worker_capacity: int = Field(
+        default=20, ge=1, validation_alias=_env("CVI_WORKER_CAPACITY", "worker_capacity")
+    )
+    lease_seconds: float = Field(
+        default=15.0, gt=0, validation_alias=_env("CVI_LEASE_SECONDS", "lease_seconds")
+    )
+    worker_poll_interval: float = Field(
+        default=1.0, gt=0, validation_alias=_env("CVI_WORKER_POLL_INTERVAL", "worker_poll_interval")
+    )
+    bot_name: str = Field(default="cvi-agent", validation_alias=_env("CVI_BOT_NAME", "bot_name"))
+    interaction_timeout: float = Field(
+        default=5.0, gt=0, validation_alias=_env("CVI_INTERACTION_TIMEOUT", "interaction_timeout")
+    )
 
     @cached_property
     def api_keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys_raw.split(",") if k.strip())
+
+    @cached_property
+    def callback_tokens(self) -> tuple[str, ...]:
+        """Accepted callback tokens (comma list, so a token can be rotated); the first is used
+        in the callback URLs we hand to Tavus."""
+        return tuple(t.strip() for t in self.callback_token.split(",") if t.strip())
 
 
 def mask_key(key: str) -> str:
@@ -104,3 +129,22 @@ def ensure_dev_key(settings: Settings) -> str | None:
     settings.api_keys_raw = key
     settings.__dict__.pop("api_keys", None)
     return key
+
+
+def ensure_dev_callback_token(settings: Settings) -> str | None:
+    """Development mode (the caller generated the dev API key): without CVI_CALLBACK_TOKEN, use
+    one generated callback token persisted under var/, like the dev key. Outside development
+    mode the token must be configured: until it is, the callback endpoint answers 503.
+    """
+    if settings.callback_tokens:
+        return None
+    path = settings.var_dir / "callback-token"
+    token = path.read_text().strip() if path.exists() else ""
+    if not token:
+        token = "cvi-cb-" + secrets.token_urlsafe(24)
+        settings.var_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(token + "\n")
+        path.chmod(0o600)
+    settings.callback_token = token
+    settings.__dict__.pop("callback_tokens", None)
+    return token

@@ -24,6 +24,7 @@ from cvi_agent.http import (
     validation_message,
 )
 from cvi_agent.llm.brains.base import Brain, Finish, TextDelta, ToolCallDelta, TurnContext
+from cvi_agent.llm.recording import observe_completion, observe_stream
 from cvi_agent.llm.sse import DONE, ChunkEncoder
 from cvi_agent.llm.tools import ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
@@ -178,8 +179,9 @@ async def chat_completions(request: Request) -> Response:
         ctx.request.stream,
     )
     if ctx.request.stream:
-        return EventSourceResponse(sse_stream(brain, ctx, enc), sep="\n", ping=15)
-    return JSONResponse(await complete(brain, ctx, enc))
+        stream = observe_stream(runtime, ctx, enc.id, sse_stream(brain, ctx, enc))
+        return EventSourceResponse(stream, sep="\n", ping=15)
+    return JSONResponse(await observe_completion(runtime, ctx, enc.id, complete(brain, ctx, enc)))
 
 
 for _path in ("/v1/chat/completions", "/chat/completions"):

@@ -7,11 +7,14 @@ from cvi_agent.store.base import (
     UtteranceRecord,
     VideoRecord,
 )
+from cvi_agent.store.leases import Lease, Leases
 from cvi_agent.store.sql import SqlStore, open_store
 
 __all__ = [
     "ConversationRecord",
     "EventRecord",
+    "Lease",
+    "Leases",
     "SqlStore",
     "ToolCallRecord",
     "UtteranceRecord",

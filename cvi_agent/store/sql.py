@@ -268,7 +268,9 @@ class SqlStore:
         async def run(conn: AsyncConnection) -> None:
             row = (
                 await conn.execute(
-                    sa.select(conversations.c.meta).where(conversations.c.id == conversation_id)
+                    sa.select(conversations.c.meta)
+                    .where(conversations.c.id == conversation_id)
+                    .with_for_update()  # merging meta: no lost update between processes
                 )
             ).first()
             if row is None:
@@ -291,6 +293,57 @@ class SqlStore:
 
         await self._retrying(run)
 
+    async def set_conversation_status(
+        self,
+        conversation_id: str,
+        status: str,
+        *,
+        unless: tuple[str, ...] = (),
+        shutdown_reason: str | None = None,
+        ended_at: float | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> bool:
+        """Set the status (creating the conversation if new) unless it is one of `unless`.
+
+        A conditional UPDATE, so concurrent, out-of-order deliveries (`replica_joined` after
+        `shutdown`) never move an ended conversation back to live. Returns whether it changed.
+        """
+        ts = now()
+
+        async def run(conn: AsyncConnection) -> bool:
+            await conn.execute(
+                self._insert(conversations)
+                .values(id=conversation_id, meta={}, created_at=ts, updated_at=ts, status="active")
+                .on_conflict_do_nothing(index_elements=["id"])
+            )
+            values: dict[str, Any] = {"status": status, "updated_at": ts}
+            if shutdown_reason is not None:
+                values["shutdown_reason"] = shutdown_reason
+            if ended_at is not None:
+                values["ended_at"] = sa.func.coalesce(conversations.c.ended_at, ended_at)
+            stmt = conversations.update().where(conversations.c.id == conversation_id)
+            if unless:
+                stmt = stmt.where(conversations.c.status.not_in(list(unless)))
+            changed = bool((await conn.execute(stmt.values(**values))).rowcount)
+            if changed and meta:
+                row = (
+                    await conn.execute(
+                        sa.select(conversations.c.meta)
+                        .where(conversations.c.id == conversation_id)
+                        .with_for_update()
+                    )
+                ).first()
+                merged = {**((row.meta if row is not None else None) or {}), **meta}
+                await conn.execute(
+                    conversations.update()
+                    .where(conversations.c.id == conversation_id)
+                    .values(meta=merged)
+                )
+            return changed
+
+        changed: bool = await self._retrying(run)
+        return changed
+
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
         async with self.engine.connect() as conn:
             row = (
@@ -301,12 +354,18 @@ class SqlStore:
         return _conversation(row) if row is not None else None
 
     async def list_conversations(
-        self, limit: int = 50, before: float | None = None
+        self, limit: int = 50, before: float | None = None, before_id: str | None = None
     ) -> list[ConversationRecord]:
+        """Newest first. `before`/`before_id` is a keyset cursor: the last row of a page."""
         query = sa.select(conversations).order_by(
             conversations.c.created_at.desc(), conversations.c.id.desc()
         )
-        if before is not None:
+        if before is not None and before_id is not None:
+            query = query.where(
+                (conversations.c.created_at < before)
+                | ((conversations.c.created_at == before) & (conversations.c.id < before_id))
+            )
+        elif before is not None:
             query = query.where(conversations.c.created_at < before)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.limit(limit))).all()

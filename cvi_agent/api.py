@@ -1,0 +1,541 @@
+"""`/api/conversations…`: list, get, create (on Tavus, with a bot), interactions, end, live feed.
+
+Same keys as the LLM endpoint (`Authorization: Bearer K` or `x-api-key: K`; on the websocket
+also `?key=K` or the subprotocol `bearer.K`, since browsers cannot set headers there). Every
+error is in the OpenAI error shape.
+
+Interactions reach the conversation's bot wherever its worker runs: the request is published
+on the conversation's command channel and the bot answers on a reply channel, so a 200 means
+the bot sent it into the room. 409 `bot_not_attached`: no bot is attached (none was started, it
+left, or the conversation ended) — retrying will not help. 503 `bot_starting` /
+`bot_unavailable` / `bot_timeout`: a bot is wanted but not reachable right now (starting,
+being taken over after a worker died) — retry after `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import logging
+import uuid
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, WebSocket
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.websockets import WebSocketDisconnect, WebSocketState
+
+from cvi_agent.bus import commands_channel, events_channel, request
+from cvi_agent.callbacks import callback_url, stop_bot
+from cvi_agent.http import (
+    ApiError,
+    check_api_key,
+    constant_time_in,
+    read_json_object,
+    validation_message,
+)
+from cvi_agent.protocol.callbacks import redact_url
+from cvi_agent.protocol.interactions import InteractionRequest
+from cvi_agent.record import Record, conversation_record
+from cvi_agent.runtime import Runtime, get_runtime
+from cvi_agent.store import ConversationRecord, EventRecord
+from cvi_agent.store.base import now
+from cvi_agent.tavus import (
+    TavusAuthError,
+    TavusBadRequest,
+    TavusError,
+    TavusNotConfigured,
+    TavusNotFound,
+    TavusRateLimited,
+)
+
+log = logging.getLogger(__name__)
+
+WS_PROTOCOL = "cvi-agent"
+_KEY_PROTOCOL_PREFIX = "bearer."
+
+
+def require_key(request: Request) -> None:
+    check_api_key(request.headers, get_runtime(request).settings.api_keys)
+
+
+router = APIRouter(prefix="/api/conversations", tags=["conversations"])
+_auth = [Depends(require_key)]
+
+
+def _record(runtime: Runtime) -> Record:
+    if runtime.record is None:
+        raise ApiError(503, "The conversation record is not running.", "not_ready")
+    return runtime.record
+
+
+async def _conversation(record: Record, conversation_id: str) -> ConversationRecord:
+    conversation = await record.store.get_conversation(conversation_id)
+    if conversation is None:
+        raise ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found", "id")
+    return conversation
+
+
+def tavus_api_error(exc: TavusError) -> ApiError:
+    """A Tavus failure as our error: the caller's fault (400), ours (502/503), or a rate limit."""
+    if isinstance(exc, TavusNotConfigured):
+        return ApiError(503, "TAVUS_API_KEY is not configured.", "tavus_not_configured")
+    if isinstance(exc, TavusBadRequest):
+        return ApiError(400, f"Tavus refused the request: {exc.message}", "tavus_bad_request")
+    if isinstance(exc, TavusAuthError):
+        return ApiError(502, f"Tavus rejected TAVUS_API_KEY: {exc.message}", "tavus_auth_failed")
+    if isinstance(exc, TavusNotFound):
+        return ApiError(404, f"Tavus: {exc.message}", "tavus_not_found")
+    if isinstance(exc, TavusRateLimited):
+        retry = str(int(exc.retry_after or 1))
+        return ApiError(
+            429,
+            f"Tavus rate limit: {exc.message}",
+            "tavus_rate_limited",
+            headers={"Retry-After": retry},
+        )
+    return ApiError(502, f"Tavus is unavailable: {exc.message}", "tavus_unavailable")
+
+
+# -- list and get ------------------------------------------------------------------------------
+
+
+def _encode_cursor(conversation: ConversationRecord) -> str:
+    raw = json.dumps([conversation.created_at, conversation.id]).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(cursor: str) -> tuple[float, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
+        created_at, cid = json.loads(raw)
+        return float(created_at), str(cid)
+    except (ValueError, TypeError):
+        raise ApiError(400, "Invalid cursor.", "invalid_cursor", "cursor") from None
+
+
+@router.get("", dependencies=_auth, summary="Conversations, newest first (cursor pagination)")
+async def list_conversations(
+    request: Request, limit: int = 50, cursor: str | None = None
+) -> dict[str, Any]:
+    record = _record(get_runtime(request))
+    if not 1 <= limit <= 200:
+        raise ApiError(400, "limit must be between 1 and 200.", "invalid_limit", "limit")
+    before, before_id = _decode_cursor(cursor) if cursor else (None, None)
+    rows = await record.store.list_conversations(limit + 1, before, before_id)
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return {
+        "object": "list",
+        "data": [c.as_dict() for c in rows],
+        "has_more": more,
+        "next_cursor": _encode_cursor(rows[-1]) if more and rows else None,
+    }
+
+
+@router.get("/{conversation_id}", dependencies=_auth, summary="One conversation's whole record")
+async def get_conversation(request: Request, conversation_id: str) -> dict[str, Any]:
+    record = _record(get_runtime(request))
+    body = await conversation_record(record, conversation_id)
+    if body is None:
+        raise ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found", "id")
+    return body
+
+
+@router.get("/{conversation_id}/events", dependencies=_auth, summary="Events, in arrival order")
+async def list_events(
+    request: Request, conversation_id: str, after: int = 0, limit: int = 500
+) -> dict[str, Any]:
+    record = _record(get_runtime(request))
+    await _conversation(record, conversation_id)
+    if not 1 <= limit <= 1000:
+        raise ApiError(400, "limit must be between 1 and 1000.", "invalid_limit", "limit")
+    events = await record.store.list_events(
+        conversation_id, after_id=after, limit=limit + 1, order="id"
+    )
+    more = len(events) > limit
+    events = events[:limit]
+    return {
+        "object": "list",
+        "data": [e.as_dict() for e in events],
+        "next_after": events[-1].id if more and events else None,
+    }
+
+
+# -- create ------------------------------------------------------------------------------------
+
+
+class CreateConversation(BaseModel):
+    """Body of `POST /api/conversations` (Tavus's fields, plus which persona and the bot)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    persona: str | None = Field(default=None, description="one of our personas (its `name`)")
+    persona_id: str | None = Field(default=None, description="a Tavus persona id, instead")
+    replica_id: str | None = None
+    conversation_name: str | None = None
+    conversational_context: str | None = None
+    custom_greeting: str | None = None
+    test_mode: bool | None = None
+    require_auth: bool | None = None
+    max_participants: int | None = Field(default=None, ge=2, le=100)
+    properties: dict[str, Any] | None = None
+    bot: bool = Field(default=True, description="start a bot in the conversation's room")
+
+
+async def _tavus_persona_id(record: Record, runtime: Runtime, name: str) -> str:
+    persona = runtime.personas[name]
+    known = record.tavus_persona_ids.get(persona.persona_name)
+    if known:
+        return known
+    tavus = record.tavus
+    found = await tavus.find_persona(persona.persona_name)
+    if found is not None and found.get("persona_id"):
+        persona_id = str(found["persona_id"])
+    else:
+        if not runtime.settings.api_keys:
+            raise ApiError(503, "No API key to give Tavus: set CVI_API_KEYS.", "no_api_key")
+        pushed = await tavus.push_persona(
+            persona, runtime.settings.public_url, runtime.settings.api_keys[0]
+        )
+        persona_id = pushed.persona_id
+        log.info("pushed persona %s to Tavus as %s", name, persona_id)
+    record.tavus_persona_ids[persona.persona_name] = persona_id
+    return persona_id
+
+
+@router.post("", dependencies=_auth, status_code=201, summary="Create on Tavus and start a bot")
+async def create_conversation(request: Request) -> JSONResponse:
+    runtime = get_runtime(request)
+    record = _record(runtime)
+    raw = await read_json_object(request, runtime.settings.max_body_bytes)
+    try:
+        body = CreateConversation.model_validate(raw)
+    except ValidationError as exc:
+        message, param = validation_message(list(exc.errors()))
+        raise ApiError(400, message, "invalid_request", param) from None
+    if body.persona is None and body.persona_id is None:
+        raise ApiError(400, "Give `persona` (one of ours) or `persona_id`.", "missing_persona")
+    if body.persona is not None and body.persona not in runtime.personas:
+        raise ApiError(
+            404,
+            f"No persona {body.persona!r} ({', '.join(sorted(runtime.personas))}).",
+            "persona_not_found",
+            "persona",
+        )
+    if body.bot and body.max_participants is not None and body.max_participants < 3:
+        raise ApiError(
+            400,
+            "max_participants must be at least 3 when a bot joins (the user, the replica and "
+            "the bot).",
+            "invalid_max_participants",
+            "max_participants",
+        )
+    cb_url = callback_url(runtime.settings)
+    try:
+        persona_id = body.persona_id or await _tavus_persona_id(record, runtime, body.persona or "")
+        tavus_body: dict[str, Any] = body.model_dump(exclude_none=True, exclude={"persona", "bot"})
+        tavus_body["persona_id"] = persona_id
+        tavus_body["callback_url"] = cb_url
+        tavus_body["max_participants"] = max(body.max_participants or 0, 3 if body.bot else 2)
+        created = await record.tavus.create_conversation(tavus_body)
+    except TavusError as exc:
+        raise tavus_api_error(exc) from None
+    cid = str(created.get("conversation_id") or "")
+    if not cid:
+        raise ApiError(502, "Tavus returned no conversation_id.", "tavus_bad_response")
+    url = created.get("conversation_url")
+    shown = {k: v for k, v in created.items() if k != "meeting_token"}
+    if "callback_url" in shown:
+        shown["callback_url"] = redact_url(shown["callback_url"])
+    await record.store.upsert_conversation(
+        cid,
+        persona=body.persona,
+        conversation_url=url,
+        meta={"tavus": shown, "persona_id": persona_id, "bot_requested": body.bot},
+    )
+    await record.add_events(
+        [
+            EventRecord(
+                conversation_id=cid,
+                source="api",
+                kind="conversation.created",
+                dedupe_key=f"created|{cid}",
+                payload=shown,
+                occurred_at=now(),
+            )
+        ]
+    )
+    if body.bot and url:
+        await record.leases.offer(
+            cid,
+            {
+                "conversation_url": url,
+                "meeting_token": created.get("meeting_token"),
+                "persona": body.persona,
+            },
+        )
+        await record.wake_workers()
+    conversation = await _conversation(record, cid)
+    return JSONResponse(
+        {
+            "conversation": conversation.as_dict(),
+            "conversation_url": url,
+            "tavus": shown,
+            "bot": {"requested": bool(body.bot and url)},
+        },
+        status_code=201,
+    )
+
+
+# -- interactions and end ----------------------------------------------------------------------
+
+
+@router.post(
+    "/{conversation_id}/interactions",
+    dependencies=_auth,
+    summary="Send an interaction (echo, respond, interrupt, context, sensitivity, tool result)",
+)
+async def send_interaction(request: Request, conversation_id: str) -> dict[str, Any]:
+    runtime = get_runtime(request)
+    record = _record(runtime)
+    raw = await read_json_object(request, runtime.settings.max_body_bytes)
+    conversation = await _conversation(record, conversation_id)
+    try:
+        interaction = InteractionRequest.parse(raw)
+    except ValidationError as exc:
+        message, param = validation_message(list(exc.errors()))
+        raise ApiError(400, message, "invalid_interaction", param) from None
+    if conversation.status == "ended":
+        raise ApiError(409, "The conversation has ended.", "conversation_ended")
+    lease = await record.leases.get(conversation_id)
+    if lease is None:
+        raise ApiError(
+            409,
+            "No bot is attached to this conversation (none was started, or it has left).",
+            "bot_not_attached",
+        )
+    if not lease.held():
+        raise ApiError(
+            503,
+            "The conversation's bot is starting (or being taken over); retry shortly.",
+            "bot_starting",
+            headers={"Retry-After": "1"},
+        )
+    request_id = (request.headers.get("idempotency-key") or "").strip()[:128] or uuid.uuid4().hex
+    command = {
+        "op": "send",
+        "interaction": interaction.model_dump(mode="json", exclude={"event_type"}),
+    }
+    receivers, reply = await request_reply(
+        record, conversation_id, command, request_id, runtime.settings.interaction_timeout
+    )
+    if receivers == 0:
+        raise ApiError(
+            503,
+            "The conversation's bot is not reachable right now; retry shortly.",
+            "bot_unavailable",
+            headers={"Retry-After": "1"},
+        )
+    if reply is None:
+        raise ApiError(
+            503,
+            "The conversation's bot did not confirm in time; retry with the same "
+            "Idempotency-Key to avoid sending twice.",
+            "bot_timeout",
+            headers={"Retry-After": "1"},
+        )
+    if not reply.get("ok"):
+        code = str(reply.get("code") or "send_failed")
+        status = 400 if code == "invalid_interaction" else 503
+        raise ApiError(status, f"The bot could not send it: {reply.get('error')}", code)
+    return {
+        "delivered": True,
+        "request_id": request_id,
+        "message": reply.get("message"),
+        "worker": reply.get("worker"),
+    }
+
+
+async def request_reply(
+    record: Record, conversation_id: str, command: dict[str, Any], request_id: str, max_wait: float
+) -> tuple[int, dict[str, Any] | None]:
+    try:
+        return await request(
+            record.bus, commands_channel(conversation_id), command, request_id, max_wait
+        )
+    except (OSError, ConnectionError) as exc:
+        raise ApiError(
+            503,
+            f"The event bus is unavailable ({exc}).",
+            "bus_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+
+
+@router.post("/{conversation_id}/end", dependencies=_auth, summary="End on Tavus, stop the bot")
+async def end_conversation(request: Request, conversation_id: str) -> dict[str, Any]:
+    runtime = get_runtime(request)
+    record = _record(runtime)
+    await _conversation(record, conversation_id)
+    tavus_ended: bool | None = None
+    note = None
+    if runtime.settings.tavus_api_key:
+        try:
+            await record.tavus.end_conversation(conversation_id)
+            tavus_ended = True
+        except (TavusBadRequest, TavusNotFound) as exc:
+            tavus_ended, note = False, exc.message  # already ended, or not a Tavus conversation
+        except TavusError as exc:
+            raise tavus_api_error(exc) from None
+    else:
+        note = "TAVUS_API_KEY is not configured: ended here only"
+    bot_stopped = await stop_bot(record, conversation_id, "api_end")
+    await record.store.set_conversation_status(
+        conversation_id,
+        "ended",
+        shutdown_reason="end_conversation_endpoint_hit",
+        ended_at=now(),
+    )
+    await record.add_events(
+        [
+            EventRecord(
+                conversation_id=conversation_id,
+                source="api",
+                kind="conversation.end_requested",
+                dedupe_key=f"end|{conversation_id}|{uuid.uuid4().hex[:8]}",
+                payload={"tavus_ended": tavus_ended, "bot_stopped": bot_stopped, "note": note},
+                occurred_at=now(),
+            )
+        ]
+    )
+    conversation = await _conversation(record, conversation_id)
+    return {
+        "conversation": conversation.as_dict(),
+        "tavus_ended": tavus_ended,
+        "bot_stopped": bot_stopped,
+        "note": note,
+    }
+
+
+# -- live feed ---------------------------------------------------------------------------------
+
+
+def _ws_key(ws: WebSocket) -> tuple[str | None, str | None]:
+    """(key, subprotocol to accept with) from the header, `?key=`, or `bearer.<key>`."""
+    offered = [
+        p.strip() for p in ws.headers.get("sec-websocket-protocol", "").split(",") if p.strip()
+    ]
+    chosen = WS_PROTOCOL if WS_PROTOCOL in offered else None
+    auth = ws.headers.get("authorization") or ""
+    scheme, _, value = auth.partition(" ")
+    if scheme.lower() == "bearer" and value.strip():
+        return value.strip(), chosen
+    if ws.headers.get("x-api-key"):
+        return ws.headers["x-api-key"].strip(), chosen
+    if ws.query_params.get("key"):
+        return ws.query_params["key"].strip(), chosen
+    for proto in offered:
+        if proto.startswith(_KEY_PROTOCOL_PREFIX):
+            return proto[len(_KEY_PROTOCOL_PREFIX) :], chosen or None
+    return None, chosen
+
+
+async def _deny(ws: WebSocket, error: ApiError, close_code: int) -> None:
+    """Refuse the handshake with the HTTP error when the server can, else close with a code."""
+    try:
+        await ws.send_denial_response(error.response())
+    except RuntimeError:
+        await ws.close(close_code, error.message[:120])
+
+
+@router.websocket("/{conversation_id}/live")
+async def live(ws: WebSocket, conversation_id: str, after: int = 0) -> None:
+    """Every event of the conversation as it is stored: first the backlog (after `?after=`),
+    then `{"type": "live"}`, then each new event as `{"type": "event", "event": {…}}`.
+
+    A consumer that cannot keep up is caught up from the store instead of losing events; a
+    client that reconnects passes the last event id it saw as `?after=`.
+    """
+    runtime: Runtime = ws.app.state.runtime
+    key, subprotocol = _ws_key(ws)
+    if not key or not constant_time_in(key, runtime.settings.api_keys):
+        await _deny(
+            ws,
+            ApiError(401, "Missing or invalid API key.", "invalid_api_key"),
+            4401,
+        )
+        return
+    record = runtime.record
+    if record is None or await record.store.get_conversation(conversation_id) is None:
+        await _deny(
+            ws,
+            ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found"),
+            4404,
+        )
+        return
+    await ws.accept(subprotocol=subprotocol)
+    try:
+        await _stream(ws, record, conversation_id, after)
+    except (WebSocketDisconnect, asyncio.CancelledError):
+        pass
+    except Exception:
+        log.exception("live feed of %s failed", conversation_id)
+        if ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(1011, "internal error")
+
+
+async def _stream(ws: WebSocket, record: Record, conversation_id: str, after: int) -> None:
+    sent: set[int] = set()
+
+    async def catch_up() -> None:
+        """Send every stored event not sent yet (the backlog, or what a gap may have lost)."""
+        cursor = after
+        while True:
+            batch = await record.store.list_events(
+                conversation_id, after_id=cursor, limit=500, order="id"
+            )
+            for event in batch:
+                if event.id is not None and event.id not in sent:
+                    sent.add(event.id)
+                    await ws.send_json({"type": "event", "event": event.as_dict()})
+            if len(batch) < 500:
+                return
+            cursor = batch[-1].id or cursor
+
+    async with record.bus.subscribe(events_channel(conversation_id), maxsize=1000) as sub:
+        await catch_up()
+        await ws.send_json({"type": "live", "backlog": len(sent)})
+        closed = asyncio.create_task(_closed(ws))
+        try:
+            while not closed.done():
+                getter = asyncio.create_task(sub.next())
+                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
+                if getter not in done:
+                    getter.cancel()
+                    break
+                message = getter.result()
+                if message is None:  # a gap: resync from the store
+                    await catch_up()
+                    continue
+                event_id = message.get("id")
+                if isinstance(event_id, int):
+                    if event_id in sent:
+                        continue
+                    sent.add(event_id)
+                await ws.send_json({"type": "event", "event": message})
+        finally:
+            closed.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await closed
+
+
+async def _closed(ws: WebSocket) -> None:
+    """Returns when the client goes away (anything it sends is ignored)."""
+    while True:
+        message = await ws.receive()
+        if message["type"] == "websocket.disconnect":
+            return

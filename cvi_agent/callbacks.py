@@ -1,0 +1,243 @@
+"""`POST /callbacks/tavus?token=T`: every Tavus webhook, stored exactly once before the 200.
+
+Tavus does not sign callbacks, so the secret is the token in the callback URL we give it
+(`CVI_CALLBACK_TOKEN`, a comma list so it can be rotated: the first one goes into new URLs,
+all are accepted). Without a configured token the endpoint answers 503 — except in development
+mode, where `cvi-agent serve` generates one under var/ like the dev API key.
+
+Ingestion is idempotent: the raw delivery is an `EventRecord` whose dedupe key identifies it
+(see `protocol/callbacks.py`), and its effects on the conversation (live, ended, transcript,
+recording) are idempotent too and re-applied on a duplicate, so a redelivery heals a delivery
+whose effects failed half-way. Unknown kinds are stored, never rejected.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
+
+from cvi_agent.bus import commands_channel
+from cvi_agent.config import Settings
+from cvi_agent.http import ApiError, constant_time_in, read_json_object
+from cvi_agent.protocol.callbacks import (
+    CallbackError,
+    TavusCallback,
+    parse_tavus_callback,
+    shutdown_code,
+    video_fields,
+)
+from cvi_agent.record import Record
+from cvi_agent.runtime import get_runtime
+from cvi_agent.store import EventRecord, SqlStore, VideoRecord
+from cvi_agent.store.base import now
+
+log = logging.getLogger(__name__)
+
+router = APIRouter(tags=["callbacks"])
+
+PublishFn = Callable[[EventRecord], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class IngestResult:
+    kind: str
+    conversation_id: str
+    new: bool
+    event: EventRecord
+
+
+def check_callback_token(settings: Settings, token: str | None) -> None:
+    tokens = settings.callback_tokens
+    if not tokens:
+        raise ApiError(
+            503,
+            "Tavus callbacks are disabled: set CVI_CALLBACK_TOKEN (a secret; a comma list to "
+            "rotate) and give Tavus the callback URL "
+            "<CVI_PUBLIC_URL>/callbacks/tavus?token=<token>.",
+            "callback_token_not_configured",
+        )
+    if not token:
+        raise ApiError(
+            401, "Missing callback token: expected ?token=… in the URL.", "missing_callback_token"
+        )
+    if not constant_time_in(token, tokens):
+        raise ApiError(401, "Invalid callback token.", "invalid_callback_token")
+
+
+def callback_url(settings: Settings) -> str:
+    """The URL we give Tavus as `callback_url` (the first configured token)."""
+    if not settings.callback_tokens:
+        raise ApiError(
+            503,
+            "Cannot create a conversation whose callbacks we would refuse: set CVI_CALLBACK_TOKEN.",
+            "callback_token_not_configured",
+        )
+    return settings.public_url.rstrip("/") + "/callbacks/tavus?token=" + settings.callback_tokens[0]
+
+
+@router.post(
+    "/callbacks/tavus",
+    summary="Tavus webhooks (conversation, video and replica callbacks)",
+    responses={
+        s: {"description": d}
+        for s, d in ((400, "bad JSON"), (401, "bad token"), (413, "too large"), (503, "not ready"))
+    },
+)
+async def tavus_callback(request: Request, token: str | None = None) -> JSONResponse:
+    runtime = get_runtime(request)
+    check_callback_token(runtime.settings, token)
+    raw = await read_json_object(request, runtime.settings.callback_max_bytes)
+    record = runtime.record
+    if record is None:
+        raise ApiError(503, "The conversation record is not running.", "not_ready")
+    try:
+        result = await ingest_tavus_callback(record, raw)
+    except CallbackError as exc:
+        raise ApiError(400, f"Unusable callback: {exc}.", "invalid_callback") from None
+    except (SQLAlchemyError, OSError) as exc:
+        log.error("could not store a Tavus callback: %s", exc)
+        raise ApiError(
+            503,
+            "The callback could not be stored right now; retry.",
+            "storage_unavailable",
+            headers={"Retry-After": "1"},
+        ) from None
+    log.info(
+        "tavus callback %s conversation=%s %s",
+        result.kind,
+        result.conversation_id or "-",
+        "stored" if result.new else "duplicate",
+    )
+    return JSONResponse(
+        {
+            "status": "stored" if result.new else "duplicate",
+            "kind": result.kind,
+            "conversation_id": result.conversation_id or None,
+            "event_id": result.event.id,
+        }
+    )
+
+
+async def ingest_tavus_callback(record: Record, raw: dict[str, Any]) -> IngestResult:
+    """Store one Tavus webhook (any kind) and apply its effects. Raises `CallbackError`."""
+    cb = parse_tavus_callback(raw)
+    if cb.category == "video":
+        _, event, new = await _ingest_video(
+            record.store, cb, cb.conversation_id or None, record.publish
+        )
+        return IngestResult(cb.kind, cb.conversation_id, new, event)
+    event = _event(cb)
+    new = bool(await record.add_events([event]))
+    if cb.category == "conversation" and cb.conversation_id:
+        await _apply(record, cb)
+    return IngestResult(cb.kind, cb.conversation_id, new, event)
+
+
+async def ingest_tavus_video_callback(
+    store: SqlStore,
+    payload: dict[str, Any],
+    *,
+    conversation_id: str | None = None,
+    publish: PublishFn | None = None,
+) -> tuple[VideoRecord, bool]:
+    """A Tavus video callback (`{video_id, status, download_url, …}`): the raw delivery stored
+    once as a `callback` event, the `videos` row advanced (never regressed).
+
+    For other modules (avatar-video providers) that receive or normalize Tavus video webhooks.
+    Returns the video as now stored and whether this delivery was new. Raises `CallbackError`
+    when the payload is not a Tavus video callback.
+    """
+    cb = parse_tavus_callback(payload)
+    if cb.category != "video":
+        raise CallbackError("not a Tavus video callback (needs video_id and status)")
+    video, _, new = await _ingest_video(store, cb, conversation_id, publish)
+    return video, new
+
+
+async def _ingest_video(
+    store: SqlStore, cb: TavusCallback, conversation_id: str | None, publish: PublishFn | None
+) -> tuple[VideoRecord, EventRecord, bool]:
+    event = _event(cb)
+    if conversation_id:
+        event.conversation_id = conversation_id
+    new = await store.add_events([event])
+    if new and publish is not None:
+        await publish(new[0])
+    fields = video_fields(cb.payload)
+    video = await store.upsert_video(
+        VideoRecord(
+            provider="tavus",
+            video_id=cb.subject_id or "",
+            status=fields["status"],
+            conversation_id=conversation_id,
+            url=fields["url"],
+            error=fields["error"],
+            script=fields["script"],
+            raw=cb.payload,
+        )
+    )
+    return video, event, bool(new)
+
+
+def _event(cb: TavusCallback) -> EventRecord:
+    return EventRecord(
+        conversation_id=cb.conversation_id,
+        source="callback",
+        kind=cb.kind,
+        dedupe_key=cb.dedupe_key,
+        payload=cb.payload,
+        occurred_at=cb.occurred_at,
+    )
+
+
+async def _apply(record: Record, cb: TavusCallback) -> None:
+    """The callback's effect on the conversation; idempotent, order-independent."""
+    store = record.store
+    cid = cb.conversation_id
+    props = cb.properties
+    if cb.kind == "system.shutdown":
+        reason = props.get("shutdown_reason")
+        await store.set_conversation_status(
+            cid,
+            "ended",
+            shutdown_reason=shutdown_code(reason),
+            ended_at=cb.occurred_at or now(),
+            meta={"shutdown_detail": str(reason) if reason is not None else None},
+        )
+        await stop_bot(record, cid, "shutdown")
+    elif cb.kind == "system.replica_joined":
+        await store.set_conversation_status(
+            cid, "live", unless=("ended",), meta={"replica_id": props.get("replica_id")}
+        )
+    elif cb.kind == "application.transcription_ready":
+        transcript = props.get("transcript")
+        if isinstance(transcript, list):
+            await store.set_transcript(cid, [t for t in transcript if isinstance(t, dict)])
+        await store.upsert_conversation(cid)
+    elif cb.kind == "application.recording_ready":
+        await store.upsert_conversation(cid, meta={"recording": props})
+    elif cb.kind in ("application.perception_analysis", "application.perception-analysis"):
+        await store.upsert_conversation(cid, meta={"perception_analysis": props.get("analysis")})
+    else:
+        await store.upsert_conversation(cid)
+
+
+async def stop_bot(record: Record, conversation_id: str, reason: str) -> bool:
+    """No bot is wanted any more: drop the lease (the owning worker notices at its next
+    heartbeat) and tell the bot at once over the bus. Returns whether a lease existed."""
+    existed = await record.leases.finish(conversation_id)
+    try:
+        await record.bus.publish(
+            commands_channel(conversation_id), {"op": "stop", "reason": reason}
+        )
+    except Exception as exc:
+        log.warning(
+            "could not tell the bot of %s to stop (%s); its worker will", conversation_id, exc
+        )
+    return existed

@@ -1,0 +1,226 @@
+"""Turn recording, off the hot path: one `llm` event per turn (latency) and questionnaire answers.
+
+The route wraps its byte stream with `observe_stream` (one extra generator frame, two clock
+reads); when the stream ends the turn is handed to `TurnRecorder`, a bounded in-process queue
+drained by one background task that writes in batches. Nothing here ever waits on the database
+while a reply is streaming. Under overload, turn events are dropped (counted, and logged at most
+once a minute): they are telemetry; answers are rewritten by the next turn anyway, since the
+flow brain re-reads every answer from the history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from cvi_agent.store.base import EventRecord
+
+if TYPE_CHECKING:
+    from cvi_agent.llm.brains.base import TurnContext
+    from cvi_agent.runtime import Runtime
+    from cvi_agent.store import SqlStore
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class TurnSample:
+    conversation_id: str
+    completion_id: str
+    persona: str
+    stream: bool
+    started_at: float  # wall clock
+    ttfb: float | None  # seconds to the first byte of the reply (None: nothing was sent)
+    total: float
+    completed: bool  # False: the client closed the stream first (superseded or abandoned)
+    chunks: int
+    user_text: str
+    answers: dict[str, str] | None
+
+    def record(self) -> EventRecord:
+        payload: dict[str, Any] = {
+            "completion_id": self.completion_id,
+            "persona": self.persona,
+            "stream": self.stream,
+            "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
+            "total_ms": round(self.total * 1000, 2),
+            "completed": self.completed,
+            "chunks": self.chunks,
+            "user_text": self.user_text,
+        }
+        if self.answers:
+            payload["answers"] = self.answers
+        return EventRecord(
+            conversation_id=self.conversation_id,
+            source="llm",
+            kind="llm.turn",
+            dedupe_key=self.completion_id,
+            payload=payload,
+            occurred_at=self.started_at,
+        )
+
+
+Publish = Callable[[list[EventRecord]], Awaitable[None]]
+
+
+class TurnRecorder:
+    def __init__(
+        self, store: SqlStore, publish: Publish | None = None, maxsize: int = 2000
+    ) -> None:
+        self.store = store
+        self.publish = publish
+        self.queue: asyncio.Queue[TurnSample] = asyncio.Queue(maxsize)
+        self.dropped = 0
+        self._last_drop_log = 0.0
+        self._task: asyncio.Task[None] | None = None
+
+    def submit(self, sample: TurnSample) -> None:
+        """Never blocks: a full queue drops the sample."""
+        try:
+            self.queue.put_nowait(sample)
+        except asyncio.QueueFull:
+            self.dropped += 1
+            ts = time.monotonic()
+            if ts - self._last_drop_log > 60:
+                self._last_drop_log = ts
+                log.warning("turn recorder overloaded: %d turn event(s) dropped", self.dropped)
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain(), name="turn-recorder")
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        """Write what is queued (for at most `grace` seconds), then stop."""
+        if self._task is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(grace):
+                await self.queue.join()
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+
+    async def _drain(self) -> None:
+        while True:
+            batch = [await self.queue.get()]
+            while len(batch) < 100 and not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+            try:
+                await self.write(batch)
+            except Exception:
+                log.exception("could not record %d turn(s)", len(batch))
+            finally:
+                for _ in batch:
+                    self.queue.task_done()
+
+    async def write(self, batch: list[TurnSample]) -> None:
+        answers: dict[str, dict[str, str]] = {}
+        for sample in batch:
+            if sample.answers and sample.completed:
+                answers.setdefault(sample.conversation_id, {}).update(sample.answers)
+        for conversation_id, values in answers.items():
+            await self.store.set_answers(conversation_id, values)
+        new = await self.store.add_events([s.record() for s in batch])
+        if new and self.publish is not None:
+            await self.publish(new)
+
+
+def _last_user_text(ctx: TurnContext) -> str:
+    for message in reversed(ctx.request.messages):
+        if message.role == "user":
+            return message.text()[:500]
+    return ""
+
+
+def _sample(
+    ctx: TurnContext,
+    completion_id: str,
+    wall: float,
+    started: float,
+    first: float | None,
+    completed: bool,
+    chunks: int,
+) -> TurnSample | None:
+    if not ctx.conversation_id:
+        return None
+    answers = ctx.state.get("answers")
+    return TurnSample(
+        conversation_id=ctx.conversation_id,
+        completion_id=completion_id,
+        persona=ctx.persona.name,
+        stream=bool(ctx.request.stream),
+        started_at=wall,
+        ttfb=(first - started) if first is not None else None,
+        total=time.perf_counter() - started,
+        completed=completed,
+        chunks=chunks,
+        user_text=_last_user_text(ctx),
+        answers=dict(answers) if isinstance(answers, dict) and answers else None,
+    )
+
+
+def _recorder(runtime: Runtime) -> TurnRecorder | None:
+    record = getattr(runtime, "record", None)
+    return record.turns if record is not None else None
+
+
+def observe_stream(
+    runtime: Runtime, ctx: TurnContext, completion_id: str, stream: AsyncIterator[bytes]
+) -> AsyncIterator[bytes]:
+    """The route's SSE byte stream, unchanged, with the turn recorded once it ends."""
+    recorder = _recorder(runtime)
+    if recorder is None or not ctx.conversation_id:
+        return stream
+    # Timed from here (the request is parsed), not from when the server starts iterating.
+    return _observed(recorder, ctx, completion_id, stream, time.time(), time.perf_counter())
+
+
+async def _observed(
+    recorder: TurnRecorder,
+    ctx: TurnContext,
+    completion_id: str,
+    stream: AsyncIterator[bytes],
+    wall: float,
+    started: float,
+) -> AsyncIterator[bytes]:
+    first: float | None = None
+    chunks = 0
+    completed = False
+    try:
+        async for chunk in stream:
+            if first is None:
+                first = time.perf_counter()
+            chunks += 1
+            yield chunk
+        completed = True
+    finally:
+        closer = getattr(stream, "aclose", None)
+        if closer is not None:
+            await closer()
+        sample = _sample(ctx, completion_id, wall, started, first, completed, chunks)
+        if sample is not None:
+            recorder.submit(sample)
+
+
+async def observe_completion(
+    runtime: Runtime,
+    ctx: TurnContext,
+    completion_id: str,
+    result: Coroutine[Any, Any, dict[str, Any]],
+) -> dict[str, Any]:
+    """A non-streamed turn: awaited as is, then recorded (time to first byte = total)."""
+    recorder = _recorder(runtime)
+    wall = time.time()
+    started = time.perf_counter()
+    body = await result
+    if recorder is not None:
+        sample = _sample(ctx, completion_id, wall, started, time.perf_counter(), True, 1)
+        if sample is not None:
+            recorder.submit(sample)
+    return body

@@ -1,0 +1,220 @@
+"""Tavus webhook payloads (TAVUS_PROTOCOL §4): classify a delivery and compute its identity.
+
+Pure functions, no I/O. Tolerant in: any JSON object is accepted and classified; what we do not
+recognise is kept as kind `unknown` (or its own `event_type`). The dedupe key identifies one
+delivery, so the same callback posted twice is stored once whatever order deliveries arrive in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+MAX_ID_LENGTH = 128
+
+Category = Literal["conversation", "video", "replica", "unknown"]
+
+# `shutdown_reason` values as documented; matched by prefix because the docs' own examples
+# disagree on the trailing " reached" ("participant_left_timeout" vs "... reached").
+SHUTDOWN_REASONS: tuple[tuple[str, str], ...] = (
+    ("max_call_duration", "max_call_duration"),
+    ("participant_left_timeout", "participant_left_timeout"),
+    ("participant_absent_timeout", "participant_absent_timeout"),
+    ("end_conversation_endpoint_hit", "end_conversation_endpoint_hit"),
+    ("daily_room_has_been_deleted", "daily_room_has_been_deleted"),
+    ("internal error", "internal_error"),
+    ("internal_error", "internal_error"),
+)
+
+# Tavus video statuses → the store's video vocabulary (queued | rendering | ready | failed).
+VIDEO_STATUSES = {
+    "queued": "queued",
+    "started": "rendering",
+    "generating": "rendering",
+    "rendering": "rendering",
+    "processing": "rendering",
+    "ready": "ready",
+    "completed": "ready",
+    "error": "failed",
+    "failed": "failed",
+}
+
+
+class CallbackError(ValueError):
+    """A payload we cannot store (an identifier that is not usable as one)."""
+
+
+@dataclass(slots=True, frozen=True)
+class TavusCallback:
+    category: Category
+    kind: str
+    conversation_id: str  # "" for video/replica callbacks, which name no conversation
+    dedupe_key: str
+    occurred_at: float | None
+    properties: dict[str, Any]
+    payload: dict[str, Any]  # the delivery as stored (secrets redacted)
+    subject_id: str | None = None  # video_id / replica_id
+    status: str | None = None
+
+
+def stable_hash(value: Any) -> str:
+    """A hash that does not depend on key order or whitespace (128 bits, hex)."""
+    canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def parse_timestamp(value: Any) -> float | None:
+    """ISO-8601 strings (`…Z`, with or without microseconds) or Unix seconds/milliseconds."""
+    if value is None or isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        seconds = float(value)
+        return seconds / 1000.0 if seconds > 1e11 else seconds
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            return parse_timestamp(float(text))
+        except ValueError:
+            pass
+        try:
+            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
+        except ValueError:
+            return None
+        if parsed.tzinfo is None:
+            parsed = parsed.replace(tzinfo=UTC)
+        return parsed.timestamp()
+    return None
+
+
+def shutdown_code(reason: Any) -> str:
+    """The documented shutdown reason a free-text `shutdown_reason` starts with, or `other`."""
+    text = " ".join(str(reason or "").lower().split())
+    for prefix, code in SHUTDOWN_REASONS:
+        if text.startswith(prefix) or text.replace(" ", "_").startswith(prefix):
+            return code
+    return "other"
+
+
+def redact_url(url: Any) -> Any:
+    """The callback URL Tavus echoes back (`webhook_url`) carries our token: never store it."""
+    if not isinstance(url, str) or "?" not in url:
+        return url
+    parts = urlsplit(url)
+    query = [(k, "***" if k.lower() == "token" else v) for k, v in parse_qsl(parts.query, True)]
+    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
+
+
+def _identifier(value: Any, field: str) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        raise CallbackError(f"{field} must be a string")
+    text = str(value).strip()
+    if len(text) > MAX_ID_LENGTH:
+        raise CallbackError(f"{field} is longer than {MAX_ID_LENGTH} characters")
+    if text and not re.fullmatch(r"[\x21-\x7e]+", text):
+        raise CallbackError(f"{field} must be printable ASCII without spaces")
+    return text
+
+
+def _short(value: Any, limit: int) -> str:
+    return str(value if value is not None else "")[:limit]
+
+
+def parse_tavus_callback(raw: dict[str, Any]) -> TavusCallback:
+    """Classify one webhook delivery. Raises `CallbackError` only for unusable identifiers."""
+    payload = dict(raw)
+    if "webhook_url" in payload:
+        payload["webhook_url"] = redact_url(payload["webhook_url"])
+    event_type = raw.get("event_type")
+    properties = raw.get("properties")
+    props: dict[str, Any] = properties if isinstance(properties, dict) else {}
+
+    if isinstance(event_type, str) and event_type.strip():
+        kind = event_type.strip()[:128]
+        conversation_id = _identifier(raw.get("conversation_id"), "conversation_id")
+        timestamp = raw.get("timestamp")
+        key = "|".join(
+            (
+                conversation_id,
+                kind[:100],
+                _short(timestamp, 64),
+                stable_hash(properties if properties is not None else None),
+            )
+        )
+        return TavusCallback(
+            category="conversation",
+            kind=kind,
+            conversation_id=conversation_id,
+            dedupe_key=key,
+            occurred_at=parse_timestamp(timestamp),
+            properties=props,
+            payload=payload,
+        )
+
+    status = raw.get("status")
+    if raw.get("video_id") is not None and status is not None:
+        video_id = _identifier(raw.get("video_id"), "video_id")
+        status_text = _short(status, 64)
+        return TavusCallback(
+            category="video",
+            kind=f"video.{status_text}",
+            conversation_id=_identifier(raw.get("conversation_id"), "conversation_id"),
+            dedupe_key=f"video|{video_id}|{status_text}",
+            occurred_at=parse_timestamp(raw.get("updated_at")),
+            properties={},
+            payload=payload,
+            subject_id=video_id,
+            status=status_text,
+        )
+    if raw.get("replica_id") is not None and status is not None:
+        replica_id = _identifier(raw.get("replica_id"), "replica_id")
+        status_text = _short(status, 64)
+        return TavusCallback(
+            category="replica",
+            kind=f"replica.{status_text}",
+            conversation_id="",
+            dedupe_key=f"replica|{replica_id}|{status_text}",
+            occurred_at=parse_timestamp(raw.get("updated_at")),
+            properties={},
+            payload=payload,
+            subject_id=replica_id,
+            status=status_text,
+        )
+    raw_id = raw.get("conversation_id")
+    return TavusCallback(
+        category="unknown",
+        kind="unknown",
+        conversation_id=_identifier(raw_id, "conversation_id")
+        if isinstance(raw_id, str | int)
+        else "",
+        dedupe_key="unknown|" + stable_hash(payload),
+        occurred_at=parse_timestamp(raw.get("timestamp")),
+        properties=props,
+        payload=payload,
+    )
+
+
+def video_fields(payload: dict[str, Any]) -> dict[str, Any]:
+    """A Tavus video callback as the store's video fields (status, url, error, script)."""
+    raw_status = str(payload.get("status") or "").strip().lower()
+    status = VIDEO_STATUSES.get(raw_status, "queued")
+    url = payload.get("download_url") or payload.get("hosted_url") or payload.get("stream_url")
+    data = payload.get("data")
+    script = data.get("script") if isinstance(data, dict) else None
+    error = None
+    if status == "failed":
+        error = str(payload.get("status_details") or payload.get("error_message") or raw_status)
+    return {
+        "status": status,
+        "url": str(url) if url else None,
+        "error": error,
+        "script": str(script) if script else None,
+    }

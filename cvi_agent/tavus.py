@@ -1,0 +1,369 @@
+"""Tavus REST client (TAVUS_PROTOCOL §5): personas and conversations, over httpx.
+
+Retries are bounded and only where they are safe: 429 and 502/503/504 (and connection
+failures, where nothing reached Tavus) for every method, any 5xx or timeout for idempotent
+ones. `Retry-After` is honoured up to `max_backoff`. Errors are typed, with Tavus's own message
+(`{"error"}` or `{"message"}`). The API key is never logged in full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cvi_agent.config import mask_key
+from cvi_agent.personas import Persona, tavus_persona_payload
+
+log = logging.getLogger(__name__)
+
+DEFAULT_URL = "https://tavusapi.com"
+_IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "PATCH"})
+_RETRY_ALWAYS = frozenset({429, 502, 503, 504})
+
+
+class TavusError(Exception):
+    """A failed Tavus call. `status` is the HTTP status (0: no response at all)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 0,
+        *,
+        body: Any = None,
+        retry_after: float | None = None,
+        method: str = "",
+        path: str = "",
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.body = body
+        self.retry_after = retry_after
+        self.method = method
+        self.path = path
+
+    def __str__(self) -> str:
+        where = f"{self.method} {self.path}: " if self.method else ""
+        code = f"HTTP {self.status}: " if self.status else ""
+        return f"Tavus {where}{code}{self.message}"
+
+
+class TavusNotConfigured(TavusError):
+    """No TAVUS_API_KEY."""
+
+
+class TavusBadRequest(TavusError):
+    """400/422: Tavus refused the request as invalid."""
+
+
+class TavusAuthError(TavusError):
+    """401/403: the Tavus API key is missing, wrong or lacks access."""
+
+
+class TavusNotFound(TavusError):
+    """404."""
+
+
+class TavusRateLimited(TavusError):
+    """429 after the allowed retries."""
+
+
+class TavusUnavailable(TavusError):
+    """5xx or no response after the allowed retries."""
+
+
+def _error_class(status: int) -> type[TavusError]:
+    if status in (400, 409, 422):
+        return TavusBadRequest
+    if status in (401, 403):
+        return TavusAuthError
+    if status == 404:
+        return TavusNotFound
+    if status == 429:
+        return TavusRateLimited
+    if status >= 500 or status == 0:
+        return TavusUnavailable
+    return TavusError
+
+
+def error_message(body: Any, fallback: str) -> str:
+    """Tavus's message from `{"error": …}` or `{"message": …}` (strings or nested objects)."""
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            value = body.get(key)
+            if isinstance(value, str) and value.strip():
+                return value.strip()
+            if isinstance(value, dict):
+                nested = error_message(value, "")
+                if nested:
+                    return nested
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:500]
+    return fallback
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `Retry-After` header (delta seconds or an HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        parsed = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, parsed.timestamp() - time.time())
+
+
+def json_patch(current: dict[str, Any], desired: dict[str, Any], base: str = "") -> list[Any]:
+    """RFC 6902 operations that make `current` hold every field of `desired`.
+
+    Only adds and replaces: fields Tavus owns (ids, timestamps, defaults it filled in) are left
+    alone. Objects are compared key by key; lists and scalars are replaced whole.
+    """
+    ops: list[Any] = []
+    for key, value in desired.items():
+        path = f"{base}/{_pointer(key)}"
+        if key not in current:
+            ops.append({"op": "add", "path": path, "value": value})
+        elif isinstance(value, dict) and isinstance(current[key], dict):
+            ops.extend(json_patch(current[key], value, path))
+        elif current[key] != value:
+            ops.append({"op": "replace", "path": path, "value": value})
+    return ops
+
+
+def _pointer(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+@dataclass(slots=True)
+class PushResult:
+    persona_id: str
+    created: bool
+    operations: list[Any] = field(default_factory=list)
+
+
+class TavusClient:
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str = DEFAULT_URL,
+        *,
+        timeout: float = 15.0,
+        max_retries: int = 3,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.api_key = api_key
+        self.base_url = base_url.rstrip("/")
+        self.max_retries = max_retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers={"x-api-key": api_key, "user-agent": "cvi-agent"},
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
+            transport=transport,
+        )
+
+    def __repr__(self) -> str:
+        return f"TavusClient({self.base_url!r}, api_key={mask_key(self.api_key)!r})"
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> TavusClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- transport -----------------------------------------------------------------------------
+
+    async def request(
+        self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
+    ) -> Any:
+        if not self.api_key:
+            raise TavusNotConfigured("TAVUS_API_KEY is not set", method=method, path=path)
+        attempt = 0
+        while True:
+            retry_after: float | None = None
+            try:
+                response = await self._http.request(method, path, json=json, params=params)
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                error: TavusError = TavusUnavailable(
+                    f"cannot reach {self.base_url} ({type(exc).__name__})",
+                    method=method,
+                    path=path,
+                )
+                retryable = True
+            except httpx.TransportError as exc:
+                error = TavusUnavailable(
+                    f"no response from {self.base_url} ({type(exc).__name__})",
+                    method=method,
+                    path=path,
+                )
+                retryable = method in _IDEMPOTENT
+            else:
+                if response.status_code < 400:
+                    if not response.content:
+                        return None
+                    try:
+                        return response.json()
+                    except ValueError:
+                        return response.text
+                body = _body(response)
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                status = response.status_code
+                error = _error_class(status)(
+                    error_message(body, response.reason_phrase or "request failed"),
+                    status,
+                    body=body,
+                    retry_after=retry_after,
+                    method=method,
+                    path=path,
+                )
+                retryable = status in _RETRY_ALWAYS or (status >= 500 and method in _IDEMPOTENT)
+            if not retryable or attempt >= self.max_retries:
+                raise error
+            delay = min(self.max_backoff, self.backoff * (2**attempt))
+            delay *= 0.5 + random.random() / 2  # jitter
+            if retry_after is not None:
+                if retry_after > self.max_backoff:
+                    raise error  # the caller decides whether to wait that long
+                delay = retry_after
+            attempt += 1
+            log.info(
+                "tavus %s %s: %s; retry %d/%d in %.2fs",
+                method,
+                path,
+                error.message if error.status == 0 else f"HTTP {error.status}",
+                attempt,
+                self.max_retries,
+                delay,
+            )
+            await asyncio.sleep(delay)
+
+    # -- personas ------------------------------------------------------------------------------
+
+    async def create_persona(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return _object(await self.request("POST", "/v2/personas", json=payload))
+
+    async def get_persona(self, persona_id: str) -> dict[str, Any]:
+        return _object(await self.request("GET", f"/v2/personas/{persona_id}"))
+
+    async def patch_persona(self, persona_id: str, operations: list[Any]) -> Any:
+        return await self.request("PATCH", f"/v2/personas/{persona_id}", json=operations)
+
+    async def delete_persona(self, persona_id: str) -> None:
+        await self.request("DELETE", f"/v2/personas/{persona_id}")
+
+    async def list_personas(
+        self, page_size: int = 100, max_pages: int = 50
+    ) -> list[dict[str, Any]]:
+        found: list[dict[str, Any]] = []
+        for page in range(1, max_pages + 1):
+            body = await self.request(
+                "GET", "/v2/personas", params={"limit": page_size, "page": page}
+            )
+            items = _items(body)
+            found.extend(items)
+            total = body.get("total_count") if isinstance(body, dict) else None
+            if len(items) < page_size or (isinstance(total, int) and len(found) >= total):
+                break
+        return found
+
+    async def find_persona(self, persona_name: str) -> dict[str, Any] | None:
+        for item in await self.list_personas():
+            if item.get("persona_name") == persona_name:
+                return item
+        return None
+
+    async def push_persona(
+        self,
+        persona: Persona,
+        public_url: str,
+        api_key: str,
+        replica_id: str | None = None,
+        persona_id: str | None = None,
+    ) -> PushResult:
+        """Create the persona on Tavus, or bring the existing one (same `persona_name`, or
+        `persona_id`) up to date with a JSON Patch. Pushing twice is a no-op the second time,
+        apart from the LLM key, which Tavus does not echo back."""
+        payload = tavus_persona_payload(persona, public_url, api_key, replica_id)
+        existing: dict[str, Any] | None
+        if persona_id:
+            existing = await self.get_persona(persona_id)
+        else:
+            existing = await self.find_persona(payload["persona_name"])
+        if existing is None:
+            created = await self.create_persona(payload)
+            return PushResult(str(created.get("persona_id") or ""), True)
+        found_id = str(persona_id or existing.get("persona_id") or "")
+        if not persona_id:
+            existing = await self.get_persona(found_id)
+        ops = json_patch(existing, payload)
+        if ops:
+            await self.patch_persona(found_id, ops)
+        return PushResult(found_id, False, ops)
+
+    # -- conversations -------------------------------------------------------------------------
+
+    async def create_conversation(self, body: dict[str, Any]) -> dict[str, Any]:
+        return _object(await self.request("POST", "/v2/conversations", json=body))
+
+    async def get_conversation(self, conversation_id: str, verbose: bool = False) -> dict[str, Any]:
+        params = {"verbose": "true"} if verbose else None
+        return _object(
+            await self.request("GET", f"/v2/conversations/{conversation_id}", params=params)
+        )
+
+    async def list_conversations(
+        self, limit: int = 25, page: int = 1, status: str | None = None
+    ) -> dict[str, Any]:
+        params: dict[str, Any] = {"limit": limit, "page": page}
+        if status:
+            params["status"] = status
+        body = await self.request("GET", "/v2/conversations", params=params)
+        return body if isinstance(body, dict) else {"data": _items(body)}
+
+    async def end_conversation(self, conversation_id: str) -> None:
+        await self.request("POST", f"/v2/conversations/{conversation_id}/end")
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        await self.request("DELETE", f"/v2/conversations/{conversation_id}")
+
+
+def _body(response: httpx.Response) -> Any:
+    try:
+        return response.json()
+    except ValueError:
+        return response.text
+
+
+def _object(body: Any) -> dict[str, Any]:
+    if not isinstance(body, dict):
+        raise TavusError(f"unexpected response: expected a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _items(body: Any) -> list[dict[str, Any]]:
+    if isinstance(body, list):
+        return [i for i in body if isinstance(i, dict)]
+    if isinstance(body, dict):
+        for key in ("data", "personas", "conversations", "items"):
+            value = body.get(key)
+            if isinstance(value, list):
+                return [i for i in value if isinstance(i, dict)]
+    return []
