@@ -113,7 +113,10 @@ class Bus:
         self._local.clear()
 
     async def publish(self, channel: str, message: Message) -> int:
-        """Send `message`; returns how many subscribers (in all processes) it reached."""
+        """Send `message`; returns how many subscribers it reached (0: nobody is listening).
+
+        In-process: local subscribers. Redis: subscribed connections, i.e. processes.
+        """
         return self._fanout(channel, message)
 
     def subscribe(self, channel: str, *, maxsize: int = 1000) -> Subscription:
@@ -151,10 +154,12 @@ InProcessBus = Bus
 class RedisBus(Bus):
     """Redis pub/sub, one connection per process for all subscriptions (plus a publish pool)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, client_name: str = "cvi-agent") -> None:
         super().__init__()
         self.url = url
-        self.redis = redis.Redis.from_url(url, health_check_interval=0)
+        self.redis = redis.Redis.from_url(
+            url, client_name=client_name, socket_connect_timeout=5, socket_timeout=10
+        )
         self._pubsub = _TrackingPubSub(self.redis.connection_pool)
         self._confirm: dict[str, list[asyncio.Future[None]]] = {}
         self._active: set[str] = set()  # channels Redis confirmed for our connection

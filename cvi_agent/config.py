@@ -88,6 +88,9 @@ class Settings(BaseSettings):
         default=1.0, gt=0, validation_alias=_env("CVI_WORKER_POLL_INTERVAL", "worker_poll_interval")
     )
     bot_name: str = Field(default="cvi-agent", validation_alias=_env("CVI_BOT_NAME", "bot_name"))
+    bot_factory: str = Field(
+        default="", validation_alias=_env("CVI_BOT_FACTORY", "bot_factory")
+    )  # "package.module:function" building a bot (default: ConversationBot)
     interaction_timeout: float = Field(
         default=5.0, gt=0, validation_alias=_env("CVI_INTERACTION_TIMEOUT", "interaction_timeout")
     )

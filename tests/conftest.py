@@ -134,3 +134,17 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator
     await s.aclose()
     if name is not None:
         await drop_pg_database(name)
+
+
+TAVUS_KEY = "tavus-test-key-0123456789"
+
+
+@pytest.fixture
+def fake_tavus() -> Iterator[Any]:
+    """The fake Tavus REST API on loopback (`cvi_agent.fakes.tavus.FakeTavus`), `.url` set."""
+    from cvi_agent.fakes.tavus import FakeTavus
+
+    fake = FakeTavus(api_key=TAVUS_KEY)
+    with LoopbackServer(fake.app) as server:
+        fake.url = server.url
+        yield fake

@@ -166,7 +166,7 @@ class Worker:
             bus=record.bus,
             personas=record.personas,
             publish=record.publish,
-            factory=factory or load_factory(os.environ.get("CVI_BOT_FACTORY")),
+            factory=factory or load_factory(s.bot_factory),
             capacity=s.worker_capacity,
             lease_seconds=s.lease_seconds,
             poll_interval=s.worker_poll_interval,

@@ -120,6 +120,7 @@ class TurnRecorder:
                     self.queue.task_done()
 
     async def write(self, batch: list[TurnSample]) -> None:
+        await self.store.ensure_conversations({s.conversation_id: s.persona for s in batch})
         answers: dict[str, dict[str, str]] = {}
         for sample in batch:
             if sample.answers and sample.completed:

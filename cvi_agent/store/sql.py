@@ -293,6 +293,29 @@ class SqlStore:
 
         await self._retrying(run)
 
+    async def ensure_conversations(self, personas: dict[str, str | None]) -> None:
+        """Create the conversations not known yet ({id: persona}); never touches existing ones."""
+        if not personas:
+            return
+        ts = now()
+
+        async def run(conn: AsyncConnection) -> None:
+            for conversation_id, persona in personas.items():
+                await conn.execute(
+                    self._insert(conversations)
+                    .values(
+                        id=conversation_id,
+                        persona=persona,
+                        meta={},
+                        created_at=ts,
+                        updated_at=ts,
+                        status="active",
+                    )
+                    .on_conflict_do_nothing(index_elements=["id"])
+                )
+
+        await self._retrying(run)
+
     async def set_conversation_status(
         self,
         conversation_id: str,

@@ -1,0 +1,45 @@
+"""A test-only bot for API tests that need a bot but no room (`CVI_BOT_FACTORY`)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from cvi_agent.bot.worker import BotSpec
+from cvi_agent.protocol.interactions import Interaction
+
+# Every bot built in this process, by conversation id (the in-process server shares it).
+BOTS: dict[str, list[RecordingBot]] = {}
+
+
+class RecordingBot:
+    def __init__(self, spec: BotSpec) -> None:
+        self.spec = spec
+        self.sent: list[Interaction] = []
+        self.started = asyncio.Event()
+        self.stopped: str | None = None
+        self._done = asyncio.Event()
+        self.fail_sends = False
+
+    async def start(self, url: str, meeting_token: str | None = None) -> None:
+        self.url = url
+        self.started.set()
+
+    async def send(self, interaction: Interaction) -> None:
+        if self.fail_sends:
+            raise RuntimeError("ChannelNotOpen")
+        self.sent.append(interaction)
+
+    async def run(self) -> str:
+        await self._done.wait()
+        return self.stopped or "finished"
+
+    async def stop(self, reason: str) -> None:
+        if self.stopped is None:
+            self.stopped = reason
+        self._done.set()
+
+
+def recording_bot(spec: BotSpec) -> RecordingBot:
+    bot = RecordingBot(spec)
+    BOTS.setdefault(spec.conversation_id, []).append(bot)
+    return bot

@@ -1,0 +1,187 @@
+"""The Tavus client against the fake Tavus API on loopback (documented shapes, real HTTP)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from cvi_agent.fakes.server import LoopbackServer, free_port
+from cvi_agent.fakes.tavus import FakeTavus, JsonPatchError, apply_json_patch
+from cvi_agent.personas import load_personas
+from cvi_agent.tavus import (
+    TavusAuthError,
+    TavusBadRequest,
+    TavusClient,
+    TavusNotConfigured,
+    TavusNotFound,
+    TavusRateLimited,
+    TavusUnavailable,
+    json_patch,
+    parse_retry_after,
+)
+from tests.conftest import PERSONAS
+
+KEY = "tavus-secret-key-0123456789"
+
+
+@pytest.fixture
+def tavus() -> Iterator[FakeTavus]:
+    fake = FakeTavus(api_key=KEY)
+    with LoopbackServer(fake.app) as server:
+        fake.url = server.url
+        yield fake
+
+
+def client(fake: FakeTavus, key: str = KEY, **kw: float) -> TavusClient:
+    options: dict[str, float] = {"backoff": 0.01, "max_backoff": 1.0}
+    options.update(kw)
+    return TavusClient(key, fake.url, **options)  # type: ignore[arg-type]
+
+
+async def test_push_persona_creates_then_patches(tavus: FakeTavus) -> None:
+    personas = load_personas(PERSONAS)
+    weather = personas["weather"]
+    async with client(tavus) as api:
+        first = await api.push_persona(weather, "https://agent.example", "llm-key-1", "r123")
+        assert first.created and first.persona_id in tavus.personas
+        stored = tavus.personas[first.persona_id]
+        llm = stored["layers"]["llm"]
+        assert llm["base_url"] == "https://agent.example/v1"
+        assert llm["model"] == "weather" and llm["api_key"] == "llm-key-1"
+        assert llm["speculative_inference"] is True
+        assert [t["function"]["name"] for t in llm["tools"]] == ["get_current_weather"]
+        assert stored["default_replica_id"] == "r123"
+
+        changed = weather.model_copy(update={"system_prompt": "You are terse."})
+        second = await api.push_persona(changed, "https://agent.example", "llm-key-2", "r123")
+    assert not second.created and second.persona_id == first.persona_id
+    assert len(tavus.personas) == 1
+    paths = {op["path"]: op for op in second.operations}
+    assert paths["/system_prompt"] == {
+        "op": "replace",
+        "path": "/system_prompt",
+        "value": "You are terse.",
+    }
+    assert paths["/layers/llm/api_key"]["value"] == "llm-key-2"  # never echoed back: re-sent
+    assert "/persona_id" not in paths and "/created_at" not in paths
+    [patch] = tavus.requests("PATCH")
+    assert isinstance(patch.body, list) and patch.headers["x-api-key"] == KEY
+    stored = tavus.personas[first.persona_id]
+    assert stored["system_prompt"] == "You are terse."
+    assert stored["layers"]["llm"]["api_key"] == "llm-key-2"
+
+
+async def test_create_get_list_end_conversation(tavus: FakeTavus) -> None:
+    async with client(tavus) as api:
+        pushed = await api.push_persona(
+            load_personas(PERSONAS)["echo"], "https://a.example", "k", "r1"
+        )
+        created = await api.create_conversation(
+            {
+                "persona_id": pushed.persona_id,
+                "callback_url": "https://a.example/callbacks/tavus?token=t",
+                "max_participants": 3,
+                "require_auth": True,
+            }
+        )
+        cid = created["conversation_id"]
+        assert created["status"] == "active" and created["conversation_url"].startswith("https://")
+        assert created["meeting_token"]
+        assert (await api.get_conversation(cid, verbose=True))["conversation_id"] == cid
+        listed = await api.list_conversations()
+        assert [c["conversation_id"] for c in listed["data"]] == [cid]
+        tavus.send_shutdown_on_end = False
+        await api.end_conversation(cid)
+        assert tavus.conversations[cid]["status"] == "ended"
+        with pytest.raises(TavusBadRequest, match="already ended"):
+            await api.end_conversation(cid)
+        with pytest.raises(TavusNotFound):
+            await api.get_conversation("cmissing")
+
+
+async def test_errors_are_typed_with_tavus_messages(tavus: FakeTavus) -> None:
+    async with client(tavus) as api:
+        with pytest.raises(TavusBadRequest) as bad:
+            await api.create_conversation({"callback_url": "x"})
+        assert bad.value.status == 400
+        assert bad.value.message == "persona_id or replica_id is required"
+        tavus.fail_next(400, {"message": "Invalid replica_id"})
+        with pytest.raises(TavusBadRequest, match="Invalid replica_id"):
+            await api.create_conversation({"replica_id": "r"})
+    async with client(tavus, key="wrong-key-0123456789") as api:
+        with pytest.raises(TavusAuthError) as auth:
+            await api.list_personas()
+        assert auth.value.status == 401 and auth.value.message == "Invalid access token"
+        assert "wrong-key-0123456789" not in str(auth.value) + repr(api)
+    async with TavusClient("", tavus.url) as api:
+        with pytest.raises(TavusNotConfigured):
+            await api.list_personas()
+
+
+async def test_429_then_success_honours_retry_after(
+    tavus: FakeTavus, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    tavus.fail_next(429, {"message": "Too many requests"}, count=2, headers={"Retry-After": "0.2"})
+    async with client(tavus) as api:
+        started = time.monotonic()
+        created = await api.create_conversation({"replica_id": "r1"})
+        elapsed = time.monotonic() - started
+    assert created["conversation_id"]
+    assert len(tavus.requests("POST", "/v2/conversations")) == 3
+    assert elapsed >= 0.4, "Retry-After was honoured"
+    assert KEY not in caplog.text
+
+
+async def test_retries_are_bounded_and_safe(tavus: FakeTavus) -> None:
+    async with client(tavus, max_retries=2) as api:
+        tavus.fail_next(429, {"error": "slow down"}, count=5, headers={"Retry-After": "0"})
+        with pytest.raises(TavusRateLimited, match="slow down"):
+            await api.list_personas()
+        assert len(tavus.requests("GET", "/v2/personas")) == 3
+        tavus.failures.clear()
+
+        # A long Retry-After is not slept through: the caller gets it and decides.
+        tavus.fail_next(429, {"error": "later"}, headers={"Retry-After": "120"})
+        with pytest.raises(TavusRateLimited) as limited:
+            await api.list_personas()
+        assert limited.value.retry_after == pytest.approx(120)
+
+        # A 500 on a create is not retried (it may have been created), on a GET it is.
+        tavus.fail_next(500, {"error": "boom"}, count=1)
+        before = len(tavus.requests("POST", "/v2/conversations"))
+        with pytest.raises(TavusUnavailable, match="boom"):
+            await api.create_conversation({"replica_id": "r1"})
+        assert len(tavus.requests("POST", "/v2/conversations")) == before + 1
+        tavus.fail_next(500, {"error": "boom"}, count=2)
+        assert (await api.list_conversations())["total_count"] == 0
+
+
+async def test_unreachable_tavus_is_a_clear_error() -> None:
+    api = TavusClient(KEY, f"http://127.0.0.1:{free_port()}", backoff=0.01, max_retries=1)
+    async with api:
+        with pytest.raises(TavusUnavailable, match="cannot reach"):
+            await api.list_personas()
+
+
+def test_json_patch_and_retry_after() -> None:
+    current = {"persona_id": "p1", "a": 1, "layers": {"llm": {"model": "x", "keep": 1}}}
+    desired = {"a": 2, "layers": {"llm": {"model": "y", "tools": [1]}, "tts": {"e": "c"}}}
+    ops = json_patch(current, desired)
+    assert ops == [
+        {"op": "replace", "path": "/a", "value": 2},
+        {"op": "replace", "path": "/layers/llm/model", "value": "y"},
+        {"op": "add", "path": "/layers/llm/tools", "value": [1]},
+        {"op": "add", "path": "/layers/tts", "value": {"e": "c"}},
+    ]
+    patched = apply_json_patch(current, ops)
+    assert patched["layers"]["llm"] == {"model": "y", "keep": 1, "tools": [1]}
+    assert json_patch(patched, desired) == []
+    with pytest.raises(JsonPatchError):
+        apply_json_patch(current, [{"op": "replace", "path": "/nope/x", "value": 1}])
+    assert parse_retry_after("3") == 3.0
+    assert parse_retry_after(None) is None
+    assert parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0
