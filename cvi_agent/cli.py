@@ -9,7 +9,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cvi_agent.config import Settings, ensure_dev_key, mask_key
+from cvi_agent.cli_record import add_push_arguments, add_record_commands, cmd_personas_push
+from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key, mask_key
 from cvi_agent.personas import PersonaError
 
 Command = Callable[[argparse.Namespace], int]
@@ -41,6 +42,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if generated:
         print(f"cvi-agent: no CVI_API_KEYS set; development API key: {generated}", flush=True)
         print(f"cvi-agent: (stored in {settings.var_dir / 'dev-api-key'})", flush=True)
+        if ensure_dev_callback_token(settings):
+            print(f"cvi-agent: development callback token in {settings.var_dir}", flush=True)
+    if not settings.callback_tokens:
+        print("cvi-agent: CVI_CALLBACK_TOKEN is not set: /callbacks/tavus answers 503", flush=True)
     else:
         print(
             f"cvi-agent: {len(settings.api_keys)} API key(s) configured "
@@ -57,6 +62,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         # Workers import the app factory themselves; pass the generated key through the env.
         os.environ["CVI_API_KEYS"] = settings.api_keys_raw
+        os.environ["CVI_CALLBACK_TOKEN"] = settings.callback_token
         uvicorn.run(
             "cvi_agent.app:create_app",
             factory=True,
@@ -88,6 +94,8 @@ def cmd_personas(args: argparse.Namespace) -> int:
     except PersonaError as exc:
         print(str(exc), file=sys.stderr)
         return 1
+    if args.action == "push":
+        return cmd_personas_push(args, personas, settings)
     if args.action == "validate":
         print(f"{len(personas)} persona(s) valid in {settings.personas_dir}")
         return 0
@@ -110,10 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.set_defaults(func=cmd_serve)
 
-    personas = sub.add_parser("personas", help="list or validate personas")
-    personas.add_argument("action", choices=["list", "validate"])
+    personas = sub.add_parser("personas", help="list, validate, or push personas to Tavus")
+    personas.add_argument("action", choices=["list", "validate", "push"])
     personas.add_argument("--dir", default=None, help="default: $CVI_PERSONAS_DIR or ./personas")
+    add_push_arguments(personas)
     personas.set_defaults(func=cmd_personas)
+    add_record_commands(sub)
     return parser
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 
 from cvi_agent.bot.worker import BotSpec
 from cvi_agent.protocol.interactions import Interaction
+from cvi_agent.store import EventRecord
 
 # Every bot built in this process, by conversation id (the in-process server shares it).
 BOTS: dict[str, list[RecordingBot]] = {}
@@ -28,6 +31,18 @@ class RecordingBot:
         if self.fail_sends:
             raise RuntimeError("ChannelNotOpen")
         self.sent.append(interaction)
+        # Recorded as the real ConversationBot records what it sends.
+        message = interaction.to_message(self.spec.conversation_id)
+        event = EventRecord(
+            conversation_id=self.spec.conversation_id,
+            source="bot",
+            kind="interaction." + message["event_type"],
+            dedupe_key=uuid.uuid4().hex,
+            payload=message,
+            occurred_at=time.time(),
+        )
+        for new in await self.spec.store.add_events([event]):
+            await self.spec.on_record(new)
 
     async def run(self) -> str:
         await self._done.wait()

@@ -145,8 +145,8 @@ async def test_create_interact_end(app_server: AppFactory, fake_tavus: FakeTavus
         record = (await http.get(f"/api/conversations/{cid}", headers=AUTH)).json()
         kinds = [(e["source"], e["kind"]) for e in record["events"]]
         assert ("api", "conversation.created") in kinds
-        assert ("bot", "bot.started") in kinds
-        assert kinds.count(("bot", "conversation.echo")) == 1
+        assert ("bot", "worker.started") in kinds
+        assert kinds.count(("bot", "interaction.conversation.echo")) == 1
         assert record["bot"]["held"] is True
 
         ended = await http.post(f"/api/conversations/{cid}/end", headers=AUTH)

@@ -305,7 +305,7 @@ class Worker:
             if not spec.conversation_url:
                 raise RuntimeError("the lease has no conversation_url")
             await rb.bot.start(spec.conversation_url, spec.meeting_token)
-            await self._note(cid, "bot.started", rb, {"conversation_url": spec.conversation_url})
+            await self._note(cid, "worker.started", rb, {})
             ready = asyncio.Event()
             commands = asyncio.create_task(self._serve_commands(rb, ready))
             await ready.wait()
@@ -335,13 +335,13 @@ class Worker:
                 return  # someone else owns it now, or it was removed
             if rb.stop_reason == "worker_shutdown":
                 await self.leases.release(rb.owner)
-                await self._note(cid, "bot.released", rb, {"reason": "worker_shutdown"})
+                await self._note(cid, "worker.released", rb, {"reason": "worker_shutdown"})
                 return
             if failure is not None:
                 await self._failed(rb.lease, failure)
                 return
             await self.leases.finish(cid, rb.owner)
-            await self._note(cid, "bot.finished", rb, {"reason": rb.stop_reason or reason})
+            await self._note(cid, "worker.finished", rb, {"reason": rb.stop_reason or reason})
         except Exception as exc:
             log.warning("worker %s: could not settle the lease of %s: %s", self.worker_id, cid, exc)
 
@@ -353,12 +353,14 @@ class Worker:
         if attempts >= MAX_ATTEMPTS:
             await self.leases.finish(lease.conversation_id, lease.owner)
             await self._note_raw(
-                lease.conversation_id, "bot.gave_up", {"attempts": attempts, "error": error[:500]}
+                lease.conversation_id,
+                "worker.gave_up",
+                {"attempts": attempts, "error": error[:500]},
             )
             return
         await self.leases.release(lease.owner, retry_in=min(30.0, 2.0**attempts), payload=payload)
         await self._note_raw(
-            lease.conversation_id, "bot.failed", {"attempts": attempts, "error": error[:500]}
+            lease.conversation_id, "worker.failed", {"attempts": attempts, "error": error[:500]}
         )
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
@@ -424,18 +426,8 @@ class Worker:
         except Exception as exc:
             log.warning("worker %s: sending into %s failed: %s", self.worker_id, cid, exc)
             return {"ok": False, "code": "send_failed", "error": f"{type(exc).__name__}: {exc}"}
-        message = interaction.to_message(cid)
-        await self._record(
-            EventRecord(
-                conversation_id=cid,
-                source="bot",
-                kind=message["event_type"],
-                dedupe_key=command_id or secrets.token_hex(8),
-                payload=message,
-                occurred_at=time.time(),
-            )
-        )
-        return {"ok": True, "worker": self.worker_id, "message": message}
+        # The bot records what it sent (source `bot`, kind `interaction.<event_type>`).
+        return {"ok": True, "worker": self.worker_id, "message": interaction.to_message(cid)}
 
     # -- recording -----------------------------------------------------------------------------
 
