@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from cvi_agent.bus import commands_channel, events_channel, request
+from cvi_agent.bus import BusUnavailable, commands_channel, events_channel, request
 from cvi_agent.callbacks import callback_url, stop_bot
 from cvi_agent.http import (
     ApiError,
@@ -366,7 +366,7 @@ async def request_reply(
         return await request(
             record.bus, commands_channel(conversation_id), command, request_id, max_wait
         )
-    except (OSError, ConnectionError) as exc:
+    except BusUnavailable as exc:
         raise ApiError(
             503,
             f"The event bus is unavailable ({exc}).",
@@ -481,6 +481,11 @@ async def live(ws: WebSocket, conversation_id: str, after: int = 0) -> None:
         await _stream(ws, record, conversation_id, after)
     except (WebSocketDisconnect, asyncio.CancelledError):
         pass
+    except BusUnavailable as exc:
+        log.warning("live feed of %s: %s", conversation_id, exc)
+        if ws.application_state == WebSocketState.CONNECTED:
+            with contextlib.suppress(Exception):
+                await ws.close(1013, "event bus unavailable; reconnect with ?after=<last id>")
     except Exception:
         log.exception("live feed of %s failed", conversation_id)
         if ws.application_state == WebSocketState.CONNECTED:

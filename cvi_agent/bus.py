@@ -34,6 +34,10 @@ WORK_CHANNEL = PREFIX + "work"
 _CONTROL_CHANNEL = PREFIX + "bus"
 
 
+class BusUnavailable(Exception):
+    """The bus could not publish or subscribe (Redis unreachable)."""
+
+
 def events_channel(conversation_id: str) -> str:
     return f"{PREFIX}events:{conversation_id}"
 
@@ -168,7 +172,10 @@ class RedisBus(Bus):
         self._closing = False
 
     async def start(self) -> None:
-        await self.redis.ping()  # fail fast, with a clear error, when Redis is unreachable
+        try:
+            await self.redis.ping()  # fail fast, with a clear error, when Redis is unreachable
+        except (redis.RedisError, OSError) as exc:
+            raise BusUnavailable(f"CVI_REDIS_URL: cannot reach Redis ({exc})") from exc
         fut = self._expect(_CONTROL_CHANNEL)
         await self._pubsub.subscribe(_CONTROL_CHANNEL)
         self._reader = asyncio.create_task(self._read(), name="redis-bus-reader")
@@ -188,7 +195,10 @@ class RedisBus(Bus):
 
     async def publish(self, channel: str, message: Message) -> int:
         data = json.dumps(message, separators=(",", ":"), ensure_ascii=False, default=str)
-        return int(await self.redis.publish(channel, data))
+        try:
+            return int(await self.redis.publish(channel, data))
+        except (redis.RedisError, OSError) as exc:
+            raise BusUnavailable(f"redis publish failed: {exc}") from exc
 
     def _expect(self, channel: str) -> asyncio.Future[None]:
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -205,11 +215,14 @@ class RedisBus(Bus):
             if first:
                 try:
                     await self._pubsub.subscribe(sub.channel)
-                except Exception:
+                except (redis.RedisError, OSError) as exc:
                     await super()._remove(sub)
-                    raise
+                    raise BusUnavailable(f"redis subscribe failed: {exc}") from exc
         try:
             await asyncio.wait_for(asyncio.shield(fut), 10)
+        except TimeoutError:
+            await self._remove(sub)
+            raise BusUnavailable("redis did not confirm the subscription in 10 s") from None
         except BaseException:
             await self._remove(sub)
             raise

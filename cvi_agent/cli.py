@@ -60,6 +60,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.workers and args.workers > 1:
         import os
 
+        if not settings.redis_url:
+            print(
+                "cvi-agent: warning: several processes without CVI_REDIS_URL: live feeds and "
+                "interactions only reach bots in the same process",
+                flush=True,
+            )
+
         # Workers import the app factory themselves; pass the generated key through the env.
         os.environ["CVI_API_KEYS"] = settings.api_keys_raw
         os.environ["CVI_CALLBACK_TOKEN"] = settings.callback_token

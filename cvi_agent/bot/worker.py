@@ -214,19 +214,36 @@ class Worker:
         log.info(
             "worker %s: capacity %d, lease %.1fs", self.worker_id, self.capacity, self.lease_seconds
         )
-        async with self.bus.subscribe(WORK_CHANNEL, maxsize=16) as wake:
-            self._ready.set()
-            while not self._stopping:
-                try:
-                    await self.tick()
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    log.warning("worker %s: %s (will retry)", self.worker_id, exc)
-                await self._wait(wake)
+        while not self._stopping:
+            try:
+                async with self.bus.subscribe(WORK_CHANNEL, maxsize=16) as wake:
+                    self._ready.set()
+                    while not self._stopping:
+                        await self._tick_safely()
+                        await self._wait(wake)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # No wake-ups (the bus is down): keep working by polling, retry the bus later.
+                log.warning("worker %s: bus unavailable (%s); polling", self.worker_id, exc)
+                self._ready.set()
+                for _ in range(10):
+                    await self._tick_safely()
+                    await self._wait(None)
 
-    async def _wait(self, wake: Subscription) -> None:
+    async def _tick_safely(self) -> None:
+        try:
+            await self.tick()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("worker %s: %s (will retry)", self.worker_id, exc)
+
+    async def _wait(self, wake: Subscription | None) -> None:
         timeout = min(self.poll_interval, self.lease_seconds / 3)
+        if wake is None:
+            await asyncio.sleep(timeout)
+            return
         with contextlib.suppress(TimeoutError):
             await wake.next(max_wait=timeout)
         # Several wake-ups in a row need one claim round, not several.
@@ -308,7 +325,9 @@ class Worker:
             await self._note(cid, "worker.started", rb, {})
             ready = asyncio.Event()
             commands = asyncio.create_task(self._serve_commands(rb, ready))
-            await ready.wait()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(5):
+                    await ready.wait()
             reason = await rb.bot.run()
         except asyncio.CancelledError:
             reason = rb.stop_reason or "cancelled"
@@ -379,22 +398,37 @@ class Worker:
     # -- commands ------------------------------------------------------------------------------
 
     async def _serve_commands(self, rb: RunningBot, ready: asyncio.Event) -> None:
-        async with self.bus.subscribe(commands_channel(rb.conversation_id), maxsize=256) as sub:
-            ready.set()
-            while True:
-                message = await sub.next()
-                if message is None:
-                    log.warning(
-                        "worker %s: commands for %s may have been lost",
-                        self.worker_id,
-                        rb.conversation_id,
-                    )
-                    continue
-                reply = await self._command(rb, message)
-                reply_to = message.get("reply_to")
-                if reply_to and reply is not None:
-                    with contextlib.suppress(Exception):
-                        await self.bus.publish(str(reply_to), reply)
+        """Answer the conversation's commands for as long as the bot runs (resubscribing if
+        the bus fails; a command lost meanwhile times out at the API, never succeeds silently)."""
+        channel = commands_channel(rb.conversation_id)
+        while True:
+            try:
+                async with self.bus.subscribe(channel, maxsize=256) as sub:
+                    ready.set()
+                    while True:
+                        message = await sub.next()
+                        if message is None:
+                            log.warning(
+                                "worker %s: commands for %s may have been lost",
+                                self.worker_id,
+                                rb.conversation_id,
+                            )
+                            continue
+                        reply = await self._command(rb, message)
+                        reply_to = message.get("reply_to")
+                        if reply_to and reply is not None:
+                            with contextlib.suppress(Exception):
+                                await self.bus.publish(str(reply_to), reply)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning(
+                    "worker %s: command channel of %s failed (%s); resubscribing",
+                    self.worker_id,
+                    rb.conversation_id,
+                    exc,
+                )
+                await asyncio.sleep(1.0)
 
     async def _command(self, rb: RunningBot, message: dict[str, Any]) -> dict[str, Any] | None:
         command_id = str(message.get("id") or "")
