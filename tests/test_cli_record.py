@@ -1,0 +1,70 @@
+"""`cvi-agent personas push` against the fake Tavus; `cvi-agent conversations …` against our API."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from cvi_agent.app import create_app
+from cvi_agent.cli import main
+from cvi_agent.fakes.server import LoopbackServer, free_port
+from cvi_agent.fakes.tavus import FakeTavus
+from tests.conftest import API_KEY, PERSONAS, TAVUS_KEY, make_settings
+
+
+@pytest.fixture
+def env(monkeypatch: pytest.MonkeyPatch, fake_tavus: FakeTavus, tmp_path: Path) -> None:
+    monkeypatch.setenv("TAVUS_API_KEY", TAVUS_KEY)
+    monkeypatch.setenv("TAVUS_API_URL", fake_tavus.url)
+    monkeypatch.setenv("CVI_API_KEYS", API_KEY)
+    monkeypatch.setenv("CVI_PERSONAS_DIR", str(PERSONAS))
+    monkeypatch.setenv("CVI_PUBLIC_URL", "https://agent.example")
+    monkeypatch.setenv("CVI_VAR_DIR", str(tmp_path / "var"))
+
+
+@pytest.mark.usefixtures("env")
+def test_personas_push_creates_then_updates(
+    fake_tavus: FakeTavus, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["personas", "push", "concierge", "--replica-id", "r9"]) == 0
+    first = capsys.readouterr().out
+    assert main(["personas", "push", "concierge"]) == 0
+    second = capsys.readouterr().out
+    [persona] = fake_tavus.personas.values()
+    assert first.startswith(f"concierge: {persona['persona_id']} created")
+    assert "updated" in second
+    assert persona["layers"]["llm"]["base_url"] == "https://agent.example/v1"
+    assert persona["layers"]["llm"]["api_key"] == API_KEY
+    assert main(["personas", "push", "nope"]) == 2
+
+
+@pytest.mark.usefixtures("env")
+def test_conversations_commands_use_our_api(
+    fake_tavus: FakeTavus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    port = free_port()
+    settings = make_settings(
+        tmp_path,
+        public_url=f"http://127.0.0.1:{port}",
+        callback_token="cb-cli-0123456789",
+        tavus_api_key=TAVUS_KEY,
+        tavus_api_url=fake_tavus.url,
+        run_worker=False,
+    )
+    url = f"http://127.0.0.1:{port}"
+    with LoopbackServer(create_app(settings), port=port):
+        assert main(["conversations", "--url", url, "create", "echo", "--no-bot"]) == 0
+        created = json.loads(capsys.readouterr().out)
+        cid = created["conversation"]["id"]
+        assert main(["conversations", "--url", url, "list"]) == 0
+        assert cid in capsys.readouterr().out
+        assert main(["conversations", "--url", url, "get", cid]) == 0
+        assert json.loads(capsys.readouterr().out)["conversation"]["id"] == cid
+        assert main(["conversations", "--url", url, "interact", cid, '{"type": "interrupt"}']) == 1
+        assert "No bot is attached" in capsys.readouterr().err
+        assert main(["conversations", "--url", url, "end", cid]) == 0
+        assert json.loads(capsys.readouterr().out)["conversation"]["status"] == "ended"
+        assert main(["conversations", "--url", url, "--key", "wrong", "list"]) == 1
+        assert "HTTP 401" in capsys.readouterr().err
