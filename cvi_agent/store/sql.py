@@ -431,6 +431,52 @@ class SqlStore:
         result: list[EventRecord] = await self._retrying(run)
         return result
 
+    async def add_events_bulk(self, records: Sequence[EventRecord]) -> list[EventRecord]:
+        """`add_events` for large batches (the room bot's recorder): one transaction, multi-row
+        INSERTs. Same contract: returns the new records, in input order, with `id` set."""
+        unique: dict[tuple[str, str], EventRecord] = {}
+        for record in records:
+            unique.setdefault((record.source, record.dedupe_key), record)
+        if not unique:
+            return []
+        rows = [
+            {
+                "conversation_id": r.conversation_id,
+                "source": r.source,
+                "kind": r.kind,
+                "dedupe_key": r.dedupe_key,
+                "seq": r.seq,
+                "inference_id": r.inference_id,
+                "turn_idx": r.turn_idx,
+                "role": r.role,
+                "occurred_at": r.occurred_at,
+                "received_at": r.received_at,
+                "payload": r.payload,
+            }
+            for r in unique.values()
+        ]
+
+        # One cached statement executed with many parameter sets: SQLAlchemy's "insertmanyvalues"
+        # turns it into multi-row INSERT … RETURNING batches without recompiling per batch.
+        stmt = (
+            self._insert(events)
+            .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
+            .returning(events.c.id, events.c.source, events.c.dedupe_key)
+        )
+
+        async def run(conn: AsyncConnection) -> dict[tuple[str, str], int]:
+            result = await conn.execute(stmt, rows)
+            return {(row.source, row.dedupe_key): int(row.id) for row in result.all()}
+
+        ids: dict[tuple[str, str], int] = await self._retrying(run)
+        inserted: list[EventRecord] = []
+        for key, record in unique.items():
+            new_id = ids.get(key)
+            if new_id is not None:
+                record.id = new_id
+                inserted.append(record)
+        return inserted
+
     async def add_event(self, record: EventRecord) -> bool:
         return bool(await self.add_events([record]))
 
