@@ -7,17 +7,28 @@ In-process tests run on SQLite and the real PostgreSQL; the scale-out test runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
+from websockets.asyncio.client import connect
 
 from cvi_agent.bot.worker import BotSpec, Worker
 from cvi_agent.bus import InProcessBus, commands_channel, request
+from cvi_agent.fakes.server import free_port
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import EventRecord, Leases, SqlStore, open_store
 from tests.bots import RecordingBot
+from tests.conftest import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
@@ -209,3 +220,226 @@ async def test_graceful_shutdown_releases_at_once(
     assert lease is not None and lease.owner is None and not lease.held()
     w2 = await workers(bots, worker_id="w2", lease_seconds=30)
     await eventually(lambda: _value("c1" in w2.running))  # no 30 s wait
+
+
+# -- scale-out: real processes, PostgreSQL, Redis ---------------------------------------------
+
+
+class Processes:
+    """`cvi-agent` subprocesses with their output in files; every one is killed at the end."""
+
+    def __init__(self, directory: Path, env: dict[str, str]) -> None:
+        self.directory = directory
+        self.env = env
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+
+    async def start(self, name: str, *args: str, **env: str) -> asyncio.subprocess.Process:
+        log = (self.directory / f"{name}.log").open("wb")
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "cvi_agent",
+            *args,
+            env={**self.env, **env},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.directory,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.directory / f"{name}.log").read_text(errors="replace")
+
+    async def wait_for_output(self, name: str, text: str, within: float = 30) -> None:
+        async def seen() -> bool:
+            if self.procs[name].returncode is not None:
+                raise AssertionError(f"{name} exited:\n{self.output(name)[-3000:]}")
+            return text in self.output(name)
+
+        await eventually(seen, within)
+
+    def kill(self, name: str) -> None:
+        proc = self.procs[name]
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGKILL)
+
+    async def aclose(self) -> None:
+        for proc in self.procs.values():
+            if proc.returncode is None:
+                proc.kill()
+        for proc in self.procs.values():
+            with contextlib.suppress(ProcessLookupError):
+                await asyncio.wait_for(proc.wait(), 10)
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {name} ---\n{self.output(name)[-4000:]}" for name in self.procs)
+
+
+async def _healthy(url: str) -> bool:
+    try:
+        async with httpx.AsyncClient(timeout=1) as http:
+            return (await http.get(url + "/healthz")).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+async def test_scale_out_two_web_processes_and_workers(
+    pg_url: str, tmp_path: Path, fake_tavus: Any
+) -> None:
+    """Web A and web B and worker W1 as real processes on PostgreSQL and Redis: a live feed on A
+    sees a callback posted to B; an echo posted to B reaches W1's bot in the room; W1 is killed
+    (SIGKILL) and W2 takes the conversation over once the lease expires."""
+    from cvi_agent.bot.room import LocalRoomServer
+    from cvi_agent.fakes.replica import ScriptedPeer
+
+    await _require_redis()
+    port_a, port_b = free_port(), free_port()
+    url_a, url_b = f"http://127.0.0.1:{port_a}", f"http://127.0.0.1:{port_b}"
+    env = {
+        **os.environ,
+        "CVI_DATABASE_URL": pg_url,
+        "CVI_REDIS_URL": REDIS_TEST_URL,
+        "CVI_API_KEYS": API_KEY,
+        "CVI_CALLBACK_TOKEN": "cb-scale-0123456789",
+        "CVI_PERSONAS_DIR": str(PERSONAS),
+        "CVI_VAR_DIR": str(tmp_path / "var"),
+        "CVI_PUBLIC_URL": url_b,  # Tavus calls back to B
+        "TAVUS_API_KEY": TAVUS_KEY,
+        "TAVUS_API_URL": fake_tavus.url,
+        "CVI_RUN_WORKER": "0",
+        "CVI_LEASE_SECONDS": "1.5",
+        "CVI_WORKER_POLL_INTERVAL": "0.2",
+        "CVI_LOG_LEVEL": "info",
+        "PYTHONUNBUFFERED": "1",
+    }
+    procs = Processes(tmp_path, env)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    try:
+        async with asyncio.timeout(90), LocalRoomServer() as rooms:
+            room_url = rooms.room_url("scale-out")
+            fake_tavus.conversation_url = room_url
+            await procs.start("web-a", "serve", "--port", str(port_a))
+            await procs.start("web-b", "serve", "--port", str(port_b))
+            await procs.start("worker-1", "worker", "--id", "worker-1")
+            await eventually(lambda: _healthy(url_a), 30)
+            await eventually(lambda: _healthy(url_b), 30)
+            await procs.wait_for_output("worker-1", "ready")
+
+            replica = ScriptedPeer(room_url, user_name="Iris the Interviewer")
+            human = ScriptedPeer(room_url, user_name="Alice", user_id="user-alice")
+            await human.join()
+            await replica.join()
+            try:
+                async with httpx.AsyncClient(timeout=15) as http:
+                    resp = await http.post(
+                        url_a + "/api/conversations",
+                        json={"persona": "interviewer"},
+                        headers=auth,
+                    )
+                    assert resp.status_code == 201, resp.text
+                    cid = resp.json()["conversation"]["id"]
+
+                    def bots_joined() -> int:
+                        return sum(p.user_name == "cvi-agent" for p in replica.inbox.joined)
+
+                    await replica.wait_until(lambda: bots_joined() == 1, 30)
+
+                    ws_url = url_a.replace("http://", "ws://")
+                    async with connect(
+                        f"{ws_url}/api/conversations/{cid}/live?key={API_KEY}"
+                    ) as ws:
+                        await _until(ws, lambda m: m.get("type") == "live")
+                        # Tavus → B; the live feed on A sees it.
+                        status = await fake_tavus.send_callback(
+                            cid, "system.replica_joined", {"replica_id": "r79e1c033f"}
+                        )
+                        assert status == 200
+                        event = await _until(ws, _kind("system.replica_joined"))
+                        assert event["event"]["source"] == "callback"
+
+                        # An echo posted to B reaches the bot in the worker, then the room.
+                        sent = await http.post(
+                            f"{url_b}/api/conversations/{cid}/interactions",
+                            json={"type": "echo", "text": "Hello from B"},
+                            headers=auth,
+                        )
+                        assert sent.status_code == 200, sent.text
+                        assert sent.json()["worker"] == "worker-1"
+                        heard = await replica.wait_for(_echo("Hello from B"), 10)
+                        assert heard["conversation_id"] == cid
+                        # ...and what the bot recorded reaches A's feed through Redis.
+                        await _until(ws, _kind("interaction.conversation.echo"))
+
+                    # A standby worker; then W1 dies without a word.
+                    await procs.start("worker-2", "worker", "--id", "worker-2")
+                    await procs.wait_for_output("worker-2", "ready")
+                    procs.kill("worker-1")
+                    await replica.wait_until(lambda: bots_joined() == 2, 30)
+
+                    async def echo_after_takeover() -> httpx.Response | None:
+                        r = await http.post(
+                            f"{url_a}/api/conversations/{cid}/interactions",
+                            json={"type": "echo", "text": "Hello after takeover"},
+                            headers={**auth, "Idempotency-Key": "takeover-1"},
+                        )
+                        if r.status_code == 503:
+                            return None
+                        return r
+
+                    after = await eventually(echo_after_takeover, 20)
+                    assert after.status_code == 200, after.text
+                    assert after.json()["worker"] == "worker-2"
+                    await replica.wait_for(_echo("Hello after takeover"), 10)
+
+                    record = (
+                        await http.get(f"{url_a}/api/conversations/{cid}", headers=auth)
+                    ).json()
+                    owners = [
+                        e["payload"]["worker"]
+                        for e in record["events"]
+                        if e["kind"] == "worker.started"
+                    ]
+                    assert owners == ["worker-1", "worker-2"]
+                    assert record["bot"]["held"] is True
+                    assert record["conversation"]["status"] == "live"
+            finally:
+                await human.leave()
+                await replica.leave()
+    except BaseException:
+        print(procs.logs())
+        raise
+    finally:
+        await procs.aclose()
+
+
+async def _require_redis() -> None:
+    import redis.asyncio as redis
+
+    client = redis.Redis.from_url(REDIS_TEST_URL)
+    try:
+        await client.ping()
+    except (OSError, redis.ConnectionError) as exc:
+        pytest.fail(f"Redis is required at {REDIS_TEST_URL} ({exc}); start it, see README")
+    finally:
+        await client.aclose()
+
+
+def _kind(kind: str) -> Callable[[dict[str, Any]], bool]:
+    return lambda m: m.get("type") == "event" and m["event"]["kind"] == kind
+
+
+def _echo(text: str) -> Callable[[Any], bool]:
+    return lambda m: (
+        isinstance(m, dict)
+        and m.get("event_type") == "conversation.echo"
+        and m.get("properties", {}).get("text") == text
+    )
+
+
+async def _until(ws: Any, match: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    while True:
+        message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 15))
+        if match(message):
+            return message

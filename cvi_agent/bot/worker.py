@@ -77,12 +77,12 @@ BotFactory = Callable[[BotSpec], Bot]
 
 def default_bot_factory(spec: BotSpec) -> Bot:
     """The real bot: a LocalRoom for `ws://`/`wss://` URLs (simulator, tests), else Daily."""
-    # Imported by name: the bot package lands on its own branch (see the `bot` branch).
-    rooms = importlib.import_module("cvi_agent.bot.room")
-    session = importlib.import_module("cvi_agent.bot.session")
+    from cvi_agent.bot.room import BaseRoom, DailyRoom, LocalRoom
+    from cvi_agent.bot.session import ConversationBot
+
     local = spec.conversation_url.startswith(("ws://", "wss://"))
-    room: Any = rooms.LocalRoom() if local else rooms.DailyRoom()
-    bot: Bot = session.ConversationBot(
+    room: BaseRoom = LocalRoom() if local else DailyRoom()
+    bot: Bot = ConversationBot(
         room,
         conversation_id=spec.conversation_id,
         store=spec.store,
