@@ -1,7 +1,7 @@
 """`/api/conversations…`: list, get, create (on Tavus, with a bot), interactions, end, live feed.
 
 Same keys as the LLM endpoint (`Authorization: Bearer K` or `x-api-key: K`; on the websocket
-also `?key=K` or the subprotocol `bearer.K`, since browsers cannot set headers there). Every
+also `?key=K` or the subprotocol `bearer.K` / `key.K`, since browsers cannot set headers there). Every
 error is in the OpenAI error shape.
 
 Interactions reach the conversation's bot wherever its worker runs: the request is published
@@ -54,7 +54,7 @@ from cvi_agent.tavus import (
 log = logging.getLogger(__name__)
 
 WS_PROTOCOL = "cvi-agent"
-_KEY_PROTOCOL_PREFIX = "bearer."
+_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
 def require_key(request: Request) -> None:
@@ -239,7 +239,8 @@ async def create_conversation(request: Request) -> JSONResponse:
         tavus_body: dict[str, Any] = body.model_dump(exclude_none=True, exclude={"persona", "bot"})
         tavus_body["persona_id"] = persona_id
         tavus_body["callback_url"] = cb_url
-        tavus_body["max_participants"] = max(body.max_participants or 0, 3 if body.bot else 2)
+        if body.bot:  # the bot is a participant too: the user, the replica and the bot
+            tavus_body["max_participants"] = max(body.max_participants or 0, 3)
         created = await record.tavus.create_conversation(tavus_body)
     except TavusError as exc:
         raise tavus_api_error(exc) from None
@@ -438,8 +439,10 @@ def _ws_key(ws: WebSocket) -> tuple[str | None, str | None]:
     if ws.query_params.get("key"):
         return ws.query_params["key"].strip(), chosen
     for proto in offered:
-        if proto.startswith(_KEY_PROTOCOL_PREFIX):
-            return proto[len(_KEY_PROTOCOL_PREFIX) :], chosen or None
+        for prefix in _KEY_PROTOCOL_PREFIXES:
+            if proto.startswith(prefix):
+                # A browser fails the handshake unless one offered protocol is selected.
+                return proto[len(prefix) :], chosen or proto
     return None, chosen
 
 

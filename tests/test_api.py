@@ -302,6 +302,12 @@ async def test_live_feed_backlog_then_live(app_server: AppFactory) -> None:
             assert ws.subprotocol == "cvi-agent"
             assert (await _recv(ws))["event"]["kind"] == "system.shutdown"
             assert (await _recv(ws))["type"] == "live"
+        async with connect(  # the console's spelling
+            f"{ws_url}/api/conversations/{cid}/live",
+            subprotocols=["cvi-agent", f"key.{API_KEY}"],  # type: ignore[list-item]
+        ) as ws:
+            assert ws.subprotocol == "cvi-agent"
+            assert (await _recv(ws))["type"] == "event"
         async with connect(f"{ws_url}/api/conversations/{cid}/live", additional_headers=AUTH) as ws:
             assert (await _recv(ws))["type"] == "event"
     for url, status in (
@@ -360,7 +366,7 @@ async def test_turns_recorded_off_the_hot_path(app_server: AppFactory) -> None:
     streamed = next(t for t in turns if t["payload"]["stream"])
     assert streamed["source"] == "llm"
     assert streamed["payload"]["completed"] is True
-    assert 0 <= streamed["payload"]["ttfb_ms"] <= streamed["payload"]["total_ms"]
+    assert 0 <= streamed["payload"]["ttft_ms"] <= streamed["payload"]["total_ms"]
     assert streamed["payload"]["answers"] == {"name": "Maya"}
     app: Any = server.server.config.app
     assert app.state.runtime.record.turns.dropped == 0

@@ -35,7 +35,7 @@ class TurnSample:
     persona: str
     stream: bool
     started_at: float  # wall clock
-    ttfb: float | None  # seconds to the first byte of the reply (None: nothing was sent)
+    ttft: float | None  # seconds to the first chunk of the reply, its first token (None: none sent)
     total: float
     completed: bool  # False: the client closed the stream first (superseded or abandoned)
     chunks: int
@@ -47,7 +47,7 @@ class TurnSample:
             "completion_id": self.completion_id,
             "persona": self.persona,
             "stream": self.stream,
-            "ttfb_ms": round(self.ttfb * 1000, 2) if self.ttfb is not None else None,
+            "ttft_ms": round(self.ttft * 1000, 2) if self.ttft is not None else None,
             "total_ms": round(self.total * 1000, 2),
             "completed": self.completed,
             "chunks": self.chunks,
@@ -157,7 +157,7 @@ def _sample(
         persona=ctx.persona.name,
         stream=bool(ctx.request.stream),
         started_at=wall,
-        ttfb=(first - started) if first is not None else None,
+        ttft=(first - started) if first is not None else None,
         total=time.perf_counter() - started,
         completed=completed,
         chunks=chunks,
@@ -215,7 +215,7 @@ async def observe_completion(
     completion_id: str,
     result: Coroutine[Any, Any, dict[str, Any]],
 ) -> dict[str, Any]:
-    """A non-streamed turn: awaited as is, then recorded (time to first byte = total)."""
+    """A non-streamed turn: awaited as is, then recorded (time to first token = total)."""
     recorder = _recorder(runtime)
     wall = time.time()
     started = time.perf_counter()
