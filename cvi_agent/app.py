@@ -5,7 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+from pathlib import Path
+
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from cvi_agent import __version__
 from cvi_agent.config import Settings
@@ -48,6 +52,13 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(llm_router)
+
+    console_dir = Path(__file__).parent / "console"
+    app.mount("/console", StaticFiles(directory=console_dir), name="console")
+
+    @app.get("/", include_in_schema=False)
+    async def console() -> FileResponse:
+        return FileResponse(console_dir / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:
