@@ -47,10 +47,11 @@ class Fault:
     provider: str
     method: str
     path: str  # a substring of the path below the provider prefix
-    status: int = 429
+    status: int | None = 429  # None: answer normally (after `delay`)
     times: int = 1
     body: dict[str, Any] | None = None
     jogg_code: int | None = None  # JoggAI: answer this envelope code (with `status`)
+    delay: float = 0.0  # seconds to wait before answering
 
 
 @dataclass
@@ -66,6 +67,7 @@ class FakeVideo:
     extras: dict[str, Any] = field(default_factory=dict)
     deleted: bool = False
     delivered: bool = False
+    pinned: str | None = None  # a status that never changes (seeded videos)
 
     @property
     def fails(self) -> bool:
@@ -116,12 +118,41 @@ class FakeVideoProviders:
         provider: str,
         method: str,
         path: str,
-        status: int = 429,
+        status: int | None = 429,
         times: int = 1,
         body: dict[str, Any] | None = None,
         jogg_code: int | None = None,
+        delay: float = 0.0,
     ) -> None:
-        self.faults.append(Fault(provider, method.upper(), path, status, times, body, jogg_code))
+        """The next `times` matching requests get `status` (None: a normal answer after `delay`)."""
+        self.faults.append(
+            Fault(provider, method.upper(), path, status, times, body, jogg_code, delay)
+        )
+
+    def seed(
+        self,
+        provider: str,
+        video_id: str,
+        *,
+        done: bool = True,
+        status: str | None = None,
+        script: str = "seeded",
+        extras: dict[str, Any] | None = None,
+    ) -> FakeVideo:
+        """A video that exists on the provider already (e.g. the one a fixture webhook names).
+
+        `done`: finished now; otherwise it starts rendering now. `status` pins the provider's
+        status (e.g. "GENERATING_VIDEO") until the test sets `video.pinned = None`. No
+        webhook is delivered for a seeded video.
+        """
+        started = time.monotonic() - (100 * self.stage_seconds if done else 0.0)
+        video = FakeVideo(
+            provider, video_id, {}, "seeded", script, started, started, extras=extras or {}
+        )
+        video.pinned = status
+        video.delivered = True
+        self.videos[(provider, video_id)] = video
+        return video
 
     def count(self, provider: str, method: str, path: str = "") -> int:
         return sum(
@@ -129,6 +160,8 @@ class FakeVideoProviders:
         )
 
     def status_of(self, video: FakeVideo) -> str:
+        if video.pinned is not None:
+            return video.pinned
         if video.started is None:
             return "IDLE" if video.provider == "argil" else STAGES[video.provider][0]
         stages = STAGES[video.provider]
@@ -149,7 +182,7 @@ class FakeVideoProviders:
         given = request.headers.get("x-api-key", "")
         return hmac.compare_digest(given.encode(), self.api_key.encode())
 
-    def _fault(self, provider: str, request: Request, sub_path: str) -> Response | None:
+    async def _fault(self, provider: str, request: Request, sub_path: str) -> Response | None:
         for fault in self.faults:
             if (
                 fault.times > 0
@@ -158,6 +191,10 @@ class FakeVideoProviders:
                 and fault.path in sub_path
             ):
                 fault.times -= 1
+                if fault.delay:
+                    await asyncio.sleep(fault.delay)
+                if fault.status is None:
+                    return None
                 if provider == "jogg":
                     code = fault.jogg_code if fault.jogg_code is not None else fault.status
                     body = fault.body or {"code": code, "msg": "injected fault", "data": None}
@@ -171,7 +208,7 @@ class FakeVideoProviders:
 
     async def _gate(self, provider: str, request: Request, sub_path: str) -> Response | None:
         self.requests.append((provider, request.method, sub_path, time.monotonic()))
-        fault = self._fault(provider, request, sub_path)
+        fault = await self._fault(provider, request, sub_path)
         if fault is not None:
             return fault
         if not self._authorized(request):

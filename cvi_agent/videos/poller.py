@@ -127,17 +127,27 @@ class VideoPoller:
             log.info("video poller: %s/%s is %s", video.provider, video.video_id, current.status)
 
     async def _give_up(self, video: VideoRecord) -> None:
-        hours = self.max_age / 3600.0
+        age = _duration(self.max_age)
         await self.service.record(
             VideoEvent(
                 video.provider,
                 video.video_id,
                 "failed",
-                error=f"no result from {video.provider} after {hours:g} hours",
+                error=f"no result from {video.provider} after {age}",
                 conversation_id=video.conversation_id,
                 kind="video.timed_out",
             ),
             f"{video.provider}:timed_out:{video.video_id}",
         )
         self._schedule.pop((video.provider, video.video_id), None)
-        log.warning("video poller: %s/%s gave up after %gh", video.provider, video.video_id, hours)
+        log.warning("video poller: %s/%s: gave up after %s", video.provider, video.video_id, age)
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600:
+        value, unit = seconds / 3600, "hour"
+    elif seconds >= 60:
+        value, unit = seconds / 60, "minute"
+    else:
+        value, unit = seconds, "second"
+    return f"{value:g} {unit}{'' if value == 1 else 's'}"

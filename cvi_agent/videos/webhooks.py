@@ -130,7 +130,9 @@ async def ingest_argil_callback(service: VideoService, payload: Mapping[str, Any
         log.info("argil: kept %s delivery (%s)", delivery.kind, "new" if new else "duplicate")
         return delivery
     prior = await service.store.get_video("argil", event.video_id)
-    if event.status == "ready" and not (prior is not None and prior.status == "ready"):
+    if event.status == "ready":
+        if prior is not None and prior.status == "ready":
+            return delivery  # confirmed before: a redelivery adds nothing
         event = await confirm_argil_success(service, event)
     await apply_video_event(service.store, event, prior=prior, announce=service.announce)
     return delivery
