@@ -32,10 +32,18 @@ def fake() -> Iterator[FakeVideoProviders]:
 
 
 @pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """SQLite; the main path runs on PostgreSQL too (it asks for `store`)."""
+    s = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'poller.db'}")
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
 async def service(
-    fake: FakeVideoProviders, store: SqlStore, tmp_path: Path
+    fake: FakeVideoProviders, db: SqlStore, tmp_path: Path
 ) -> AsyncIterator[VideoService]:
-    svc = VideoService(video_settings(tmp_path, fake), store, retry=FAST_RETRY)
+    svc = VideoService(video_settings(tmp_path, fake), db, retry=FAST_RETRY)
     yield svc
     await svc.aclose()
 
@@ -63,8 +71,9 @@ async def run_until_done(poller: VideoPoller, store: SqlStore, within: float = 5
 
 
 async def test_every_provider_is_finished_without_webhooks(
-    fake: FakeVideoProviders, service: VideoService, store: SqlStore
+    fake: FakeVideoProviders, store: SqlStore, tmp_path: Path
 ) -> None:
+    service = VideoService(video_settings(tmp_path, fake), store, retry=FAST_RETRY)
     created = await create_all(service)
     assert {v.status for v in created} <= {"queued", "rendering"}
     poller = VideoPoller(service, interval=0.02, max_interval=0.05)
@@ -80,19 +89,20 @@ async def test_every_provider_is_finished_without_webhooks(
     assert {r.payload["status"] for r in rows if r.kind == "video.status"} >= {"ready"}
     before = poller.polls
     assert await poller.poll_once() == 0 and poller.polls == before  # nothing pending
+    await service.aclose()
 
 
-async def test_a_failed_render_ends_failed(service: VideoService, store: SqlStore) -> None:
+async def test_a_failed_render_ends_failed(service: VideoService, db: SqlStore) -> None:
     await service.create(
         "jogg", avatar="127", voice="en", script="Please FAIL.", conversation_id="c1"
     )
-    await run_until_done(VideoPoller(service, interval=0.02, max_interval=0.05), store)
-    [video] = await store.list_videos("c1")
+    await run_until_done(VideoPoller(service, interval=0.02, max_interval=0.05), db)
+    [video] = await db.list_videos("c1")
     assert video.status == "failed" and video.error and video.url is None
 
 
-async def test_each_video_backs_off(service: VideoService, store: SqlStore) -> None:
-    await store.upsert_video(VideoRecord("tavus", "nope", "queued"))  # unknown: 404 each time
+async def test_each_video_backs_off(service: VideoService, db: SqlStore) -> None:
+    await db.upsert_video(VideoRecord("tavus", "nope", "queued"))  # unknown: 404 each time
     now = [1000.0]
     poller = VideoPoller(service, interval=10, max_interval=40, clock=lambda: now[0])
     polled_at = []
@@ -105,10 +115,10 @@ async def test_each_video_backs_off(service: VideoService, store: SqlStore) -> N
 
 
 async def test_concurrency_is_bounded(
-    fake: FakeVideoProviders, service: VideoService, store: SqlStore
+    fake: FakeVideoProviders, service: VideoService, db: SqlStore
 ) -> None:
     for i in range(6):
-        await store.upsert_video(VideoRecord("tavus", f"missing{i}", "rendering"))
+        await db.upsert_video(VideoRecord("tavus", f"missing{i}", "rendering"))
     fake.fail_next("tavus", "GET", "/v2/videos/", status=None, delay=0.15, times=6)
     poller = VideoPoller(service, interval=0.01, concurrency=2)
     started = time.monotonic()
@@ -117,42 +127,42 @@ async def test_concurrency_is_bounded(
 
 
 async def test_provider_errors_do_not_stop_it(
-    fake: FakeVideoProviders, service: VideoService, store: SqlStore
+    fake: FakeVideoProviders, service: VideoService, db: SqlStore
 ) -> None:
     [video] = [await service.create("argil", avatar="a1", voice="v1", script="Hi.")]
     fake.fail_next("argil", "GET", "/videos/", status=500, times=8)
     poller = VideoPoller(service, interval=0.02, max_interval=0.05)
     await poller.poll_once()
-    assert (await store.get_video("argil", video.video_id)).status == "rendering"  # type: ignore[union-attr]
-    await run_until_done(poller, store)
-    assert (await store.get_video("argil", video.video_id)).status == "ready"  # type: ignore[union-attr]
+    assert (await db.get_video("argil", video.video_id)).status == "rendering"  # type: ignore[union-attr]
+    await run_until_done(poller, db)
+    assert (await db.get_video("argil", video.video_id)).status == "ready"  # type: ignore[union-attr]
 
 
-async def test_unconfigured_providers_are_skipped(store: SqlStore, tmp_path: Path) -> None:
+async def test_unconfigured_providers_are_skipped(db: SqlStore, tmp_path: Path) -> None:
     settings = video_settings(tmp_path, None, jogg_api_key="", tavus_api_key="", argil_api_key="")
-    svc = VideoService(settings, store)
-    await store.upsert_video(VideoRecord("jogg", "v1", "queued"))
+    svc = VideoService(settings, db)
+    await db.upsert_video(VideoRecord("jogg", "v1", "queued"))
     poller = VideoPoller(svc, interval=0.01)
     assert await poller.poll_once() == 0 and poller.polls == 0
     await svc.aclose()
 
 
 async def test_gives_up_after_max_age_but_a_late_result_still_counts(
-    service: VideoService, store: SqlStore
+    service: VideoService, db: SqlStore
 ) -> None:
     old = time.time() - 7200
-    await store.upsert_video(
+    await db.upsert_video(
         VideoRecord("tavus", "stuck", "rendering", conversation_id="c1", created_at=old)
     )
     poller = VideoPoller(service, interval=0.01, max_age=3600)
     await poller.poll_once()
-    video = await store.get_video("tavus", "stuck")
+    video = await db.get_video("tavus", "stuck")
     assert video is not None and video.status == "failed"
     assert video.error == "no result from tavus after 1 hour"
     assert poller.polls == 0  # gave up without asking
     late = VideoEvent("tavus", "stuck", "ready", url="https://x.test/stuck.mp4", kind="video.ready")
     await service.record(late, "tavus:stuck:ready")
-    video = await store.get_video("tavus", "stuck")
+    video = await db.get_video("tavus", "stuck")
     assert video is not None and video.status == "ready"
 
 

@@ -72,10 +72,18 @@ def fake() -> Iterator[FakeVideoProviders]:
 
 
 @pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[SqlStore]:
+    """SQLite; the paths that matter run on PostgreSQL too (they ask for `store`)."""
+    s = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'tool.db'}")
+    yield s
+    await s.aclose()
+
+
+@pytest.fixture
 async def service(
-    fake: FakeVideoProviders, store: SqlStore, tmp_path: Path
+    fake: FakeVideoProviders, db: SqlStore, tmp_path: Path
 ) -> AsyncIterator[VideoService]:
-    svc = VideoService(video_settings(tmp_path, fake), store, retry=FAST_RETRY)
+    svc = VideoService(video_settings(tmp_path, fake), db, retry=FAST_RETRY)
     yield svc
     await svc.aclose()
 
@@ -88,8 +96,9 @@ ARGS = json.dumps({"script": "Hi Maya, here is your recap.", "title": "Recap for
 
 
 async def test_speculative_generation_never_reaches_the_provider(
-    fake: FakeVideoProviders, service: VideoService, store: SqlStore
+    fake: FakeVideoProviders, store: SqlStore, tmp_path: Path
 ) -> None:
+    service = VideoService(video_settings(tmp_path, fake), store, retry=FAST_RETRY)
     tools = runner(persona(), service)
     with pytest.raises(SideEffectsNotAllowed):
         await tools.run("create_video", ARGS, "call_1", "conv-1", side_effects_allowed=False)
@@ -111,6 +120,7 @@ async def test_speculative_generation_never_reaches_the_provider(
     )
     [row] = await store.list_events("conv-1", source="video")
     assert row.kind == "video.created" and row.payload["video_id"] == video.video_id
+    await service.aclose()
 
 
 async def test_the_builtin_is_guarded_even_when_the_yaml_forgets(
@@ -123,7 +133,7 @@ async def test_the_builtin_is_guarded_even_when_the_yaml_forgets(
 
 
 async def test_provider_failures_become_speakable_errors(
-    fake: FakeVideoProviders, service: VideoService, store: SqlStore
+    fake: FakeVideoProviders, service: VideoService, db: SqlStore
 ) -> None:
     tools = runner(persona(), service)
     fake.fail_next("argil", "POST", "/videos", status=400, body={"code": 400, "message": "bad"})
@@ -135,12 +145,12 @@ async def test_provider_failures_become_speakable_errors(
     assert not busy.ok and "busy" in json.loads(busy.output)["error"]
     empty = await tools.run("create_video", json.dumps({"script": "  "}), "c3", "conv-1")
     assert not empty.ok and "words" in json.loads(empty.output)["error"]
-    assert await store.list_videos() == []
+    assert await db.list_videos() == []
     # Argil took the video but refused to render it: the record keeps it, as failed.
     fake.fail_next("argil", "POST", "/render", status=402, body={"code": 402, "message": "credits"})
     unrendered = await tools.run("create_video", ARGS, "c4", "conv-1")
     assert not unrendered.ok
-    [kept] = await store.list_videos("conv-1")
+    [kept] = await db.list_videos("conv-1")
     assert kept.status == "failed" and kept.error and "credits" in kept.error
 
 
@@ -155,11 +165,11 @@ async def test_a_slow_provider_is_cut_short(
     assert not result.ok and "in time" in json.loads(result.output)["error"]
 
 
-async def test_missing_service_or_key(store: SqlStore, tmp_path: Path) -> None:
+async def test_missing_service_or_key(db: SqlStore, tmp_path: Path) -> None:
     no_service = await runner(persona(), None).run("create_video", ARGS, "c1", "conv-1")
     assert not no_service.ok and "can't make videos" in no_service.output
     settings = video_settings(tmp_path, None, argil_api_key="")
-    svc = VideoService(settings, store)
+    svc = VideoService(settings, db)
     try:
         no_key = await runner(persona(), svc).run("create_video", ARGS, "c1", "conv-1")
         assert not no_key.ok and "isn't set up on this server" in no_key.output
@@ -216,7 +226,8 @@ async def test_announce_echo_once(store: SqlStore) -> None:
     }
 
 
-async def test_announce_append_context_none_and_ended(store: SqlStore) -> None:
+async def test_announce_append_context_none_and_ended(db: SqlStore) -> None:
+    store = db
     context = await announce_video_ready(store, ready_video("append_context"))
     assert isinstance(context, AppendContext)
     assert "https://x.test/v1.mp4" in context.context and "Recap" in context.context

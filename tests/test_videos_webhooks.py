@@ -14,6 +14,7 @@ import pytest
 from cvi_agent.fakes.server import LoopbackServer
 from cvi_agent.fakes.videos import FakeVideoProviders
 from cvi_agent.store import SqlStore, open_store
+from cvi_agent.videos import webhooks
 from cvi_agent.videos.jogg import signature
 from cvi_agent.videos.service import write_secret
 from tests.conftest import ServerFactory
@@ -222,8 +223,9 @@ async def test_argil_success_is_not_trusted_until_the_api_agrees(
 
 
 async def test_argil_success_with_the_api_unreachable_is_left_rendering(
-    serve: ServerFactory, tmp_path: Path
+    serve: ServerFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    monkeypatch.setattr(webhooks, "ARGIL_CONFIRM_TIMEOUT", 0.5)  # the server runs in-process
     db_url = f"sqlite+aiosqlite:///{tmp_path / 'argil.db'}"
     url = start(serve, None, db_url)  # provider URLs point at a closed port
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:

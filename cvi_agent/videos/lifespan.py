@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import logging
 
+from cvi_agent.config import mask_key
 from cvi_agent.runtime import Runtime
 from cvi_agent.videos.poller import VideoPoller
-from cvi_agent.videos.service import VideoService
+from cvi_agent.videos.service import VideoService, provider_key
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +39,8 @@ async def start_videos(runtime: Runtime) -> VideosRunning:
             service, interval=settings.video_poll_interval, max_age=settings.video_poll_max_age
         )
         poller.start()
-    configured = service.configured()
+    configured = [
+        f"{name} (key {mask_key(provider_key(settings, name)[0])})" for name in service.configured()
+    ]
     log.info("video providers: %s", ", ".join(configured) if configured else "none configured")
     return VideosRunning(service, poller)
