@@ -18,11 +18,15 @@ from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
+from cvi_agent.videos.lifespan import start_videos
+from cvi_agent.videos.tool import validate_video_tools
+from cvi_agent.videos.webhooks import router as videos_router
 
 
 def load_checked_personas(settings: Settings) -> dict[str, Persona]:
     personas = load_personas(settings.personas_dir)
     problems = [p for persona in personas.values() for p in validate_persona_tools(persona)]
+    problems += [p for persona in personas.values() for p in validate_video_tools(persona)]
     if problems:
         raise PersonaError("\n".join(problems))
     return personas
@@ -39,9 +43,11 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, personas)
         app.state.runtime = runtime
+        videos = await start_videos(runtime)
         try:
             yield
         finally:
+            await videos.aclose()
             await runtime.aclose()
 
     app = FastAPI(
@@ -52,6 +58,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(llm_router)
+    app.include_router(videos_router)
 
     console_dir = Path(__file__).parent / "console"
     app.mount("/console", StaticFiles(directory=console_dir), name="console")

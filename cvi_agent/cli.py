@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     personas.add_argument("action", choices=["list", "validate"])
     personas.add_argument("--dir", default=None, help="default: $CVI_PERSONAS_DIR or ./personas")
     personas.set_defaults(func=cmd_personas)
+
+    from cvi_agent.videos.cli import add_videos_parser
+
+    add_videos_parser(sub)
     return parser
 
 
