@@ -27,7 +27,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from cvi_agent.bus import BusUnavailable, commands_channel, events_channel, request
+from cvi_agent.bus import BusUnavailable, events_channel
 from cvi_agent.callbacks import callback_url, stop_bot
 from cvi_agent.http import (
     ApiError,
@@ -38,7 +38,7 @@ from cvi_agent.http import (
 )
 from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
-from cvi_agent.record import Record, conversation_record
+from cvi_agent.record import DeliveryError, Record, conversation_record
 from cvi_agent.runtime import Runtime, get_runtime
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
@@ -311,69 +311,18 @@ async def send_interaction(request: Request, conversation_id: str) -> dict[str, 
         raise ApiError(400, message, "invalid_interaction", param) from None
     if conversation.status == "ended":
         raise ApiError(409, "The conversation has ended.", "conversation_ended")
-    lease = await record.leases.get(conversation_id)
-    if lease is None:
-        raise ApiError(
-            409,
-            "No bot is attached to this conversation (none was started, or it has left).",
-            "bot_not_attached",
-        )
-    if not lease.held():
-        raise ApiError(
-            503,
-            "The conversation's bot is starting (or being taken over); retry shortly.",
-            "bot_starting",
-            headers={"Retry-After": "1"},
-        )
     request_id = (request.headers.get("idempotency-key") or "").strip()[:128] or uuid.uuid4().hex
-    command = {
-        "op": "send",
-        "interaction": interaction.model_dump(mode="json", exclude={"event_type"}),
-    }
-    receivers, reply = await request_reply(
-        record, conversation_id, command, request_id, runtime.settings.interaction_timeout
-    )
-    if receivers == 0:
-        raise ApiError(
-            503,
-            "The conversation's bot is not reachable right now; retry shortly.",
-            "bot_unavailable",
-            headers={"Retry-After": "1"},
-        )
-    if reply is None:
-        raise ApiError(
-            503,
-            "The conversation's bot did not confirm in time; retry with the same "
-            "Idempotency-Key to avoid sending twice.",
-            "bot_timeout",
-            headers={"Retry-After": "1"},
-        )
-    if not reply.get("ok"):
-        code = str(reply.get("code") or "send_failed")
-        status = 400 if code == "invalid_interaction" else 503
-        raise ApiError(status, f"The bot could not send it: {reply.get('error')}", code)
+    try:
+        reply = await record.send_interaction(conversation_id, interaction, request_id)
+    except DeliveryError as exc:
+        headers = {"Retry-After": "1"} if exc.retryable else None
+        raise ApiError(exc.status, exc.message, exc.code, headers=headers) from None
     return {
         "delivered": True,
         "request_id": request_id,
         "message": reply.get("message"),
         "worker": reply.get("worker"),
     }
-
-
-async def request_reply(
-    record: Record, conversation_id: str, command: dict[str, Any], request_id: str, max_wait: float
-) -> tuple[int, dict[str, Any] | None]:
-    try:
-        return await request(
-            record.bus, commands_channel(conversation_id), command, request_id, max_wait
-        )
-    except BusUnavailable as exc:
-        raise ApiError(
-            503,
-            f"The event bus is unavailable ({exc}).",
-            "bus_unavailable",
-            headers={"Retry-After": "1"},
-        ) from None
 
 
 @router.post("/{conversation_id}/end", dependencies=_auth, summary="End on Tavus, stop the bot")

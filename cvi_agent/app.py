@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
 
 from cvi_agent import __version__
 from cvi_agent.api import router as api_router
@@ -16,11 +19,15 @@ from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
+from cvi_agent.videos.lifespan import start_videos
+from cvi_agent.videos.tool import validate_video_tools
+from cvi_agent.videos.webhooks import router as videos_router
 
 
 def load_checked_personas(settings: Settings) -> dict[str, Persona]:
     personas = load_personas(settings.personas_dir)
     problems = [p for persona in personas.values() for p in validate_persona_tools(persona)]
+    problems += [p for persona in personas.values() for p in validate_video_tools(persona)]
     if problems:
         raise PersonaError("\n".join(problems))
     return personas
@@ -37,9 +44,13 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, personas)
         app.state.runtime = runtime
+        videos = await start_videos(runtime)
+        if runtime.record is not None:  # ready videos reach the conversation's bot via the bus
+            videos.service.publish = runtime.record.announce
         try:
             yield
         finally:
+            await videos.aclose()
             await runtime.aclose()
 
     app = FastAPI(
@@ -52,6 +63,14 @@ def create_app(
     app.include_router(llm_router)
     app.include_router(callbacks_router)
     app.include_router(api_router)
+    app.include_router(videos_router)
+
+    console_dir = Path(__file__).parent / "console"
+    app.mount("/console", StaticFiles(directory=console_dir), name="console")
+
+    @app.get("/", include_in_schema=False)
+    async def console() -> FileResponse:
+        return FileResponse(console_dir / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:

@@ -9,12 +9,16 @@ Ingestion is idempotent: the raw delivery is an `EventRecord` whose dedupe key i
 (see `protocol/callbacks.py`), and its effects on the conversation (live, ended, transcript,
 recording) are idempotent too and re-applied on a duplicate, so a redelivery heals a delivery
 whose effects failed half-way. Unknown kinds are stored, never rejected.
+
+Tavus *video* callbacks (the bare video object, no `event_type`) arrive on this route too; they
+are handed to `cvi_agent.videos.webhooks.ingest_tavus_video_callback`, the one place that
+records video deliveries (source `video`), advances the `videos` row and announces a ready
+video in its conversation.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,26 +34,26 @@ from cvi_agent.protocol.callbacks import (
     TavusCallback,
     parse_tavus_callback,
     shutdown_code,
-    video_fields,
 )
 from cvi_agent.record import Record
 from cvi_agent.runtime import get_runtime
-from cvi_agent.store import EventRecord, SqlStore, VideoRecord
+from cvi_agent.store import EventRecord
 from cvi_agent.store.base import now
+from cvi_agent.videos import tavus as tavus_videos
+from cvi_agent.videos.service import VideoService
+from cvi_agent.videos.webhooks import ingest_tavus_video_callback
 
 log = logging.getLogger(__name__)
 
 router = APIRouter(tags=["callbacks"])
-
-PublishFn = Callable[[EventRecord], Awaitable[None]]
 
 
 @dataclass(slots=True)
 class IngestResult:
     kind: str
     conversation_id: str
-    new: bool
-    event: EventRecord
+    new: bool | None  # None: not reported (video deliveries)
+    event_id: int | None
 
 
 def check_callback_token(settings: Settings, token: str | None) -> None:
@@ -96,8 +100,9 @@ async def tavus_callback(request: Request, token: str | None = None) -> JSONResp
     record = runtime.record
     if record is None:
         raise ApiError(503, "The conversation record is not running.", "not_ready")
+    videos = runtime.extras.get("videos")
     try:
-        result = await ingest_tavus_callback(record, raw)
+        result = await ingest_tavus_callback(record, raw, videos)
     except CallbackError as exc:
         raise ApiError(400, f"Unusable callback: {exc}.", "invalid_callback") from None
     except (SQLAlchemyError, OSError) as exc:
@@ -108,81 +113,35 @@ async def tavus_callback(request: Request, token: str | None = None) -> JSONResp
             "storage_unavailable",
             headers={"Retry-After": "1"},
         ) from None
+    status = {True: "stored", False: "duplicate", None: "accepted"}[result.new]
     log.info(
-        "tavus callback %s conversation=%s %s",
-        result.kind,
-        result.conversation_id or "-",
-        "stored" if result.new else "duplicate",
+        "tavus callback %s conversation=%s %s", result.kind, result.conversation_id or "-", status
     )
     return JSONResponse(
         {
-            "status": "stored" if result.new else "duplicate",
+            "status": status,
             "kind": result.kind,
             "conversation_id": result.conversation_id or None,
-            "event_id": result.event.id,
+            "event_id": result.event_id,
         }
     )
 
 
-async def ingest_tavus_callback(record: Record, raw: dict[str, Any]) -> IngestResult:
+async def ingest_tavus_callback(
+    record: Record, raw: dict[str, Any], videos: VideoService | None = None
+) -> IngestResult:
     """Store one Tavus webhook (any kind) and apply its effects. Raises `CallbackError`."""
+    if tavus_videos.is_video_callback(raw):
+        if not isinstance(raw.get("video_id"), str | int):
+            raise CallbackError("video_id must be a string")
+        video = await ingest_tavus_video_callback(record.store, raw, service=videos)
+        return IngestResult(f"video.{video.status}", video.conversation_id or "", None, None)
     cb = parse_tavus_callback(raw)
-    if cb.category == "video":
-        _, event, new = await _ingest_video(
-            record.store, cb, cb.conversation_id or None, record.publish
-        )
-        return IngestResult(cb.kind, cb.conversation_id, new, event)
     event = _event(cb)
     new = bool(await record.add_events([event]))
     if cb.category == "conversation" and cb.conversation_id:
         await _apply(record, cb)
-    return IngestResult(cb.kind, cb.conversation_id, new, event)
-
-
-async def ingest_tavus_video_callback(
-    store: SqlStore,
-    payload: dict[str, Any],
-    *,
-    conversation_id: str | None = None,
-    publish: PublishFn | None = None,
-) -> tuple[VideoRecord, bool]:
-    """A Tavus video callback (`{video_id, status, download_url, …}`): the raw delivery stored
-    once as a `callback` event, the `videos` row advanced (never regressed).
-
-    For other modules (avatar-video providers) that receive or normalize Tavus video webhooks.
-    Returns the video as now stored and whether this delivery was new. Raises `CallbackError`
-    when the payload is not a Tavus video callback.
-    """
-    cb = parse_tavus_callback(payload)
-    if cb.category != "video":
-        raise CallbackError("not a Tavus video callback (needs video_id and status)")
-    video, _, new = await _ingest_video(store, cb, conversation_id, publish)
-    return video, new
-
-
-async def _ingest_video(
-    store: SqlStore, cb: TavusCallback, conversation_id: str | None, publish: PublishFn | None
-) -> tuple[VideoRecord, EventRecord, bool]:
-    event = _event(cb)
-    if conversation_id:
-        event.conversation_id = conversation_id
-    new = await store.add_events([event])
-    if new and publish is not None:
-        await publish(new[0])
-    fields = video_fields(cb.payload)
-    video = await store.upsert_video(
-        VideoRecord(
-            provider="tavus",
-            video_id=cb.subject_id or "",
-            status=fields["status"],
-            conversation_id=conversation_id,
-            url=fields["url"],
-            error=fields["error"],
-            script=fields["script"],
-            raw=cb.payload,
-        )
-    )
-    return video, event, bool(new)
+    return IngestResult(cb.kind, cb.conversation_id, new, event.id)
 
 
 def _event(cb: TavusCallback) -> EventRecord:

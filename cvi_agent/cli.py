@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_push_arguments(personas)
     personas.set_defaults(func=cmd_personas)
     add_record_commands(sub)
+
+    from cvi_agent.videos.cli import add_videos_parser
+
+    add_videos_parser(sub)
     return parser
 
 

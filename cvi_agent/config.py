@@ -59,6 +59,25 @@ class Settings(BaseSettings):
     tavus_api_url: str = Field(
         default="https://tavusapi.com", validation_alias=_env("TAVUS_API_URL", "tavus_api_url")
     )
+    # Avatar-video providers (cvi_agent/videos). Unsigned provider callbacks (Tavus videos,
+    # Argil, JoggAI per-request webhook_url) authenticate with CVI_CALLBACK_TOKEN in the URL.
+    argil_api_key: str = Field(default="", validation_alias=_env("ARGIL_API_KEY", "argil_api_key"))
+    argil_api_url: str = Field(
+        default="https://api.argil.ai/v1", validation_alias=_env("ARGIL_API_URL", "argil_api_url")
+    )
+    jogg_api_key: str = Field(default="", validation_alias=_env("JOGG_API_KEY", "jogg_api_key"))
+    jogg_api_url: str = Field(
+        default="https://api.jogg.ai/v2", validation_alias=_env("JOGG_API_URL", "jogg_api_url")
+    )
+    jogg_webhook_secret: str = Field(
+        default="", validation_alias=_env("JOGG_WEBHOOK_SECRET", "jogg_webhook_secret")
+    )
+    video_poll_interval: float = Field(
+        default=15.0, validation_alias=_env("CVI_VIDEO_POLL_INTERVAL", "video_poll_interval")
+    )
+    video_poll_max_age: float = Field(
+        default=6 * 3600.0, validation_alias=_env("CVI_VIDEO_POLL_MAX_AGE", "video_poll_max_age")
+    )
     host: str = Field(default="127.0.0.1", validation_alias=_env("HOST", "host"))
     port: int = Field(default=8000, validation_alias=_env("PORT", "port"))
     max_body_bytes: int = Field(

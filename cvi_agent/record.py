@@ -10,15 +10,25 @@ bus channel, which is what live-feed websockets stream.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from cvi_agent.bus import WORK_CHANNEL, Bus, events_channel, make_bus
+from cvi_agent.bus import (
+    WORK_CHANNEL,
+    Bus,
+    BusUnavailable,
+    commands_channel,
+    events_channel,
+    make_bus,
+    request,
+)
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains.speech import clean_user_text, normalize
 from cvi_agent.llm.recording import TurnRecorder
 from cvi_agent.personas import Persona
+from cvi_agent.protocol.interactions import Interaction
 from cvi_agent.store import EventRecord, Leases, SqlStore, UtteranceRecord
 from cvi_agent.tavus import TavusClient
 
@@ -26,6 +36,17 @@ if TYPE_CHECKING:
     from cvi_agent.bot.worker import Worker
 
 log = logging.getLogger(__name__)
+
+
+class DeliveryError(Exception):
+    """An interaction that did not reach the room; `status`/`code` as the API answers it."""
+
+    def __init__(self, status: int, code: str, message: str, retryable: bool) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.retryable = retryable
 
 
 @dataclass
@@ -100,6 +121,75 @@ class Record:
             await self.bus.publish(events_channel(record.conversation_id), record.as_dict())
         except Exception as exc:
             log.warning("could not publish event %s on the bus: %s", record.id, exc)
+
+    async def send_interaction(
+        self, conversation_id: str, interaction: Interaction, request_id: str | None = None
+    ) -> dict[str, Any]:
+        """Deliver an interaction to the conversation's bot, wherever its worker runs, and wait
+        for the bot to confirm it sent it into the room. Returns the bot's reply; raises
+        `DeliveryError` (409 no bot attached; 503 starting / unreachable / no confirmation)."""
+        lease = await self.leases.get(conversation_id)
+        if lease is None:
+            raise DeliveryError(
+                409,
+                "bot_not_attached",
+                "No bot is attached to this conversation (none was started, or it has left).",
+                False,
+            )
+        if not lease.held():
+            raise DeliveryError(
+                503,
+                "bot_starting",
+                "The conversation's bot is starting (or being taken over); retry shortly.",
+                True,
+            )
+        command = {
+            "op": "send",
+            "interaction": interaction.model_dump(mode="json", exclude={"event_type"}),
+        }
+        try:
+            receivers, reply = await request(
+                self.bus,
+                commands_channel(conversation_id),
+                command,
+                request_id or uuid.uuid4().hex,
+                self.settings.interaction_timeout,
+            )
+        except BusUnavailable as exc:
+            raise DeliveryError(
+                503, "bus_unavailable", f"The event bus is unavailable ({exc}).", True
+            ) from None
+        if receivers == 0:
+            raise DeliveryError(
+                503,
+                "bot_unavailable",
+                "The conversation's bot is not reachable right now; retry shortly.",
+                True,
+            )
+        if reply is None:
+            raise DeliveryError(
+                503,
+                "bot_timeout",
+                "The conversation's bot did not confirm in time; retry with the same "
+                "Idempotency-Key to avoid sending twice.",
+                True,
+            )
+        if not reply.get("ok"):
+            code = str(reply.get("code") or "send_failed")
+            status = 400 if code == "invalid_interaction" else 503
+            raise DeliveryError(
+                status, code, f"The bot could not send it: {reply.get('error')}", status == 503
+            )
+        return reply
+
+    async def announce(self, conversation_id: str, interaction: Interaction) -> None:
+        """For other modules (a ready video): best effort, never raises."""
+        try:
+            await self.send_interaction(conversation_id, interaction)
+        except DeliveryError as exc:
+            log.info(
+                "%s not delivered to %s: %s", interaction.event_type, conversation_id, exc.message
+            )
 
     async def wake_workers(self) -> None:
         try:

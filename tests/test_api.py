@@ -19,6 +19,7 @@ from cvi_agent.app import create_app
 from cvi_agent.fakes.server import LoopbackServer, free_port
 from cvi_agent.fakes.tavus import FakeTavus
 from cvi_agent.protocol.interactions import Echo
+from cvi_agent.store import VideoRecord, open_store
 from tests.bots import BOTS, RecordingBot
 from tests.conftest import API_KEY, FIXTURES, TAVUS_KEY, make_settings
 
@@ -370,3 +371,35 @@ async def test_turns_recorded_off_the_hot_path(app_server: AppFactory) -> None:
     assert streamed["payload"]["answers"] == {"name": "Maya"}
     app: Any = server.server.config.app
     assert app.state.runtime.record.turns.dropped == 0
+
+
+async def test_ready_video_is_announced_through_the_bot(
+    app_server: AppFactory, tmp_path: Path
+) -> None:
+    """A Tavus video callback on /callbacks/tavus → the videos module → `Record.announce` →
+    the bus → the conversation's bot, which says it in the room."""
+    server = app_server()
+    async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+        cid = (await create(http))["conversation"]["id"]
+        bot = await bot_for(cid)
+        store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'cvi.db'}")
+        try:
+            await store.upsert_video(
+                VideoRecord(
+                    "tavus",
+                    "vid-1",
+                    "rendering",
+                    conversation_id=cid,
+                    raw={"_cvi": {"on_ready": "echo", "ready_text": "Your recap is ready."}},
+                )
+            )
+        finally:
+            await store.aclose()
+        resp = await http.post(
+            "/callbacks/tavus",
+            params={"token": TOKEN},
+            json={"video_id": "vid-1", "status": "ready", "download_url": "https://v/1.mp4"},
+        )
+        assert resp.status_code == 200, resp.text
+        assert resp.json()["kind"] == "video.ready"
+        await eventually(lambda: _true(Echo(text="Your recap is ready.") in bot.sent))

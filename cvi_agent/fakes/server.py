@@ -38,9 +38,10 @@ class LoopbackServer:
         return f"http://{self.host}:{self.port}"
 
     def _run(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(self.loop)
-        self.loop.run_until_complete(self.server.serve())
+        # Runner.close() cancels what is left (e.g. sse-starlette's shutdown watcher) cleanly.
+        with asyncio.Runner() as runner:
+            self.loop = runner.get_loop()
+            runner.run(self.server.serve())
 
     def start(self, timeout: float = 10.0) -> LoopbackServer:
         self._thread.start()

@@ -66,7 +66,9 @@ def build_turn(runtime: Runtime, request: Request, raw: dict[str, Any]) -> TurnC
             "model",
         )
     request_tools = [t.function.name for t in req.tools or ()]
-    tools = ToolRunner(persona, request_tools, runtime.settings.tool_timeout)
+    tools = ToolRunner(
+        persona, request_tools, runtime.settings.tool_timeout, services=runtime.extras
+    )
     ctx = TurnContext(
         request=req,
         persona=persona,

@@ -11,8 +11,8 @@ import asyncio
 import importlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -24,11 +24,15 @@ log = logging.getLogger(__name__)
 ToolHandler = Callable[[dict[str, Any], "ToolCallContext"], Awaitable[Any]]
 
 BUILTIN_TOOLS: dict[str, ToolHandler] = {}
+# Built-ins that act on the world: guarded as `side_effects: true` even if the YAML forgets it.
+SIDE_EFFECT_BUILTINS: set[str] = set()
 
 
-def builtin(name: str) -> Callable[[ToolHandler], ToolHandler]:
+def builtin(name: str, *, side_effects: bool = False) -> Callable[[ToolHandler], ToolHandler]:
     def register(fn: ToolHandler) -> ToolHandler:
         BUILTIN_TOOLS[name] = fn
+        if side_effects:
+            SIDE_EFFECT_BUILTINS.add(name)
         return fn
 
     return register
@@ -40,6 +44,8 @@ class ToolCallContext:
     persona: Persona
     spec: ToolSpec
     call_id: str
+    # Process-wide services a handler may need (e.g. "videos"): the runtime's `extras`.
+    services: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -116,9 +122,16 @@ def _encode_output(value: Any) -> str:
 class ToolRunner:
     """Runs a persona's server tools; knows which tool names are client tools for a request."""
 
-    def __init__(self, persona: Persona, request_tools: list[str], default_timeout: float) -> None:
+    def __init__(
+        self,
+        persona: Persona,
+        request_tools: list[str],
+        default_timeout: float,
+        services: Mapping[str, Any] | None = None,
+    ) -> None:
         self.persona = persona
         self.default_timeout = default_timeout
+        self.services: Mapping[str, Any] = services if services is not None else {}
         self.server: dict[str, ToolSpec] = {
             t.name: t for t in persona.tools if t.execution == "server"
         }
@@ -152,14 +165,16 @@ class ToolRunner:
             return ToolResult(
                 call_id, name, _encode_output({"error": f"unknown tool {name}"}), False
             )
-        if spec.side_effects and not side_effects_allowed:
+        if not side_effects_allowed and (
+            spec.side_effects or (spec.handler or spec.name) in SIDE_EFFECT_BUILTINS
+        ):
             raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
         try:
             args = json.loads(arguments) if arguments.strip() else {}
             if not isinstance(args, dict):
                 raise ToolError("arguments must be a JSON object")
             handler = resolve_handler(spec)
-            ctx = ToolCallContext(conversation_id, self.persona, spec, call_id)
+            ctx = ToolCallContext(conversation_id, self.persona, spec, call_id, self.services)
             result = await asyncio.wait_for(
                 handler(args, ctx), timeout=spec.timeout or self.default_timeout
             )

@@ -31,19 +31,6 @@ SHUTDOWN_REASONS: tuple[tuple[str, str], ...] = (
     ("internal_error", "internal_error"),
 )
 
-# Tavus video statuses → the store's video vocabulary (queued | rendering | ready | failed).
-VIDEO_STATUSES = {
-    "queued": "queued",
-    "started": "rendering",
-    "generating": "rendering",
-    "rendering": "rendering",
-    "processing": "rendering",
-    "ready": "ready",
-    "completed": "ready",
-    "error": "failed",
-    "failed": "failed",
-}
-
 
 class CallbackError(ValueError):
     """A payload we cannot store (an identifier that is not usable as one)."""
@@ -200,21 +187,3 @@ def parse_tavus_callback(raw: dict[str, Any]) -> TavusCallback:
         properties=props,
         payload=payload,
     )
-
-
-def video_fields(payload: dict[str, Any]) -> dict[str, Any]:
-    """A Tavus video callback as the store's video fields (status, url, error, script)."""
-    raw_status = str(payload.get("status") or "").strip().lower()
-    status = VIDEO_STATUSES.get(raw_status, "queued")
-    url = payload.get("download_url") or payload.get("hosted_url") or payload.get("stream_url")
-    data = payload.get("data")
-    script = data.get("script") if isinstance(data, dict) else None
-    error = None
-    if status == "failed":
-        error = str(payload.get("status_details") or payload.get("error_message") or raw_status)
-    return {
-        "status": status,
-        "url": str(url) if url else None,
-        "error": error,
-        "script": str(script) if script else None,
-    }

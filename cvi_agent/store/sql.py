@@ -775,11 +775,20 @@ class SqlStore:
         return _video(row) if row is not None else None
 
     async def list_videos(
-        self, conversation_id: str | None = None, limit: int = 100
+        self,
+        conversation_id: str | None = None,
+        limit: int = 100,
+        *,
+        provider: str | None = None,
+        statuses: Sequence[str] | None = None,
     ) -> list[VideoRecord]:
         query = sa.select(videos).order_by(videos.c.created_at.desc()).limit(limit)
         if conversation_id is not None:
             query = query.where(videos.c.conversation_id == conversation_id)
+        if provider is not None:
+            query = query.where(videos.c.provider == provider)
+        if statuses is not None:
+            query = query.where(videos.c.status.in_(list(statuses)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
         return [_video(r) for r in rows]

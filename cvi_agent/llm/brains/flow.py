@@ -114,9 +114,9 @@ class FlowBrain:
         if remaining:
             text = " ".join(p for p in (ack, remaining[0].ask) if p)
         else:
+            outro = normalize(render(q.outro, self._variables(ctx, user_text, answers)))
             already_closed = any(
-                m.role == "assistant" and normalize(q.outro) in normalize(m.text())
-                for m in messages
+                m.role == "assistant" and outro in normalize(m.text()) for m in messages
             )
             if already_closed:
                 return None

@@ -1,0 +1,246 @@
+// cvi-agent console: plain JS, no build step. Talks to /api/* with the key kept in sessionStorage.
+"use strict";
+
+const KEY_STORAGE = "cvi-agent-api-key";
+const $ = (sel) => document.querySelector(sel);
+const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", current: null, socket: null,
+                events: new Map(), turns: new Map(), latencies: [], reconnectTimer: null };
+
+function askKey(message) {
+  const dialog = $("#key-dialog");
+  $("#key-error").hidden = !message;
+  $("#key-error").textContent = message || "";
+  if (!dialog.open) dialog.showModal();
+}
+
+$("#key-form").addEventListener("submit", async (ev) => {
+  ev.preventDefault();
+  const key = $("#key-input").value.trim();
+  if (!key) return;
+  state.key = key;
+  const ok = await loadConversations();
+  if (ok) {
+    sessionStorage.setItem(KEY_STORAGE, key);
+    $("#key-dialog").close();
+  }
+});
+$("#forget-key").addEventListener("click", () => {
+  sessionStorage.removeItem(KEY_STORAGE);
+  state.key = "";
+  closeLive();
+  askKey();
+});
+
+async function api(method, path, body) {
+  const resp = await fetch(path, {
+    method,
+    headers: { "Authorization": "Bearer " + state.key, ...(body ? { "Content-Type": "application/json" } : {}) },
+    body: body ? JSON.stringify(body) : undefined,
+  });
+  let data = null;
+  try { data = await resp.json(); } catch (_) { /* empty body */ }
+  if (resp.status === 401) { askKey("That key was not accepted."); }
+  if (!resp.ok) {
+    const message = (data && data.error && data.error.message) || resp.statusText;
+    throw new Error(message);
+  }
+  return data;
+}
+
+function listOf(data) {
+  if (Array.isArray(data)) return data;
+  return (data && (data.data || data.conversations || data.items)) || [];
+}
+
+async function loadConversations() {
+  if (!state.key) { askKey(); return false; }
+  let data;
+  try { data = await api("GET", "/api/conversations?limit=50"); }
+  catch (err) { if (!$("#key-dialog").open) console.warn(err); else $("#key-error").textContent = err.message; return false; }
+  const list = $("#conversations");
+  list.replaceChildren();
+  const items = listOf(data);
+  $("#no-conversations").hidden = items.length > 0;
+  for (const conv of items) {
+    const li = document.createElement("li");
+    li.dataset.id = conv.id;
+    if (state.current === conv.id) li.classList.add("active");
+    const id = document.createElement("div"); id.className = "id"; id.textContent = conv.id;
+    const meta = document.createElement("div"); meta.className = "muted small";
+    meta.textContent = [conv.persona, conv.status].filter(Boolean).join(" · ");
+    li.append(id, meta);
+    li.addEventListener("click", () => selectConversation(conv.id));
+    list.append(li);
+  }
+  return true;
+}
+$("#refresh").addEventListener("click", loadConversations);
+
+async function selectConversation(id) {
+  state.current = id;
+  state.events.clear(); state.turns.clear(); state.latencies = [];
+  for (const li of document.querySelectorAll("#conversations li")) li.classList.toggle("active", li.dataset.id === id);
+  $("#detail").hidden = false;
+  $("#conv-title").textContent = id;
+  $("#transcript").replaceChildren();
+  $("#events tbody").replaceChildren();
+  renderLatency();
+  try {
+    const record = await api("GET", "/api/conversations/" + encodeURIComponent(id));
+    const conv = record.conversation || record;
+    $("#conv-status").textContent = conv.status || "";
+    for (const ev of record.events || []) addEvent(ev);
+  } catch (err) { $("#control-result").textContent = err.message; }
+  openLive(id);
+}
+
+function closeLive() {
+  if (state.reconnectTimer) clearTimeout(state.reconnectTimer);
+  if (state.socket) { state.socket.onclose = null; state.socket.close(); state.socket = null; }
+  $("#live-state").textContent = "offline"; $("#live-state").classList.remove("live");
+}
+
+function openLive(id) {
+  closeLive();
+  const proto = location.protocol === "https:" ? "wss:" : "ws:";
+  const url = `${proto}//${location.host}/api/conversations/${encodeURIComponent(id)}/live`;
+  // Browsers cannot set headers on a websocket: the key travels as a subprotocol.
+  const socket = new WebSocket(url, ["cvi-agent", "key." + state.key]);
+  state.socket = socket;
+  socket.onopen = () => { $("#live-state").textContent = "live"; $("#live-state").classList.add("live"); };
+  socket.onmessage = (msg) => {
+    let data; try { data = JSON.parse(msg.data); } catch (_) { return; }
+    if (data && data.type === "error") { $("#control-result").textContent = data.message || "live feed error"; return; }
+    addEvent(data.event || data);
+  };
+  socket.onclose = () => {
+    $("#live-state").textContent = "offline"; $("#live-state").classList.remove("live");
+    if (state.current === id) state.reconnectTimer = setTimeout(() => openLive(id), 2000);
+  };
+}
+
+function props(ev) { return (ev.payload && (ev.payload.properties || ev.payload)) || {}; }
+
+function addEvent(ev) {
+  if (!ev || ev.conversation_id && state.current && ev.conversation_id !== state.current) return;
+  const key = ev.id != null ? String(ev.id) : JSON.stringify([ev.source, ev.kind, ev.seq, ev.received_at]);
+  if (state.events.has(key)) return;
+  state.events.set(key, ev);
+  renderEventRow(ev);
+  updateTranscript(ev);
+  updateLatency(ev);
+  if (ev.kind === "system.shutdown") $("#conv-status").textContent = "ended";
+}
+
+function renderEventRow(ev) {
+  const tr = document.createElement("tr");
+  const p = props(ev);
+  const detail = p.speech || p.text || p.name || p.shutdown_reason || p.context || "";
+  for (const value of [ev.seq ?? ev.id ?? "", ev.source || "", ev.kind || "", ev.role || p.role || "", detail]) {
+    const td = document.createElement("td"); td.textContent = String(value); tr.append(td);
+  }
+  tr.lastChild.className = "detail";
+  const body = $("#events tbody");
+  body.append(tr);
+  body.scrollTop = body.scrollHeight;
+  $("#event-count").textContent = `(${state.events.size})`;
+}
+
+function normRole(role) { return role === "pal" || role === "assistant" ? "replica" : role; }
+
+function updateTranscript(ev) {
+  const kind = (ev.kind || "").replace(/-/g, "_");
+  if (kind !== "conversation.utterance" && kind !== "conversation.utterance.streaming") return;
+  const p = props(ev);
+  const role = normRole(p.role || ev.role);
+  if (role !== "user" && role !== "replica") return;
+  const speech = p.speech ?? p.text ?? "";
+  const turnKey = role + ":" + (ev.inference_id || (ev.payload && ev.payload.inference_id) || ev.seq);
+  let turn = state.turns.get(turnKey);
+  if (!turn) {
+    const li = document.createElement("li");
+    li.className = role;
+    const who = document.createElement("span"); who.className = "who"; who.textContent = role;
+    const text = document.createElement("span"); text.className = "text";
+    li.append(who, text);
+    $("#transcript").append(li);
+    turn = { li, text, intended: "", spoken: null, interrupted: false };
+    state.turns.set(turnKey, turn);
+  }
+  if (kind === "conversation.utterance") turn.intended = speech;
+  else { turn.spoken = speech; if (p.final === true || p.final === "true") turn.interrupted = p.is_interrupted === true || p.is_interrupted === "true"; }
+  turn.text.textContent = turn.spoken != null ? turn.spoken : turn.intended;
+  turn.li.classList.toggle("interrupted", turn.interrupted);
+  const list = $("#transcript"); list.scrollTop = list.scrollHeight;
+}
+
+function updateLatency(ev) {
+  if (ev.source !== "llm") return;
+  const p = ev.payload || {};
+  const ttft = p.ttft_ms ?? p.time_to_first_token_ms ?? p.first_token_ms;
+  if (typeof ttft !== "number") return;
+  state.latencies.push(ttft);
+  renderLatency();
+}
+
+function renderLatency() {
+  const svg = $("#latency");
+  svg.replaceChildren();
+  const values = state.latencies.slice(-40);
+  if (!values.length) { $("#latency-summary").textContent = "No turns yet."; return; }
+  const max = Math.max(...values, 1);
+  const w = 400 / values.length;
+  values.forEach((v, i) => {
+    const h = Math.max(2, (v / max) * 100);
+    const rect = document.createElementNS("http://www.w3.org/2000/svg", "rect");
+    rect.setAttribute("x", i * w + 1); rect.setAttribute("width", Math.max(1, w - 2));
+    rect.setAttribute("y", 110 - h); rect.setAttribute("height", h);
+    const title = document.createElementNS("http://www.w3.org/2000/svg", "title");
+    title.textContent = `turn ${i + 1}: ${v.toFixed(1)} ms`; rect.append(title);
+    svg.append(rect);
+  });
+  const sorted = [...state.latencies].sort((a, b) => a - b);
+  const median = sorted[Math.floor(sorted.length / 2)];
+  $("#latency-summary").textContent = `${state.latencies.length} turns · median ${median.toFixed(1)} ms · max ${max.toFixed(1)} ms`;
+}
+
+async function sendInteraction(body) {
+  if (!state.current) return;
+  $("#control-result").textContent = "sending…";
+  try {
+    await api("POST", `/api/conversations/${encodeURIComponent(state.current)}/interactions`, body);
+    $("#control-result").textContent = `sent ${body.type}`;
+  } catch (err) { $("#control-result").textContent = `${body.type} failed: ${err.message}`; }
+}
+
+for (const button of document.querySelectorAll("#controls button[data-action]")) {
+  button.addEventListener("click", () => {
+    const type = button.dataset.action;
+    const text = $("#control-text").value.trim();
+    if (type === "interrupt") return sendInteraction({ type });
+    if (!text) { $("#control-result").textContent = "Type some text first."; return; }
+    if (type === "echo" || type === "respond") return sendInteraction({ type, text });
+    return sendInteraction({ type, context: text });
+  });
+}
+for (const select of document.querySelectorAll("#controls select[data-sensitivity]")) {
+  select.addEventListener("change", () => {
+    if (!select.value) return;
+    sendInteraction({ type: "sensitivity", [select.dataset.sensitivity]: select.value });
+  });
+}
+
+$("#simulate").addEventListener("click", async () => {
+  const button = $("#simulate");
+  button.disabled = true;
+  try {
+    const sim = await api("POST", "/api/simulations", {});
+    await loadConversations();
+    await selectConversation(sim.conversation_id);
+  } catch (err) { alert("Could not start a simulation: " + err.message); }
+  finally { button.disabled = false; }
+});
+
+if (state.key) loadConversations().then((ok) => { if (!ok) askKey(); });
+else askKey();
+setInterval(() => { if (state.key && !$("#key-dialog").open) loadConversations(); }, 5000);

@@ -1,0 +1,98 @@
+"""Helpers shared by the avatar-video tests: the fake providers on loopback, settings, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cvi_agent.config import Settings
+from cvi_agent.fakes.server import LoopbackServer
+from cvi_agent.fakes.videos import DEFAULT_KEY, FakeVideoProviders
+from cvi_agent.videos.base import RetryPolicy, VideoEvent
+from tests.conftest import FIXTURES, create_pg_database, drop_pg_database, make_settings
+
+# Fast, still bounded, backoff so retry tests take milliseconds.
+FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
+CALLBACK_TOKEN = "cb-token-0123456789"
+
+
+@contextmanager
+def fake_providers(**kwargs: Any) -> Iterator[FakeVideoProviders]:
+    """Fake Tavus/Argil/JoggAI on a real uvicorn; `fake.url` is its base URL."""
+    fake = FakeVideoProviders(**kwargs)
+    with LoopbackServer(fake.app) as server:
+        fake.url = server.url  # type: ignore[attr-defined]
+        yield fake
+
+
+def fake_url(fake: FakeVideoProviders) -> str:
+    url: str = fake.url  # type: ignore[attr-defined]
+    return url
+
+
+def provider_settings(fake: FakeVideoProviders | None) -> dict[str, Any]:
+    """Settings overrides that point every provider client at the fake (or at a dead port)."""
+    url = fake_url(fake) if fake is not None else "http://127.0.0.1:9"
+    return {
+        "tavus_api_url": f"{url}/tavus",
+        "tavus_api_key": DEFAULT_KEY,
+        "argil_api_url": f"{url}/argil/v1",
+        "argil_api_key": DEFAULT_KEY,
+        "jogg_api_url": f"{url}/jogg/v2",
+        "jogg_api_key": DEFAULT_KEY,
+    }
+
+
+def video_settings(tmp_path: Path, fake: FakeVideoProviders | None, **overrides: Any) -> Settings:
+    values = provider_settings(fake)
+    values.update(overrides)
+    return make_settings(tmp_path, **values)
+
+
+def fixture(name: str) -> dict[str, Any]:
+    value: dict[str, Any] = json.loads((FIXTURES / name).read_text())
+    return value
+
+
+async def wait_until(
+    check: Callable[[], Awaitable[bool]], within: float = 5.0, step: float = 0.02
+) -> None:
+    """Poll `check` until it is true; fail the test after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not await check():
+        if time.monotonic() > deadline:
+            pytest.fail(f"condition not met within {within}s")
+        await asyncio.sleep(step)
+
+
+async def poll_video(
+    get: Callable[[], Awaitable[VideoEvent]], until: str, within: float = 3.0
+) -> list[VideoEvent]:
+    """Every event `get` returned until one has status `until` (bounded by `within` seconds)."""
+    seen: list[VideoEvent] = []
+
+    async def reached() -> bool:
+        seen.append(await get())
+        return seen[-1].status == until
+
+    await wait_until(reached, within=within)
+    return seen
+
+
+async def database_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database URL: SQLite under tmp_path, or a new PostgreSQL database."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'videos.db'}"
+        return
+    name, url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(name)
