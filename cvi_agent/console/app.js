@@ -111,6 +111,7 @@ function openLive(id) {
   socket.onmessage = (msg) => {
     let data; try { data = JSON.parse(msg.data); } catch (_) { return; }
     if (data && data.type === "error") { $("#control-result").textContent = data.message || "live feed error"; return; }
+    if (data && data.type === "live") return;  // the stored backlog has been sent; live from here
     addEvent(data.event || data);
   };
   socket.onclose = () => {
