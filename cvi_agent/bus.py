@@ -166,7 +166,9 @@ class RedisBus(Bus):
         )
         self._pubsub = _TrackingPubSub(self.redis.connection_pool)
         self._confirm: dict[str, list[asyncio.Future[None]]] = {}
-        self._active: set[str] = set()  # channels Redis confirmed for our connection
+        # (UN)SUBSCRIBE commands sent whose confirmation has not arrived, per channel. Redis
+        # answers in order, so a channel we want is active once its count is back to zero.
+        self._inflight: dict[str, int] = {}
         self._lock = asyncio.Lock()
         self._reader: asyncio.Task[None] | None = None
         self._closing = False
@@ -177,6 +179,8 @@ class RedisBus(Bus):
         except (redis.RedisError, OSError) as exc:
             raise BusUnavailable(f"CVI_REDIS_URL: cannot reach Redis ({exc})") from exc
         fut = self._expect(_CONTROL_CHANNEL)
+        self._local.setdefault(_CONTROL_CHANNEL, set())
+        self._inflight[_CONTROL_CHANNEL] = 1
         await self._pubsub.subscribe(_CONTROL_CHANNEL)
         self._reader = asyncio.create_task(self._read(), name="redis-bus-reader")
         await asyncio.wait_for(fut, 10)
@@ -209,10 +213,11 @@ class RedisBus(Bus):
         async with self._lock:
             first = sub.channel not in self._local
             await super()._add(sub)
-            if not first and sub.channel in self._active:
-                return
+            if not first and not self._inflight.get(sub.channel):
+                return  # already active
             fut = self._expect(sub.channel)
             if first:
+                self._inflight[sub.channel] = self._inflight.get(sub.channel, 0) + 1
                 try:
                     await self._pubsub.subscribe(sub.channel)
                 except (redis.RedisError, OSError) as exc:
@@ -231,9 +236,11 @@ class RedisBus(Bus):
         async with self._lock:
             last = await super()._remove(sub)
             if last:
-                self._active.discard(sub.channel)
-                with contextlib.suppress(Exception):
+                self._inflight[sub.channel] = self._inflight.get(sub.channel, 0) + 1
+                try:
                     await self._pubsub.unsubscribe(sub.channel)
+                except Exception:
+                    self._inflight[sub.channel] -= 1
             return last
 
     async def _read(self) -> None:
@@ -246,7 +253,6 @@ class RedisBus(Bus):
                 raise
             except Exception as exc:
                 log.warning("redis bus: connection problem (%s); reconnecting", exc)
-                self._active.clear()
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
                 continue
@@ -256,17 +262,25 @@ class RedisBus(Bus):
                 # lost to this process; tell every consumer to resync.
                 connects = self._pubsub.connects
                 log.warning("redis bus: reconnected; signalling a gap to local subscribers")
+                # What was in flight died with the old connection; redis-py resubscribed
+                # every channel we want, and those confirmations are on their way.
+                self._inflight = {channel: 1 for channel in self._local}
                 for channel in list(self._local):
                     self._fanout(channel, None)
             if msg is None:
                 continue
             kind = msg.get("type")
             channel = _text(msg.get("channel"))
-            if kind == "subscribe":
-                self._active.add(channel)
-                for fut in self._confirm.pop(channel, []):
-                    if not fut.done():
-                        fut.set_result(None)
+            if kind in ("subscribe", "unsubscribe"):
+                left = max(0, self._inflight.get(channel, 0) - 1)
+                if left:
+                    self._inflight[channel] = left
+                    continue
+                self._inflight.pop(channel, None)
+                if channel in self._local:
+                    for fut in self._confirm.pop(channel, []):
+                        if not fut.done():
+                            fut.set_result(None)
             elif kind == "message":
                 try:
                     data = json.loads(msg["data"])

@@ -112,6 +112,22 @@ async def test_redis_spans_processes_and_signals_a_gap_on_reconnect() -> None:
         await b.aclose()
 
 
+async def test_redis_subscription_churn_never_misses_a_message() -> None:
+    """Entering a subscription means Redis confirmed it, even right after an unsubscribe."""
+    a, b = await redis_bus("cvi-test-churn-a"), await redis_bus("cvi-test-churn-b")
+    try:
+        ch = channel()
+        for i in range(25):
+            async with a.subscribe(ch) as first:
+                async with a.subscribe(ch) as second:
+                    assert await b.publish(ch, {"i": i}) == 1
+                    assert await first.next(max_wait=5) == {"i": i}
+                    assert await second.next(max_wait=5) == {"i": i}
+    finally:
+        await a.aclose()
+        await b.aclose()
+
+
 def test_make_bus() -> None:
     assert type(make_bus(None)) is InProcessBus
     assert isinstance(make_bus(REDIS_TEST_URL), RedisBus)
