@@ -329,6 +329,10 @@ class Worker:
                 async with asyncio.timeout(5):
                     await ready.wait()
             reason = await rb.bot.run()
+            if rb.stop_reason is None and reason.startswith("room lost"):
+                # The bot gave up reconnecting; the conversation may well go on: retry (here
+                # or on another worker) rather than leave it without a bot.
+                failure = reason
         except asyncio.CancelledError:
             reason = rb.stop_reason or "cancelled"
             raise
