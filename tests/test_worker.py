@@ -443,3 +443,68 @@ async def _until(ws: Any, match: Callable[[dict[str, Any]], bool]) -> dict[str, 
         message: dict[str, Any] = json.loads(await asyncio.wait_for(ws.recv(), 15))
         if match(message):
             return message
+
+
+async def test_single_process_default_mode(tmp_path: Path, fake_tavus: Any) -> None:
+    """`cvi-agent serve` alone (SQLite, in-process bus, in-process worker, the real bot):
+    create → the bot joins the room → an interaction reaches the replica → end."""
+    from cvi_agent.app import create_app
+    from cvi_agent.bot.room import LocalRoomServer
+    from cvi_agent.fakes.replica import ScriptedPeer
+    from cvi_agent.fakes.server import LoopbackServer
+    from tests.conftest import make_settings
+
+    async with asyncio.timeout(60), LocalRoomServer() as rooms:
+        room_url = rooms.room_url("single")
+        fake_tavus.conversation_url = room_url
+        port = free_port()
+        settings = make_settings(
+            tmp_path,
+            public_url=f"http://127.0.0.1:{port}",
+            callback_token="cb-single-0123456789",
+            tavus_api_key=TAVUS_KEY,
+            tavus_api_url=fake_tavus.url,
+            worker_poll_interval=0.2,
+        )
+        replica = ScriptedPeer(room_url, user_name="Cora the Concierge")
+        human = ScriptedPeer(room_url, user_name="Alice", user_id="user-alice")
+        await human.join()
+        await replica.join()
+        auth = {"Authorization": f"Bearer {API_KEY}"}
+        try:
+            with LoopbackServer(create_app(settings), port=port) as server:
+                async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+                    resp = await http.post(
+                        "/api/conversations", json={"persona": "concierge"}, headers=auth
+                    )
+                    assert resp.status_code == 201, resp.text
+                    cid = resp.json()["conversation"]["id"]
+                    await replica.wait_until(
+                        lambda: any(p.user_name == "cvi-agent" for p in replica.inbox.joined), 20
+                    )
+
+                    async def respond() -> httpx.Response | None:
+                        r = await http.post(
+                            f"/api/conversations/{cid}/interactions",
+                            json={"type": "respond", "text": "What's the weather in Oslo?"},
+                            headers={**auth, "Idempotency-Key": "single-1"},
+                        )
+                        return None if r.status_code == 503 else r
+
+                    sent = await eventually(respond, 10)
+                    assert sent.status_code == 200, sent.text
+                    heard = await replica.wait_for(
+                        lambda m: (
+                            isinstance(m, dict) and m.get("event_type") == "conversation.respond"
+                        ),
+                        10,
+                    )
+                    assert heard["properties"] == {"text": "What's the weather in Oslo?"}
+                    ended = await http.post(f"/api/conversations/{cid}/end", headers=auth)
+                    assert ended.status_code == 200 and ended.json()["bot_stopped"] is True
+                    await replica.wait_until(
+                        lambda: any(p.user_name == "cvi-agent" for p in replica.inbox.left), 15
+                    )
+        finally:
+            await human.leave()
+            await replica.leave()
