@@ -1,7 +1,8 @@
 """Turn recording, off the hot path: one `llm` event per turn (latency) and questionnaire answers.
 
 The route wraps its byte stream with `observe_stream` (one extra generator frame, two clock
-reads); when the stream ends the turn is handed to `TurnRecorder`, a bounded in-process queue
+reads), or a streaming path that pushes its own chunks calls `note_turn` when a response ends;
+either way the turn is handed to `TurnRecorder`, a bounded in-process queue
 drained by one background task that writes in batches. Nothing here ever waits on the database
 while a reply is streaming. Under overload, turn events are dropped (counted, and logged at most
 once a minute): they are telemetry; answers are rewritten by the next turn anyway, since the
@@ -139,10 +140,33 @@ def _last_user_text(ctx: TurnContext) -> str:
     return ""
 
 
+def note_turn(
+    runtime: Runtime,
+    ctx: TurnContext,
+    completion_id: str,
+    *,
+    started: float,
+    first: float | None,
+    completed: bool,
+    chunks: int,
+) -> None:
+    """Record one finished turn without waiting: the hook for any streaming path.
+
+    `started` and `first` are `time.perf_counter()` readings (request parsed, first chunk
+    sent; `first` None when nothing was sent); `completed` False when the client went away
+    first. Cheap and non-blocking; does nothing without a conversation id.
+    """
+    recorder = _recorder(runtime)
+    if recorder is None:
+        return
+    sample = _sample(ctx, completion_id, started, first, completed, chunks)
+    if sample is not None:
+        recorder.submit(sample)
+
+
 def _sample(
     ctx: TurnContext,
     completion_id: str,
-    wall: float,
     started: float,
     first: float | None,
     completed: bool,
@@ -151,14 +175,15 @@ def _sample(
     if not ctx.conversation_id:
         return None
     answers = ctx.state.get("answers")
+    total = time.perf_counter() - started
     return TurnSample(
         conversation_id=ctx.conversation_id,
         completion_id=completion_id,
         persona=ctx.persona.name,
         stream=bool(ctx.request.stream),
-        started_at=wall,
+        started_at=time.time() - total,
         ttft=(first - started) if first is not None else None,
-        total=time.perf_counter() - started,
+        total=total,
         completed=completed,
         chunks=chunks,
         user_text=_last_user_text(ctx),
@@ -179,7 +204,7 @@ def observe_stream(
     if recorder is None or not ctx.conversation_id:
         return stream
     # Timed from here (the request is parsed), not from when the server starts iterating.
-    return _observed(recorder, ctx, completion_id, stream, time.time(), time.perf_counter())
+    return _observed(recorder, ctx, completion_id, stream, time.perf_counter())
 
 
 async def _observed(
@@ -187,7 +212,6 @@ async def _observed(
     ctx: TurnContext,
     completion_id: str,
     stream: AsyncIterator[bytes],
-    wall: float,
     started: float,
 ) -> AsyncIterator[bytes]:
     first: float | None = None
@@ -204,7 +228,7 @@ async def _observed(
         closer = getattr(stream, "aclose", None)
         if closer is not None:
             await closer()
-        sample = _sample(ctx, completion_id, wall, started, first, completed, chunks)
+        sample = _sample(ctx, completion_id, started, first, completed, chunks)
         if sample is not None:
             recorder.submit(sample)
 
@@ -216,12 +240,15 @@ async def observe_completion(
     result: Coroutine[Any, Any, dict[str, Any]],
 ) -> dict[str, Any]:
     """A non-streamed turn: awaited as is, then recorded (time to first token = total)."""
-    recorder = _recorder(runtime)
-    wall = time.time()
     started = time.perf_counter()
     body = await result
-    if recorder is not None:
-        sample = _sample(ctx, completion_id, wall, started, time.perf_counter(), True, 1)
-        if sample is not None:
-            recorder.submit(sample)
+    note_turn(
+        runtime,
+        ctx,
+        completion_id,
+        started=started,
+        first=time.perf_counter(),
+        completed=True,
+        chunks=1,
+    )
     return body
