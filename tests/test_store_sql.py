@@ -92,3 +92,9 @@ async def test_migrations_idempotent(store: SqlStore) -> None:
     assert version >= 1
     await store.init()
     assert await store.schema_version() == version
+
+
+async def test_new_conversation_with_status(store: SqlStore) -> None:
+    await store.upsert_conversation("c9", status="live", persona="echo")
+    conv = await store.get_conversation("c9")
+    assert conv is not None and conv.status == "live"

@@ -279,8 +279,7 @@ class SqlStore:
                     meta=meta or {},
                     created_at=ts,
                     updated_at=ts,
-                    status="active",
-                    **values,
+                    **{"status": "active", **values},
                 )
                 await conn.execute(stmt.on_conflict_do_nothing(index_elements=["id"]))
                 return
