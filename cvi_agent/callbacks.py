@@ -30,6 +30,7 @@ from cvi_agent.bus import commands_channel
 from cvi_agent.config import Settings
 from cvi_agent.http import ApiError, constant_time_in, read_json_object
 from cvi_agent.protocol.callbacks import (
+    MAX_ID_LENGTH,
     CallbackError,
     TavusCallback,
     parse_tavus_callback,
@@ -132,8 +133,9 @@ async def ingest_tavus_callback(
 ) -> IngestResult:
     """Store one Tavus webhook (any kind) and apply its effects. Raises `CallbackError`."""
     if tavus_videos.is_video_callback(raw):
-        if not isinstance(raw.get("video_id"), str | int):
-            raise CallbackError("video_id must be a string")
+        video_id = raw.get("video_id")
+        if not isinstance(video_id, str | int) or len(str(video_id)) > MAX_ID_LENGTH:
+            raise CallbackError(f"video_id must be a string of at most {MAX_ID_LENGTH} characters")
         video = await ingest_tavus_video_callback(record.store, raw, service=videos)
         return IngestResult(f"video.{video.status}", video.conversation_id or "", None, None)
     cb = parse_tavus_callback(raw)

@@ -170,11 +170,13 @@ async def test_rotated_tokens_unknown_kinds_and_redaction(serve: ServerFactory) 
         r2 = await post(http, odd)
         r3 = await post(http, odd)
         r4 = await post(http, {"event_type": "system.shutdown", "conversation_id": "x" * 200})
+        r5 = await post(http, {"video_id": "v" * 200, "status": "ready"})
         rec = (await http.get("/api/conversations/cnew", headers=AUTH)).json()
     assert r1.json()["kind"] == "system.something_new" and r1.json()["status"] == "stored"
     assert r2.json()["kind"] == "unknown" and r2.json()["status"] == "stored"
     assert r3.json()["status"] == "duplicate"
     assert r4.status_code == 400
+    assert r5.status_code == 400 and r5.json()["error"]["code"] == "invalid_callback"
     [event] = rec["events"]
     assert TOKEN not in json.dumps(event)
     assert event["payload"]["webhook_url"].startswith(
