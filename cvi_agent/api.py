@@ -19,6 +19,7 @@ import base64
 import contextlib
 import json
 import logging
+import secrets
 import uuid
 from typing import Any
 
@@ -183,6 +184,20 @@ class CreateConversation(BaseModel):
     max_participants: int | None = Field(default=None, ge=2, le=100)
     properties: dict[str, Any] | None = None
     bot: bool = Field(default=True, description="start a bot in the conversation's room")
+    conversation_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="attach to an existing room instead of creating on Tavus "
+        "(a Daily URL, or a ws:// local room)",
+    )
+    conversation_id: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:\-]+$",
+        description="with conversation_url: the id of the existing conversation",
+    )
+    meeting_token: str | None = Field(default=None, max_length=4096)
 
 
 async def _tavus_persona_id(record: Record, runtime: Runtime, name: str) -> str:
@@ -233,6 +248,8 @@ async def create_conversation(request: Request) -> JSONResponse:
             "invalid_max_participants",
             "max_participants",
         )
+    if body.conversation_url is not None:
+        return await _attach_conversation(record, body)
     cb_url = callback_url(runtime.settings)
     try:
         persona_id = body.persona_id or await _tavus_persona_id(record, runtime, body.persona or "")
@@ -286,6 +303,54 @@ async def create_conversation(request: Request) -> JSONResponse:
             "conversation_url": url,
             "tavus": shown,
             "bot": {"requested": bool(body.bot and url)},
+        },
+        status_code=201,
+    )
+
+
+async def _attach_conversation(record: Record, body: CreateConversation) -> JSONResponse:
+    """A conversation that already exists (created on Tavus by someone else, or a local room):
+    record it and start a bot in its room, without calling Tavus."""
+    url = body.conversation_url or ""
+    if not url.startswith(("https://", "http://", "ws://", "wss://")):
+        raise ApiError(
+            400,
+            "conversation_url must be an http(s) or ws(s) URL.",
+            "invalid_url",
+            "conversation_url",
+        )
+    cid = body.conversation_id or "local-" + secrets.token_hex(6)
+    await record.store.upsert_conversation(
+        cid,
+        persona=body.persona,
+        conversation_url=redact_url(url),
+        meta={"attached": True, "bot_requested": body.bot},
+    )
+    await record.add_events(
+        [
+            EventRecord(
+                conversation_id=cid,
+                source="api",
+                kind="conversation.attached",
+                dedupe_key=f"attached|{cid}",
+                payload={"conversation_url": redact_url(url), "persona": body.persona},
+                occurred_at=now(),
+            )
+        ]
+    )
+    if body.bot:
+        await record.leases.offer(
+            cid,
+            {"conversation_url": url, "meeting_token": body.meeting_token, "persona": body.persona},
+        )
+        await record.wake_workers()
+    conversation = await _conversation(record, cid)
+    return JSONResponse(
+        {
+            "conversation": conversation.as_dict(),
+            "conversation_url": redact_url(url),
+            "tavus": None,
+            "bot": {"requested": body.bot},
         },
         status_code=201,
     )

@@ -19,6 +19,7 @@ from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
+from cvi_agent.simulate import router as simulations_router
 from cvi_agent.videos.lifespan import start_videos
 from cvi_agent.videos.tool import validate_video_tools
 from cvi_agent.videos.webhooks import router as videos_router
@@ -50,6 +51,9 @@ def create_app(
         try:
             yield
         finally:
+            simulations = runtime.extras.get("simulations")
+            if simulations is not None:
+                await simulations.aclose()
             await videos.aclose()
             await runtime.aclose()
 
@@ -64,6 +68,7 @@ def create_app(
     app.include_router(callbacks_router)
     app.include_router(api_router)
     app.include_router(videos_router)
+    app.include_router(simulations_router)
 
     console_dir = Path(__file__).parent / "console"
     app.mount("/console", StaticFiles(directory=console_dir), name="console")

@@ -135,6 +135,10 @@ def build_parser() -> argparse.ArgumentParser:
     from cvi_agent.videos.cli import add_videos_parser
 
     add_videos_parser(sub)
+
+    from cvi_agent.simulate import add_simulate_parser
+
+    add_simulate_parser(sub)
     return parser
 
 

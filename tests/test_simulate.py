@@ -1,0 +1,158 @@
+"""`cvi-agent simulate` end to end against the real server: every turn answered, a tool call
+round trip, an interruption recorded, callbacks stored, all visible through the API."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from cvi_agent.bot.room import LocalRoomServer
+from cvi_agent.personas import load_personas
+from cvi_agent.simulate import Simulation, load_script, render_table
+from tests.conftest import API_KEY, PERSONAS, ROOT, ServerFactory
+
+TOKEN = "cb-token-for-tests"
+
+
+async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
+    server = serve(None, callback_token=TOKEN)
+    script = load_script().model_copy(update={"words_per_second": 60})
+    persona = load_personas(PERSONAS)[script.persona]
+    lines: list[str] = []
+    async with LocalRoomServer("127.0.0.1", 0) as rooms:
+        simulation = Simulation(
+            server_url=server.url,
+            api_key=API_KEY,
+            callback_token=TOKEN,
+            room_url=rooms.room_url("sim-test"),
+            script=script,
+            persona_name=persona.persona_name,
+            system_prompt=persona.system_prompt,
+            conversation_id="sim-test",
+            printer=lines.append,
+        )
+        report = await simulation.run()
+    assert report.errors == [], report.errors
+    table = render_table(report)
+    assert "interruptions 1" in table and "tool calls 2" in table
+
+    user_turns = [t for t in report.turns if t.kind in ("user", "respond")]
+    assert len(user_turns) == sum(1 for s in script.turns if s.user or s.respond)
+    assert all(t.reply for t in report.turns), "every turn was answered"
+    assert all(
+        t.requests >= 2 for t in report.turns if t.kind == "user" and len(t.text.split()) > 1
+    )
+    assert report.callbacks == {
+        "system.replica_joined": 200,
+        "system.shutdown": 200,
+        "application.transcription_ready": 200,
+    }
+
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        record: dict[str, Any] = {}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the bot's recorder writes in batches
+            record = (await http.get("/api/conversations/sim-test")).json()
+            if any(u["is_interrupted"] for u in record["utterances"]) and record["tool_calls"]:
+                break
+    assert record["conversation"]["status"] == "ended"
+    assert record["conversation"]["shutdown_reason"].startswith("end_conversation_endpoint_hit")
+    # the tool call round trip: the replica's conversation.tool_call answered by the bot
+    calls = record["tool_calls"]
+    assert [c["name"] for c in calls] == ["get_current_weather", "get_current_weather"]
+    assert all(c["status"] == "success" for c in calls)
+    assert "Paris" in calls[0]["output"]
+    # the interruption: the intended reply vs what was actually spoken
+    [cut] = [u for u in record["utterances"] if u["is_interrupted"]]
+    assert cut["role"] in ("replica", "assistant")
+    assert len(cut["spoken_text"].split()) == 4
+    assert cut["intended_text"].startswith(cut["spoken_text"])
+    assert len(cut["intended_text"]) > len(cut["spoken_text"])
+    # the transcript callback, joined with what the bot heard
+    transcript = record["transcript"]
+    assert transcript["source"] == "tavus"
+    interrupted_lines = [e for e in transcript["entries"] if e.get("interrupted")]
+    assert len(interrupted_lines) == 1 and interrupted_lines[0]["spoken_text"] == cut["spoken_text"]
+    kinds = {e["kind"] for e in record["events"]}
+    assert {
+        "conversation.utterance",
+        "conversation.tool_call",
+        "interaction.conversation.echo",
+        "interaction.conversation.interrupt",
+        "llm.turn",
+        "system.shutdown",
+    } <= kinds
+    # the echo sent through the API was spoken by the replica
+    assert any("breakfast buffet" in (u["text"] or "") for u in record["utterances"])
+
+
+async def test_console_button_starts_a_simulation(serve: ServerFactory) -> None:
+    server = serve(None, callback_token=TOKEN)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        resp = await http.post("/api/simulations", json={"linger": 0, "words_per_second": 80})
+        assert resp.status_code == 202, resp.text
+        cid = resp.json()["conversation_id"]
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline:
+            got = await http.get(f"/api/conversations/{cid}")
+            if got.status_code == 200:
+                status = got.json()["conversation"]["status"]
+                if status == "ended":
+                    break
+            await _sleep(0.2)
+        assert status == "ended"
+        bad = await http.post("/api/simulations", json={"persona": "nobody"})
+        assert bad.status_code == 404 and bad.json()["error"]["code"] == "persona_not_found"
+        assert (
+            await http.post("/api/simulations", json={}, headers={"Authorization": "Bearer x"})
+        ).status_code == 401
+
+
+async def _sleep(seconds: float) -> None:
+    import asyncio
+
+    await asyncio.sleep(seconds)
+
+
+def test_cli_simulate_json(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
+    env.update(
+        CVI_VAR_DIR=str(tmp_path / "var"),
+        CVI_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'sim.db'}",
+        CVI_PERSONAS_DIR=str(PERSONAS),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "cvi_agent", "simulate", "--json", "--words-per-second", "80"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["summary"]["errors"] == 0
+    assert report["summary"]["interruptions"] == 1
+    assert report["recorded"]["status"] == "ended"
+    assert report["recorded"]["events_by_source"]["room"] > 10
+
+
+@pytest.mark.parametrize("text", ["persona: x\nturns: []\n", "turns: [{user: hi, echo: ho}]\n"])
+def test_bad_scripts_are_named(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "s.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="s.yaml: turns"):
+        load_script(path)
