@@ -154,5 +154,5 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
 def test_bad_scripts_are_named(tmp_path: Path, text: str) -> None:
     path = tmp_path / "s.yaml"
     path.write_text(text)
-    with pytest.raises(ValueError, match="s.yaml: turns"):
+    with pytest.raises(ValueError, match=r"s\.yaml: turns"):
         load_script(path)
