@@ -39,9 +39,13 @@ async function api(method, path, body) {
   });
   let data = null;
   try { data = await resp.json(); } catch (_) { /* empty body */ }
-  if (resp.status === 401) { askKey("That key was not accepted."); }
   if (!resp.ok) {
     const message = (data && data.error && data.error.message) || resp.statusText;
+    if (resp.status === 401) {
+      const text = "That key was not accepted: " + message;
+      askKey(text);
+      throw new Error(text);
+    }
     throw new Error(message);
   }
   return data;
@@ -56,7 +60,11 @@ async function loadConversations() {
   if (!state.key) { askKey(); return false; }
   let data;
   try { data = await api("GET", "/api/conversations?limit=50"); }
-  catch (err) { if (!$("#key-dialog").open) console.warn(err); else $("#key-error").textContent = err.message; return false; }
+  catch (err) {
+    if ($("#key-dialog").open) { $("#key-error").hidden = false; $("#key-error").textContent = err.message; }
+    else console.warn(err);
+    return false;
+  }
   const list = $("#conversations");
   list.replaceChildren();
   const items = listOf(data);
@@ -70,6 +78,7 @@ async function loadConversations() {
     meta.textContent = [conv.persona, conv.status].filter(Boolean).join(" · ");
     li.append(id, meta);
     li.addEventListener("click", () => selectConversation(conv.id));
+    if (state.current === conv.id && conv.status) $("#conv-status").textContent = conv.status;
     list.append(li);
   }
   return true;
@@ -178,6 +187,7 @@ function updateTranscript(ev) {
 function updateLatency(ev) {
   if (ev.source !== "llm") return;
   const p = ev.payload || {};
+  if (p.completed === false) return;  // a speculative request abandoned by its caller
   const ttft = p.ttft_ms ?? p.time_to_first_token_ms ?? p.first_token_ms;
   if (typeof ttft !== "number") return;
   state.latencies.push(ttft);

@@ -1,0 +1,79 @@
+"""The live console in real headless Chromium (Debian's package), driven by Playwright:
+enter the key, start a simulated conversation, watch the transcript grow, send an echo from
+the page and see the simulated replica speak it. Saves a screenshot as a test artifact."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from playwright.async_api import async_playwright, expect
+
+from tests.conftest import API_KEY, ROOT, ServerFactory
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+async def test_console_drives_a_simulated_conversation(
+    serve: ServerFactory, tmp_path: Path
+) -> None:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Chromium is required (Debian package 'chromium'; `make test` installs it)")
+    server = serve(None, callback_token="cb-console")
+    ARTIFACTS.mkdir(exist_ok=True)
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = await browser.new_page(viewport={"width": 1400, "height": 900})
+            errors: list[str] = []
+            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            await page.goto(server.url + "/")
+
+            # the key is asked once; a wrong one is refused with a message
+            await expect(page.locator("#key-dialog")).to_be_visible()
+            await page.fill("#key-input", "wrong-key")
+            await page.click("#key-save")
+            await expect(page.locator("#key-error")).to_contain_text("not accepted")
+            await page.fill("#key-input", API_KEY)
+            await page.click("#key-save")
+            await expect(page.locator("#key-dialog")).to_be_hidden()
+            assert await page.evaluate("sessionStorage.getItem('cvi-agent-api-key')") == API_KEY
+
+            # start a simulated conversation from the page; the transcript grows live
+            await page.click("#simulate")
+            await expect(page.locator("#detail")).to_be_visible(timeout=15_000)
+            await expect(page.locator("#live-state")).to_have_text("live", timeout=15_000)
+            transcript = page.locator("#transcript li")
+            await expect(transcript.nth(2)).to_be_visible(timeout=30_000)
+            first_count = await transcript.count()
+            await expect(transcript.nth(first_count)).to_be_visible(timeout=30_000)
+            await expect(page.locator("#conversations li.active")).to_have_count(1)
+
+            # send an echo from the page: the simulated replica speaks it into the room
+            echo = "Hello from the console page"
+            await page.fill("#control-text", echo)
+            await page.click("#controls button[data-action=echo]")
+            await expect(page.locator("#control-result")).to_have_text("sent echo", timeout=20_000)
+            await expect(page.locator("#transcript li.replica", has_text=echo)).to_be_visible(
+                timeout=30_000
+            )
+            await expect(
+                page.locator("#events tbody tr", has_text="interaction.conversation.echo").first
+            ).to_be_visible()
+            await expect(page.locator("#latency rect").first).to_be_attached(timeout=20_000)
+            await page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
+            assert errors == [], errors
+        finally:
+            await browser.close()
