@@ -12,6 +12,7 @@ from cvi_agent.config import Settings
 from cvi_agent.http import install_error_handlers
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
+from cvi_agent.metrics import router as metrics_router
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
 
@@ -48,6 +49,7 @@ def create_app(
     )
     install_error_handlers(app)
     app.include_router(llm_router)
+    app.include_router(metrics_router)
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:

@@ -9,6 +9,7 @@ from fastapi import Request
 
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
+from cvi_agent.llm.turns import TurnTracker
 from cvi_agent.personas import Persona
 
 
@@ -17,18 +18,25 @@ class Runtime:
     settings: Settings
     personas: dict[str, Persona]
     upstreams: UpstreamClients
+    turns: TurnTracker
     brains: dict[str, Brain] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def build(cls, settings: Settings, personas: dict[str, Persona]) -> Runtime:
         upstreams = UpstreamClients(settings)
-        runtime = cls(settings=settings, personas=personas, upstreams=upstreams)
+        runtime = cls(
+            settings=settings,
+            personas=personas,
+            upstreams=upstreams,
+            turns=TurnTracker(settings),
+        )
         for persona in personas.values():
             runtime.brains[persona.name] = make_brain(persona, upstreams)
         return runtime
 
     async def aclose(self) -> None:
+        await self.turns.aclose()
         for brain in self.brains.values():
             await brain.aclose()
         await self.upstreams.aclose()

@@ -1,15 +1,24 @@
-"""Chunk encoding for the streaming endpoint. This is the hot path: no pydantic, no logging.
+"""Chunk encoding and the SSE response for the streaming endpoint. This is the hot path: no
+pydantic, no logging.
 
 Each chunk is built from a prefix computed once per response and one `json.dumps` of the
-delta, and yielded as ready-to-send bytes (`data: …\\n\\n`).
+delta, and yielded as ready-to-send bytes (`data: …\\n\\n`). `EventStreamResponse` sends
+them as they come, with one ASGI message per chunk and nothing else per chunk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import secrets
 import time
-from typing import Any
+from collections.abc import AsyncIterable
+from typing import Any, Protocol
+
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from cvi_agent import metrics
 
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -86,3 +95,78 @@ class ChunkEncoder:
 
 def encode_event(data: dict[str, Any]) -> bytes:
     return ("data: " + _dumps(data) + "\n\n").encode()
+
+
+class ClosableBody(AsyncIterable[bytes], Protocol):
+    async def aclose(self) -> None: ...
+
+
+class EventStreamResponse(Response):
+    """`text/event-stream` from an async iterable of ready SSE bytes.
+
+    Who cancels whom: a watcher task waits for the client's `http.disconnect`; when it comes,
+    the task sending the body is cancelled and the body is closed at once (which closes the
+    brain and its upstream request, or leaves a speculative generation, see llm/turns.py).
+    A comment line is sent when nothing was sent for `ping` seconds, so proxies keep the
+    stream open through a long server tool. The chunk that ends with `[DONE]` also ends the
+    HTTP body (one write fewer per response).
+    """
+
+    media_type = "text/event-stream"
+
+    def __init__(self, body: ClosableBody, ping: float = 15.0) -> None:
+        self.stream_body = body
+        self.ping = ping
+        self.status_code = 200
+        self.background = None
+        self.raw_headers = [
+            (b"content-type", b"text/event-stream; charset=utf-8"),
+            (b"cache-control", b"no-store"),
+            (b"x-accel-buffering", b"no"),
+        ]
+        self._sent = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        loop = asyncio.get_running_loop()
+        pump = loop.create_task(self._pump(send))
+        watcher = loop.create_task(_wait_disconnect(receive))
+        metrics.ACTIVE_STREAMS.inc()
+        try:
+            seen = -1
+            while True:
+                done, _ = await asyncio.wait(
+                    (pump, watcher), timeout=self.ping, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
+                if seen == self._sent:
+                    await send(
+                        {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
+                    )
+                seen = self._sent
+        finally:
+            metrics.ACTIVE_STREAMS.dec()
+            watcher.cancel()
+            pump.cancel()
+            await asyncio.gather(pump, watcher, return_exceptions=True)
+            await self.stream_body.aclose()
+        if not pump.cancelled() and pump.exception() is not None:
+            raise pump.exception()  # type: ignore[misc]  # a bug: let the server log it
+
+    async def _pump(self, send: Send) -> None:
+        more = True
+        async for chunk in self.stream_body:
+            more = not chunk.endswith(DONE)
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
+            self._sent += 1
+            if not more:
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+async def _wait_disconnect(receive: Receive) -> None:
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return

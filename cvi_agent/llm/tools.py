@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cvi_agent import metrics
 from cvi_agent.personas import Persona, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -107,6 +108,18 @@ def validate_persona_tools(persona: Persona) -> list[str]:
     return problems
 
 
+async def _uncancellable(call: Awaitable[Any]) -> Any:
+    """Await `call` in its own task: cancelling the caller does not cut it half way."""
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(_consume_result)
+    return await asyncio.shield(task)
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a caller cancelled meanwhile must not leave it unobserved
+
+
 def _encode_output(value: Any) -> str:
     if isinstance(value, str):
         return value
@@ -114,11 +127,18 @@ def _encode_output(value: Any) -> str:
 
 
 class ToolRunner:
-    """Runs a persona's server tools; knows which tool names are client tools for a request."""
+    """Runs a persona's server tools; knows which tool names are client tools for a request.
+
+    A tool with `side_effects: true` runs only when side effects are allowed, or once
+    `await_final` (set by the turn tracker for requests that may still be speculative) says the
+    turn is final; a turn cancelled while it waits never runs the tool. Once started, a
+    side-effecting tool runs to its end even if the turn is cancelled under it.
+    """
 
     def __init__(self, persona: Persona, request_tools: list[str], default_timeout: float) -> None:
         self.persona = persona
         self.default_timeout = default_timeout
+        self.await_final: Callable[[], Awaitable[bool]] | None = None
         self.server: dict[str, ToolSpec] = {
             t.name: t for t in persona.tools if t.execution == "server"
         }
@@ -153,16 +173,23 @@ class ToolRunner:
                 call_id, name, _encode_output({"error": f"unknown tool {name}"}), False
             )
         if spec.side_effects and not side_effects_allowed:
-            raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
+            if self.await_final is None or not await self.await_final():
+                metrics.tool_call(name, "server", "blocked")
+                raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
         try:
             args = json.loads(arguments) if arguments.strip() else {}
             if not isinstance(args, dict):
                 raise ToolError("arguments must be a JSON object")
             handler = resolve_handler(spec)
             ctx = ToolCallContext(conversation_id, self.persona, spec, call_id)
-            result = await asyncio.wait_for(
+            call = asyncio.wait_for(
                 handler(args, ctx), timeout=spec.timeout or self.default_timeout
             )
+            if spec.side_effects:
+                result = await _uncancellable(call)
+            else:
+                result = await call
+            metrics.tool_call(name, "server", "ok")
             return ToolResult(call_id, name, _encode_output(result), True)
         except SideEffectsNotAllowed:
             raise
@@ -177,4 +204,5 @@ class ToolRunner:
         except Exception:
             log.exception("server tool %s failed", name)
             error = "the tool failed"
+        metrics.tool_call(name, "server", "error")
         return ToolResult(call_id, name, _encode_output({"error": error}), False)
