@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import json
 import os
@@ -45,7 +46,8 @@ from typing import Any
 from cvi_agent.fakes.server import free_port
 
 BENCH_KEY = "bench-key-0123456789"
-PERSONA = "bench"
+PERSONA = "bench"  # with a client tool: the overhead scenario relays tool calls too
+SPEECH_PERSONA = "bench-speech"  # no tools: the speculative scenario compares spoken tokens
 SYSTEM_PROMPT = (
     "You are in a live video conference call with a user. Reply in short sentences, talk to the "
     "user in a casual way. Respond only in english. You are a storyteller. You like telling "
@@ -576,6 +578,7 @@ class ConversationPlan:
     abandon: bool  # the user's last words never become a turn: no final request
     close_first: bool  # close the previous stream before sending the next request
     partials: list[str]
+    delay: float  # when the conversation starts (conversations do not speak in lockstep)
 
 
 @dataclass
@@ -600,6 +603,7 @@ def plan_conversations(params: BenchParams) -> list[ConversationPlan]:
                 abandon=rng.random() < params.abandon_share,
                 close_first=(n // 2) % 2 == 1,
                 partials=partials,
+                delay=rng.uniform(0, params.partial_gap * 2),
             )
         )
     return plans
@@ -623,6 +627,7 @@ async def run_conversation(
 ) -> ConversationResult:
     out = ConversationResult(plan)
     conversation = f"bench-{run_id}-{plan.number}"
+    await asyncio.sleep(plan.delay)
     previous: HttpConnection | None = None
     conns: list[HttpConnection] = []
     for text in plan.partials:
@@ -761,14 +766,14 @@ def _server_counter(server: Child, name: str) -> float | None:
 # ---------------------------------------------------------------- orchestration
 
 
-def _persona_yaml() -> str:
+def _persona_yaml(name: str, tools: bool) -> str:
     return json.dumps(
         {
-            "name": PERSONA,
+            "name": name,
             "persona_name": "Bench",
             "system_prompt": "A benchmark persona answered by the fake upstream.",
             "brain": {"kind": "upstream", "model": "fake", "max_tokens": 300},
-            "tools": [{**WEATHER_TOOL, "execution": "client"}],
+            "tools": [{**WEATHER_TOOL, "execution": "client"}] if tools else [],
         }
     )
 
@@ -807,7 +812,13 @@ async def _run_async(
         if "speculative" in params.scenarios:
             run_id = f"{os.getpid()}-{int(time.time())}"
             report["speculative"] = await speculative_scenario(
-                params, direct, through, upstream, server, progress, run_id
+                params,
+                dataclasses.replace(direct, tools=False),
+                dataclasses.replace(through, model=SPEECH_PERSONA),
+                upstream,
+                server,
+                progress,
+                run_id,
             )
     finally:
         await progress.stop()
@@ -821,7 +832,8 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child]]:
     try:
         personas = workdir / "personas"
         personas.mkdir()
-        (personas / f"{PERSONA}.yaml").write_text(_persona_yaml())
+        (personas / f"{PERSONA}.yaml").write_text(_persona_yaml(PERSONA, tools=True))
+        (personas / f"{SPEECH_PERSONA}.yaml").write_text(_persona_yaml(SPEECH_PERSONA, False))
         env = dict(os.environ)
         upstream_port = free_port()
         upstream = Child(

@@ -93,7 +93,7 @@ def render() -> bytes:
     return _generate_latest(REGISTRY)
 
 
-def _require_key(request: Request) -> None:
+async def _require_key(request: Request) -> None:
     check_api_key(request.headers, request.app.state.runtime.settings.api_keys)
 
 

@@ -68,6 +68,7 @@ class RequestRecord:
     first_chunk: float | None = None
     chunks_sent: int = 0
     user_text: str = ""
+    complete: bool = False  # the whole reply was handed to the server
 
     def summary(self) -> dict[str, Any]:
         """The record without body and headers: what another process needs (bench)."""
@@ -257,7 +258,9 @@ class FakeUpstream:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    record.disconnected = time.monotonic()
+                    # uvicorn also says "disconnect" once a response is complete: not a cancel
+                    if not record.complete:
+                        record.disconnected = time.monotonic()
                     return
 
         watcher = asyncio.ensure_future(watch_disconnect())
@@ -290,6 +293,7 @@ class FakeUpstream:
         if plan.raw_chunks is not None:
             for raw in plan.raw_chunks:
                 await send({"type": "http.response.body", "body": raw, "more_body": True})
+            record.complete = True
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         enc = ChunkEncoder(str(body.get("model", "fake")))
@@ -319,6 +323,7 @@ class FakeUpstream:
         opts = body.get("stream_options") or {}
         if opts.get("include_usage"):
             tail += enc.usage(10, len(plan.steps))
+        record.complete = True
         await send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
 
 

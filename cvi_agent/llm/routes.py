@@ -35,7 +35,8 @@ from cvi_agent.runtime import Runtime, get_runtime
 log = logging.getLogger(__name__)
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
+    # async on purpose: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
     try:
         check_api_key(request.headers, get_runtime(request).settings.api_keys)
     except ApiError as exc:

@@ -104,12 +104,12 @@ class ClosableBody(AsyncIterable[bytes], Protocol):
 class EventStreamResponse(Response):
     """`text/event-stream` from an async iterable of ready SSE bytes.
 
-    Who cancels whom: a watcher task waits for the client's `http.disconnect`; when it comes,
-    the task sending the body is cancelled and the body is closed at once (which closes the
-    brain and its upstream request, or leaves a speculative generation, see llm/turns.py).
-    A comment line is sent when nothing was sent for `ping` seconds, so proxies keep the
-    stream open through a long server tool. The chunk that ends with `[DONE]` also ends the
-    HTTP body (one write fewer per response).
+    Who cancels whom: the request's task sends the body; a watcher task waits for the client's
+    `http.disconnect` and then cancels the sending task, which closes the body at once (and so
+    the brain and its upstream request, or it leaves a speculative generation: llm/turns.py).
+    A comment line is sent when nothing was sent for `ping` seconds, so proxies keep the stream
+    open through a long server tool. The chunk that ends with `[DONE]` also ends the HTTP body
+    (one write fewer per response).
     """
 
     media_type = "text/event-stream"
@@ -125,34 +125,30 @@ class EventStreamResponse(Response):
             (b"x-accel-buffering", b"no"),
         ]
         self._sent = 0
+        self._disconnected = False
+        self._pinger: asyncio.TimerHandle | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        self._pinger = None
         loop = asyncio.get_running_loop()
-        pump = loop.create_task(self._pump(send))
-        watcher = loop.create_task(_wait_disconnect(receive))
+        task = asyncio.current_task()
+        assert task is not None
+        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
+        watcher = loop.create_task(self._watch(receive, task))
+        self._pinger = loop.call_later(self.ping, self._ping, loop, send, -1)
         metrics.ACTIVE_STREAMS.inc()
         try:
-            seen = -1
-            while True:
-                done, _ = await asyncio.wait(
-                    (pump, watcher), timeout=self.ping, return_when=asyncio.FIRST_COMPLETED
-                )
-                if done:
-                    break
-                if seen == self._sent:
-                    await send(
-                        {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
-                    )
-                seen = self._sent
+            await self._pump(send)
+        except asyncio.CancelledError:
+            if not self._disconnected:
+                raise
+            task.uncancel()  # the client left: that is how streams end, not an error
         finally:
             metrics.ACTIVE_STREAMS.dec()
+            if self._pinger is not None:
+                self._pinger.cancel()
             watcher.cancel()
-            pump.cancel()
-            await asyncio.gather(pump, watcher, return_exceptions=True)
             await self.stream_body.aclose()
-        if not pump.cancelled() and pump.exception() is not None:
-            raise pump.exception()  # type: ignore[misc]  # a bug: let the server log it
 
     async def _pump(self, send: Send) -> None:
         more = True
@@ -163,6 +159,27 @@ class EventStreamResponse(Response):
             if not more:
                 return
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _watch(self, receive: Receive, task: asyncio.Task[Any]) -> None:
+        await _wait_disconnect(receive)
+        if not task.done():
+            self._disconnected = True
+            task.cancel()
+
+    def _ping(self, loop: asyncio.AbstractEventLoop, send: Send, seen: int) -> None:
+        if self._disconnected:
+            return
+        if seen == self._sent:  # nothing sent for a whole interval
+            message = {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
+            loop.create_task(_quiet(send(message)))
+        self._pinger = loop.call_later(self.ping, self._ping, loop, send, self._sent)
+
+
+async def _quiet(coro: Any) -> None:
+    try:
+        await coro
+    except Exception:  # the response ended meanwhile
+        pass
 
 
 async def _wait_disconnect(receive: Receive) -> None:

@@ -126,6 +126,32 @@ def _encode_output(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+@dataclass(frozen=True, slots=True)
+class _PersonaTools:
+    server: dict[str, ToolSpec]
+    client: frozenset[str]
+    names: frozenset[str]
+    openai: tuple[dict[str, Any], ...]
+
+
+_PERSONA_TOOLS: dict[int, tuple[Persona, _PersonaTools]] = {}
+
+
+def _persona_tools(persona: Persona) -> _PersonaTools:
+    """What every request of a persona needs about its tools, computed once per persona."""
+    cached = _PERSONA_TOOLS.get(id(persona))
+    if cached is not None and cached[0] is persona:
+        return cached[1]
+    tools = _PersonaTools(
+        server={t.name: t for t in persona.tools if t.execution == "server"},
+        client=frozenset(t.name for t in persona.tools if t.execution == "client"),
+        names=frozenset(t.name for t in persona.tools),
+        openai=tuple(t.openai_tool() for t in persona.tools),
+    )
+    _PERSONA_TOOLS[id(persona)] = (persona, tools)
+    return tools
+
+
 class ToolRunner:
     """Runs a persona's server tools; knows which tool names are client tools for a request.
 
@@ -139,20 +165,23 @@ class ToolRunner:
         self.persona = persona
         self.default_timeout = default_timeout
         self.await_final: Callable[[], Awaitable[bool]] | None = None
-        self.server: dict[str, ToolSpec] = {
-            t.name: t for t in persona.tools if t.execution == "server"
-        }
-        client = [t.name for t in persona.tools if t.execution == "client"]
-        client.extend(n for n in request_tools if n not in self.server and n not in client)
-        self.client_names = frozenset(client)
+        tools = _persona_tools(persona)
+        self.server: dict[str, ToolSpec] = tools.server
+        if request_tools:
+            client = list(tools.client)
+            client.extend(n for n in request_tools if n not in self.server and n not in client)
+            self.client_names = frozenset(client)
+        else:
+            self.client_names = tools.client
 
     def is_server(self, name: str | None) -> bool:
         return name is not None and name in self.server
 
     def openai_tools(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         """Every tool the model may call: the persona's plus those sent in the request."""
-        tools = [t.openai_tool() for t in self.persona.tools]
-        known = {t.name for t in self.persona.tools}
+        persona_tools = _persona_tools(self.persona)
+        tools = list(persona_tools.openai)
+        known = persona_tools.names
         for tool in request_tools or []:
             name = tool.get("function", {}).get("name")
             if name not in known:

@@ -25,6 +25,7 @@ See ARCHITECTURE.md, "Speculative turns", for who cancels whom.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Hashable
@@ -43,6 +44,11 @@ log = logging.getLogger(__name__)
 
 MAX_GENERATIONS_PER_CONVERSATION = 16
 
+# Every request of a conversation repeats its system prompt and history: normalize each distinct
+# text once.
+_normalize = functools.lru_cache(maxsize=1024)(normalize)
+_clean = functools.lru_cache(maxsize=1024)(clean_user_text)
+
 
 def turn_keys(ctx: TurnContext) -> tuple[Hashable, str | None, Hashable]:
     """(replay key, normalized speech of a trailing user message, dialogue before it).
@@ -56,12 +62,12 @@ def turn_keys(ctx: TurnContext) -> tuple[Hashable, str | None, Hashable]:
     for message in req.messages:
         text = message.text()
         if message.role == "user":
-            text = clean_user_text(text)
+            text = _clean(text)
         calls = tuple(
             (c.id, c.function.name, c.function.arguments) for c in message.tool_calls or ()
         )
         normalized.append(
-            (message.role, normalize(text), calls, message.tool_call_id, message.name)
+            (message.role, _normalize(text), calls, message.tool_call_id, message.name)
         )
     params = (
         tuple(t.function.name for t in req.tools or ()),
@@ -75,7 +81,7 @@ def turn_keys(ctx: TurnContext) -> tuple[Hashable, str | None, Hashable]:
     last = req.messages[-1]
     if last.role != "user":
         return key, None, ()
-    speech = normalize(clean_user_text(last.text())) or None
+    speech = _normalize(_clean(last.text())) or None
     dialogue = (ctx.persona.name, tuple(m for m in normalized[:-1] if m[0] != "system"), params)  # type: ignore[index]
     return key, speech, dialogue
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import json.scanner
 import ssl
 import time
 import urllib.request
@@ -33,6 +34,9 @@ import httptools
 from cvi_agent import __version__
 
 _loads = json.loads
+# The C scanner straight away: `json.loads` on bytes runs a pure-Python encoding detection and
+# two wrapper calls per event, which profiling showed at ~1/3 of the per-chunk decode cost.
+_scan: Any = json.scanner.make_scanner(json.JSONDecoder())  # type: ignore[arg-type]
 _MAX_ERROR_BODY = 64 * 1024
 _PAUSE_AT = 64  # queued events before we stop reading from the socket (backpressure)
 USER_AGENT = f"cvi-agent/{__version__}"
@@ -115,8 +119,12 @@ class SSEDecoder:
             self.done = True
             return
         try:
-            out.append(_loads(payload))
-        except ValueError:
+            text = payload.decode()
+            value, end = _scan(text, 0)
+            if end != len(text):
+                value = _loads(text)  # trailing whitespace, or garbage (raises)
+            out.append(value)
+        except (ValueError, StopIteration):
             out.append(UpstreamConnectionError("upstream sent an event that is not JSON"))
 
 
