@@ -344,7 +344,8 @@ class ChatStream:
         self.got_bytes = False
 
     async def _drain_error(self) -> None:
-        self._error_body = bytearray()
+        if self._error_body is None:  # the body may have come in the headers' packet
+            self._error_body = bytearray()
         while not self._finished and self._error is None:
             await self._wait()
         body = bytes(self._error_body)
