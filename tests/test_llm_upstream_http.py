@@ -16,6 +16,7 @@ from cvi_agent.llm.upstream_http import (
     UpstreamConnectionError,
     UpstreamHTTPError,
 )
+from tests.test_llm_turns import wait_until
 
 PARAMS: dict[str, Any] = {
     "model": "fake",
@@ -110,9 +111,7 @@ async def test_closing_early_closes_the_upstream_connection(upstream: FakeUpstre
             break
         await stream.aclose()
         closed = time.monotonic()
-        deadline = closed + 2
-        while upstream.records[-1].disconnected is None and time.monotonic() < deadline:
-            await asyncio.sleep(0.01)
+        await wait_until(lambda: upstream.records[-1].disconnected is not None, within=2)
     finally:
         await client.aclose()
     disconnected = upstream.records[-1].disconnected
