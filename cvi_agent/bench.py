@@ -403,6 +403,7 @@ class PhaseStats:
     ttfts: list[float] = field(default_factory=list)
     gaps: list[float] = field(default_factory=list)
     server_cpu: float = 0.0
+    cpu: dict[str, float] = field(default_factory=dict)  # CPU seconds of each process
 
     def add(self, result: StreamResult) -> None:
         self.streams += 1
@@ -461,12 +462,16 @@ class Progress:
             sys.stderr.flush()
 
 
+_PHASES = itertools.count()
+
+
 async def _client_loop(
     target: Target, client_no: int, deadline: float, stats: PhaseStats, request_timeout: float
 ) -> None:
     loop = asyncio.get_running_loop()
     conn: HttpConnection | None = None
     turn = 0
+    phase = next(_PHASES)  # texts never repeat across phases: a repeat would be a replay
     # Spread the clients' first requests over a short ramp, like calls that started apart.
     await asyncio.sleep((client_no % 20) * 0.005)
     while loop.time() < deadline:
@@ -474,7 +479,7 @@ async def _client_loop(
         try:
             if conn is None or conn.lost:
                 conn = await connect(target.port)
-            text = f"client {client_no} turn {turn}: tell me about the weather in Dallas"
+            text = f"phase {phase} turn {turn}: tell me about the weather in Dallas"
             result = await asyncio.wait_for(
                 conn.send(target.request(text, f"bench-{target.name}-{client_no}")),
                 request_timeout,
@@ -498,12 +503,12 @@ async def run_phase(
     seconds: float,
     progress: Progress,
     label: str,
-    server: Child | None,
+    children: dict[str, Child] | None,
 ) -> PhaseStats:
     stats = PhaseStats(target.name)
     progress.phase(label, stats)
     loop = asyncio.get_running_loop()
-    cpu0 = server.cpu() if server is not None else 0.0
+    cpu0 = _cpu_snapshot(children)
     started = loop.time()
     deadline = started + seconds
     await asyncio.gather(
@@ -513,14 +518,38 @@ async def run_phase(
         )
     )
     stats.seconds = loop.time() - started
-    if server is not None:
-        stats.server_cpu = server.cpu() - cpu0
+    if children is not None:
+        cpu1 = _cpu_snapshot(children)
+        stats.cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
+        stats.server_cpu = stats.cpu["server"]
     return stats
+
+
+def _cpu_snapshot(children: dict[str, Child] | None) -> dict[str, float]:
+    if children is None:
+        return {}
+    snapshot = {name: child.cpu() for name, child in children.items()}
+    snapshot["load_generator"] = cpu_seconds(os.getpid())
+    return snapshot
+
+
+def idle_wakeup_cpu_us(samples: int = 200) -> float:
+    """CPU a process burns per wake-up from a 1 ms sleep on this machine (virtualization tax).
+
+    A streaming relay wakes up for every chunk when tokens come slowly, so this sets the floor
+    of its CPU per chunk; on bare metal it is a few µs, on a busy VM tens.
+    """
+    start = time.process_time()
+    for _ in range(samples):
+        time.sleep(0.001)
+    return round((time.process_time() - start) / samples * 1e6, 1)
 
 
 def _merge(phases: list[PhaseStats]) -> PhaseStats:
     total = PhaseStats(phases[0].target if phases else "")
     for p in phases:
+        for name, seconds in p.cpu.items():
+            total.cpu[name] = total.cpu.get(name, 0.0) + seconds
         total.seconds += p.seconds
         total.streams += p.streams
         total.chunks += p.chunks
@@ -533,7 +562,11 @@ def _merge(phases: list[PhaseStats]) -> PhaseStats:
 
 
 async def overhead_scenario(
-    params: BenchParams, direct: Target, through: Target, server: Child, progress: Progress
+    params: BenchParams,
+    direct: Target,
+    through: Target,
+    children: dict[str, Child],
+    progress: Progress,
 ) -> dict[str, Any]:
     if params.warmup_seconds > 0:
         await run_phase(through, params, params.warmup_seconds, progress, "warm-up", None)
@@ -541,7 +574,7 @@ async def overhead_scenario(
     for round_no in range(1, params.rounds + 1):
         for target in (direct, through):
             label = f"overhead round {round_no}/{params.rounds}: {target.name}"
-            stats = await run_phase(target, params, params.phase_seconds, progress, label, server)
+            stats = await run_phase(target, params, params.phase_seconds, progress, label, children)
             phases[target.name].append(stats)
     d, t = _merge(phases["direct"]), _merge(phases["through"])
     d_ttft, t_ttft = summarize_ms(d.ttfts), summarize_ms(t.ttfts)
@@ -563,6 +596,13 @@ async def overhead_scenario(
         if server_cpu_per_chunk is not None
         else None,
         "server_cpu_share": round(t.server_cpu / t.seconds, 3) if t.seconds else None,
+        "cpu_share": {
+            side.target: {
+                name: round(seconds / side.seconds, 3) for name, seconds in side.cpu.items()
+            }
+            for side in (d, t)
+            if side.seconds
+        },
         "errors": {"direct": d.errors, "through": t.errors},
         "error_samples": d.error_samples + t.error_samples,
     }
@@ -789,6 +829,7 @@ def machine_info() -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(terse=True),
         "loop": loop_name,
+        "idle_wakeup_cpu_us": idle_wakeup_cpu_us(),
     }
 
 
@@ -808,7 +849,10 @@ async def _run_async(
     report: dict[str, Any] = {}
     try:
         if "overhead" in params.scenarios:
-            report["overhead"] = await overhead_scenario(params, direct, through, server, progress)
+            children = {"server": server, "upstream": upstream}
+            report["overhead"] = await overhead_scenario(
+                params, direct, through, children, progress
+            )
         if "speculative" in params.scenarios:
             run_id = f"{os.getpid()}-{int(time.time())}"
             report["speculative"] = await speculative_scenario(
@@ -993,8 +1037,14 @@ def format_table(report: dict[str, Any]) -> str:
             f"{'':>12}{_fmt(_ratio(cps['through'], cps['direct'])):>9}",
             f"{'streams':28}{_fmt(o['streams']['direct']):>12}{_fmt(o['streams']['through']):>12}",
             f"{'errors':28}{_fmt(o['errors']['direct']):>12}{_fmt(o['errors']['through']):>12}",
+            *(
+                f"{'CPU share: ' + name.replace('_', ' '):28}"
+                f"{_fmt(o['cpu_share'].get('direct', {}).get(name)):>12}"
+                f"{_fmt(o['cpu_share'].get('through', {}).get(name)):>12}"
+                for name in ("server", "upstream", "load_generator")
+            ),
             f"{'server CPU per chunk (µs)':28}{'':>12}{_fmt(o['server_cpu_us_per_chunk']):>12}"
-            f"   (server busy {_fmt(o['server_cpu_share'])} of a core)",
+            f"   (one idle wake-up on this machine: {_fmt(m.get('idle_wakeup_cpu_us'))} µs)",
             rss,
         ]
         if o["error_samples"]:
