@@ -98,6 +98,18 @@ def encode_event(data: dict[str, Any]) -> bytes:
 
 
 class ClosableBody(AsyncIterable[bytes], Protocol):
+    """A body pulled chunk by chunk (an async generator)."""
+
+    async def aclose(self) -> None: ...
+
+
+class PushBody(Protocol):
+    """A body that sends itself: `run(send)` returns once its last message went out."""
+
+    sent: int
+
+    async def run(self, send: Send) -> None: ...
+
     async def aclose(self) -> None: ...
 
 
@@ -114,7 +126,7 @@ class EventStreamResponse(Response):
 
     media_type = "text/event-stream"
 
-    def __init__(self, body: ClosableBody, ping: float = 15.0) -> None:
+    def __init__(self, body: ClosableBody | PushBody, ping: float = 15.0) -> None:
         self.stream_body = body
         self.ping = ping
         self.status_code = 200
@@ -151,8 +163,12 @@ class EventStreamResponse(Response):
             await self.stream_body.aclose()
 
     async def _pump(self, send: Send) -> None:
+        body = self.stream_body
+        if not isinstance(body, AsyncIterable):
+            await body.run(send)
+            return
         more = True
-        async for chunk in self.stream_body:
+        async for chunk in body:
             more = not chunk.endswith(DONE)
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
             self._sent += 1
@@ -169,10 +185,12 @@ class EventStreamResponse(Response):
     def _ping(self, loop: asyncio.AbstractEventLoop, send: Send, seen: int) -> None:
         if self._disconnected:
             return
-        if seen == self._sent:  # nothing sent for a whole interval
+        body = self.stream_body
+        sent = self._sent if isinstance(body, AsyncIterable) else body.sent
+        if seen == sent:  # nothing sent for a whole interval
             message = {"type": "http.response.body", "body": b": ping\n\n", "more_body": True}
             loop.create_task(_quiet(send(message)))
-        self._pinger = loop.call_later(self.ping, self._ping, loop, send, self._sent)
+        self._pinger = loop.call_later(self.ping, self._ping, loop, send, sent)
 
 
 async def _quiet(coro: Any) -> None:

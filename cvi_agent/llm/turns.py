@@ -28,7 +28,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Hashable
+from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from cvi_agent import metrics
@@ -37,6 +37,8 @@ from cvi_agent.llm.brains.speech import clean_user_text, normalize
 from cvi_agent.llm.sse import DONE, ChunkEncoder
 
 if TYPE_CHECKING:
+    from starlette.types import Send
+
     from cvi_agent.config import Settings
     from cvi_agent.llm.brains.base import TurnContext
 
@@ -99,7 +101,6 @@ class Generation:
 
     __slots__ = (
         "_orphan_timer",
-        "_waiters",
         "cancelled",
         "conversation",
         "ctx",
@@ -112,6 +113,7 @@ class Generation:
         "key",
         "listeners",
         "speech",
+        "subscribers",
         "task",
         "tracker",
     )
@@ -139,7 +141,7 @@ class Generation:
         self.finished_at = 0.0
         self.listeners = 0
         self.task: asyncio.Task[None] | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        self.subscribers: list[Subscription] = []  # caught up: pushed to as events come
         self._orphan_timer: asyncio.TimerHandle | None = None
 
     def start(self, brain: Brain) -> None:
@@ -148,11 +150,12 @@ class Generation:
     async def _produce(self, brain: Brain) -> None:
         events = brain.stream(self.ctx)
         push = self.events.append
+        subscribers = self.subscribers
         try:
             async for event in events:
                 push(event)
-                if self._waiters:
-                    self._wake()
+                if subscribers:
+                    await self._deliver()
         except asyncio.CancelledError:
             pass  # superseded or abandoned: the brain's cleanup closed the upstream request
         except Exception as exc:
@@ -167,20 +170,17 @@ class Generation:
             await events.aclose()  # type: ignore[attr-defined]
             self.done = True
             self.finished_at = asyncio.get_running_loop().time()
-            self._wake()
+            await self._deliver()
             self.tracker._finished(self)
 
-    def _wake(self) -> None:
-        waiters, self._waiters = self._waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    async def changed(self) -> None:
-        """Wait until new events arrive or the generation ends."""
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        await waiter
+    async def _deliver(self) -> None:
+        """Send what is new to every caught-up subscriber, in this task: no hop per chunk."""
+        subscribers = self.subscribers
+        for subscriber in subscribers if len(subscribers) == 1 else list(subscribers):
+            try:
+                await subscriber.deliver()
+            except Exception as exc:  # that response broke; the others go on
+                log.debug("conversation %s: a subscriber failed: %s", self.id, exc)
 
     def replayable(self, now: float, window: float) -> bool:
         if self.cancelled is not None or self.error is not None:
@@ -242,12 +242,27 @@ class Generation:
 
 
 class Subscription:
-    """One HTTP response reading a generation: an async iterator of SSE bytes.
+    """One HTTP response reading a generation. Push-driven: `run(send)` sends the backlog
+    (a replay), then the generation's task sends each new chunk itself (one task, no wake-up
+    per chunk), and `run` returns once the final chunk with `[DONE]` went out.
 
-    It counts as a listener from creation until `aclose()`, whether or not it was iterated.
+    It counts as a listener from creation until `aclose()`, whether or not it ran.
     """
 
-    __slots__ = ("_closed", "_iterator", "ctx", "enc", "generation", "replay", "started")
+    __slots__ = (
+        "_closed",
+        "_done",
+        "ctx",
+        "enc",
+        "finish",
+        "finished",
+        "generation",
+        "index",
+        "replay",
+        "send",
+        "sent",
+        "started",
+    )
 
     def __init__(
         self,
@@ -262,61 +277,86 @@ class Subscription:
         self.enc = enc
         self.started = started
         self.replay = replay
+        self.index = 0  # next event of the generation to send
+        self.sent = 0  # messages sent (the response's keep-alive ping looks at it)
+        self.finish: Finish | None = None
+        self.finished = False
+        self.send: Send | None = None
+        self._done: asyncio.Future[None] | None = None
         self._closed = False
         generation.attach()
-        self._iterator = self._iterate()
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._iterator
-
-    async def aclose(self) -> None:
-        try:
-            await self._iterator.aclose()
-        finally:
-            if not self._closed:
-                self._closed = True
-                self.generation.detach()
-
-    async def _iterate(self) -> AsyncGenerator[bytes, None]:
+    async def run(self, send: Send) -> None:
+        """Stream the whole answer to `send` (the ASGI send of this response)."""
+        self.send = send
         gen = self.generation
-        enc = self.enc
+        while not self.finished:
+            await self.deliver()
+            if not self.finished and self.index == len(gen.events) and not gen.done:
+                # Caught up, and nothing happened while we sent: from now on the generation
+                # pushes to us (no await between the check and the registration).
+                self._done = asyncio.get_running_loop().create_future()
+                gen.subscribers.append(self)
+                await self._done
+                return
+
+    async def deliver(self) -> None:
+        """Encode and send the generation's events from `index` on; the tail once it ended."""
+        send = self.send
+        if self.finished or send is None:
+            return
+        gen = self.generation
         events = gen.events
-        index = 0
-        sent = False
-        finish: Finish | None = None
-        while True:
-            end = len(events)
-            if index < end:
-                parts: list[bytes] = []
-                while index < end:
-                    event = events[index]
-                    index += 1
-                    kind = type(event)
-                    if kind is TextDelta:
-                        if event.text:  # type: ignore[union-attr]
-                            parts.append(enc.content(event.text))  # type: ignore[union-attr]
-                    elif kind is ToolCallDelta:
-                        parts.append(
-                            enc.tool_call(
-                                event.index,  # type: ignore[union-attr]
-                                event.id,  # type: ignore[union-attr]
-                                event.name,  # type: ignore[union-attr]
-                                event.arguments,  # type: ignore[union-attr]
-                            )
-                        )
-                    else:
-                        finish = event  # type: ignore[assignment]
-                if parts:
-                    if not sent:
-                        sent = True
-                        self._first_token()
-                    yield parts[0] if len(parts) == 1 else b"".join(parts)
-                continue
-            if gen.done:
-                break
-            await gen.changed()
+        end = len(events)
+        enc = self.enc
+        parts: list[bytes] = []
+        while self.index < end:
+            event = events[self.index]
+            self.index += 1
+            kind = type(event)
+            if kind is TextDelta:
+                if event.text:  # type: ignore[union-attr]
+                    parts.append(enc.content(event.text))  # type: ignore[union-attr]
+            elif kind is ToolCallDelta:
+                parts.append(
+                    enc.tool_call(
+                        event.index,  # type: ignore[union-attr]
+                        event.id,  # type: ignore[union-attr]
+                        event.name,  # type: ignore[union-attr]
+                        event.arguments,  # type: ignore[union-attr]
+                    )
+                )
+            else:
+                self.finish = event  # type: ignore[assignment]
+        first = bool(parts) and not self.sent
+        if gen.done and self.index >= len(events):
+            parts.extend(self._tail(bool(parts) or self.sent > 0))
+            self.finished = True
+        if not parts:
+            return
+        if first:
+            self._first_token()
+        self.sent += 1
+        try:
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": parts[0] if len(parts) == 1 else b"".join(parts),
+                    "more_body": not self.finished,
+                }
+            )
+        except Exception:  # this response is broken: it must not break the generation
+            self.finished = True
+            raise
+        finally:
+            if self.finished:
+                self._release()
+
+    def _tail(self, sent: bool) -> list[bytes]:
+        enc = self.enc
         tail: list[bytes] = []
-        if gen.error is not None and finish is None:
+        finish = self.finish
+        if self.generation.error is not None and finish is None:
             if not sent:
                 tail.append(enc.content(self.ctx.persona.fallback_text))
             finish = Finish("stop")
@@ -327,7 +367,23 @@ class Subscription:
         if opts is not None and opts.include_usage:
             tail.append(enc.usage(finish.prompt_tokens, finish.completion_tokens))
         tail.append(DONE)
-        yield b"".join(tail)
+        return tail
+
+    def _release(self) -> None:
+        try:
+            self.generation.subscribers.remove(self)
+        except ValueError:
+            pass
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    async def aclose(self) -> None:
+        self.finished = True
+        self._release()
+        if not self._closed:
+            self._closed = True
+            self.generation.detach()
 
     def _first_token(self) -> None:
         upstream = None if self.replay else self.generation.ctx.state.get("upstream_ttft")
