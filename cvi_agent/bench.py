@@ -571,11 +571,13 @@ async def overhead_scenario(
     if params.warmup_seconds > 0:
         await run_phase(through, params, params.warmup_seconds, progress, "warm-up", None)
     phases: dict[str, list[PhaseStats]] = {"direct": [], "through": []}
+    overhead0 = _server_histogram(children["server"], "cvi_added_overhead_seconds")
     for round_no in range(1, params.rounds + 1):
         for target in (direct, through):
             label = f"overhead round {round_no}/{params.rounds}: {target.name}"
             stats = await run_phase(target, params, params.phase_seconds, progress, label, children)
             phases[target.name].append(stats)
+    overhead1 = _server_histogram(children["server"], "cvi_added_overhead_seconds")
     d, t = _merge(phases["direct"]), _merge(phases["through"])
     d_ttft, t_ttft = summarize_ms(d.ttfts), summarize_ms(t.ttfts)
     d_gap, t_gap = summarize_ms(d.gaps), summarize_ms(t.gaps)
@@ -585,6 +587,7 @@ async def overhead_scenario(
         "streams": {"direct": d.streams, "through": t.streams},
         "ttft_ms": {"direct": d_ttft, "through": t_ttft},
         "added_ttft_ms": {q: _delta(t_ttft[q], d_ttft[q]) for q in t_ttft},
+        "server_measured_overhead_ms": _histogram_quantiles(overhead0, overhead1),
         "inter_chunk_ms": {"direct": d_gap, "through": t_gap},
         "added_inter_chunk_ms": {q: _delta(t_gap[q], d_gap[q]) for q in t_gap},
         "chunks_per_second": {
@@ -787,6 +790,39 @@ async def speculative_scenario(
     )
     out["replay_hits"] = None if replays is None or replays0 is None else int(replays - replays0)
     out["errors"] = sides["direct"]["errors"] + sides["through"]["errors"]
+    return out
+
+
+def _server_histogram(server: Child, name: str) -> dict[float, float] | None:
+    """Cumulative bucket counts {upper bound: count} of a server histogram (None: no metrics)."""
+    text = server.get_text("/metrics", {"Authorization": f"Bearer {BENCH_KEY}"})
+    if text is None:
+        return None
+    buckets: dict[float, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{"):
+            series, value = line.rsplit(" ", 1)
+            le = series.split('le="', 1)[1].split('"', 1)[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets[bound] = buckets.get(bound, 0.0) + float(value)
+    return buckets
+
+
+def _histogram_quantiles(
+    before: dict[float, float] | None, after: dict[float, float] | None
+) -> dict[str, float | None] | None:
+    """p50/p95/p99 upper bounds (ms) of what a histogram recorded between two scrapes."""
+    if before is None or after is None:
+        return None
+    counts = {bound: after[bound] - before.get(bound, 0.0) for bound in sorted(after)}
+    total = counts.get(float("inf"), 0.0)
+    out: dict[str, float | None] = {}
+    for q in (50, 95, 99):
+        out[f"p{q}"] = None
+        for bound, count in counts.items():
+            if total and count >= total * q / 100:
+                out[f"p{q}"] = None if bound == float("inf") else round(bound * 1000, 3)
+                break
     return out
 
 
@@ -1030,6 +1066,12 @@ def format_table(report: dict[str, Any]) -> str:
                 lines.append(
                     f"{label + ' ' + q + ' (ms)':28}{_fmt(d):>12}{_fmt(t):>12}"
                     f"{_fmt(o[added][q], '+'):>12}{_fmt(_ratio(t, d)):>9}"
+                )
+            server_view = o.get("server_measured_overhead_ms")
+            if key == "ttft_ms" and server_view:
+                lines.append(
+                    f"{'  added, as the server sees it (upper bucket bounds, ms): '}"
+                    + "  ".join(f"{q} ≤ {_fmt(server_view[q])}" for q in ("p50", "p95", "p99"))
                 )
         cps = o["chunks_per_second"]
         lines += [
