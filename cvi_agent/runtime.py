@@ -18,19 +18,17 @@ class Runtime:
     settings: Settings
     personas: dict[str, Persona]
     upstreams: UpstreamClients
-    turns: TurnTracker
     brains: dict[str, Brain] = field(default_factory=dict)
     extras: dict[str, Any] = field(default_factory=dict)
+    turns: TurnTracker = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.turns = TurnTracker(self.settings)
 
     @classmethod
     def build(cls, settings: Settings, personas: dict[str, Persona]) -> Runtime:
         upstreams = UpstreamClients(settings)
-        runtime = cls(
-            settings=settings,
-            personas=personas,
-            upstreams=upstreams,
-            turns=TurnTracker(settings),
-        )
+        runtime = cls(settings=settings, personas=personas, upstreams=upstreams)
         for persona in personas.values():
             runtime.brains[persona.name] = make_brain(persona, upstreams)
         return runtime

@@ -146,3 +146,22 @@ async def test_upstream_failure_speaks_the_fallback_line(
             finish = chunk.choices[0].finish_reason or finish
     assert "".join(parts) == "Hmm, let me gather my thoughts for a second."
     assert finish == "stop"
+
+
+async def test_connection_reused_when_the_body_ends_after_done(upstream: FakeUpstream) -> None:
+    chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
+    upstream.push(Plan(raw_chunks=[chunk, b"data: [DONE]\n\n"], end_delay=0.2))
+    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+    try:
+        started = time.monotonic()
+        assert len(await collect(client)) == 1
+        assert time.monotonic() - started < 0.15, "the reader must not wait for the body's end"
+        await asyncio.sleep(0.3)
+        upstream.push(upstream.reply("again"))
+        await collect(client)
+        upstream.push(upstream.reply("and again"))
+        await collect(client)
+    finally:
+        await client.aclose()
+    clients = [r.client for r in upstream.records]
+    assert clients[0] is not None and clients[0] == clients[1] == clients[2]

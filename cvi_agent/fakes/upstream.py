@@ -45,6 +45,7 @@ class Plan:
     ttft: float | None = None
     reset_after: int | None = None  # drop the connection after N chunks
     raw_chunks: list[bytes] | None = None  # sent verbatim (malformed-chunk tests)
+    end_delay: float = 0.0  # seconds between the last chunk and the end of the HTTP body
 
 
 @dataclass
@@ -69,6 +70,7 @@ class RequestRecord:
     chunks_sent: int = 0
     user_text: str = ""
     complete: bool = False  # the whole reply was handed to the server
+    client: tuple[str, int] | None = None  # the connection it came on (reuse shows here)
 
     def summary(self) -> dict[str, Any]:
         """The record without body and headers: what another process needs (bench)."""
@@ -175,6 +177,7 @@ class FakeUpstream:
             headers={k.decode(): v.decode() for k, v in scope["headers"]} if keep else {},
             started=time.monotonic(),
             user_text=_last_user_text(body),
+            client=tuple(scope["client"]) if scope.get("client") else None,
         )
         if self.keep_records:
             self.records.append(record)
@@ -294,6 +297,8 @@ class FakeUpstream:
             for raw in plan.raw_chunks:
                 await send({"type": "http.response.body", "body": raw, "more_body": True})
             record.complete = True
+            if plan.end_delay:
+                await asyncio.sleep(plan.end_delay)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         enc = ChunkEncoder(str(body.get("model", "fake")))

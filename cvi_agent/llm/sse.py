@@ -145,11 +145,11 @@ class EventStreamResponse(Response):
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
         watcher = loop.create_task(self._watch(receive, task))
         self._pinger = loop.call_later(self.ping, self._ping, loop, send, -1)
         metrics.ACTIVE_STREAMS.inc()
-        try:
+        try:  # the body is closed whatever happens: a subscription must always leave
+            await send({"type": "http.response.start", "status": 200, "headers": self.raw_headers})
             await self._pump(send)
         except asyncio.CancelledError:
             if not self._disconnected:

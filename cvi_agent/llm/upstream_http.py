@@ -272,6 +272,7 @@ class ChatStream:
         "_headers_waiter",
         "_keep_alive",
         "_last_read",
+        "_lingering",
         "_paused",
         "_pool",
         "_read_timeout",
@@ -299,6 +300,7 @@ class ChatStream:
         self._headers_waiter: asyncio.Future[None] | None = None
         self._watchdog: asyncio.TimerHandle | None = None
         self._last_read = 0.0
+        self._lingering = False
         self.got_bytes = False
 
     # ------------------------------------------------------------ consumer side
@@ -404,7 +406,23 @@ class ChatStream:
             return
         if self._finished and self._keep_alive and self._error is None and not self._paused:
             self._pool.release(conn)
+        elif self._decoder.done and not self._finished and self._error is None:
+            # `[DONE]` came, the end of the HTTP body not yet: reuse the connection once it
+            # does (a new one to a TLS upstream costs a handshake), unless that takes long.
+            self._conn = conn
+            self._lingering = True
+            self._watchdog = asyncio.get_running_loop().call_later(1.0, self._abandon)
         else:
+            conn.stream = None
+            conn.close()
+
+    def _abandon(self) -> None:
+        self._lingering = False
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
             conn.stream = None
             conn.close()
 
@@ -456,8 +474,14 @@ class ChatStream:
         self._finished = True
         self._keep_alive = keep_alive
         self._wake()
+        if self._lingering:  # closed by its reader after `[DONE]` (see `_close`): free now
+            self._lingering = False
+            self._close()
 
     def _fail(self, error: BaseException) -> None:
+        if self._lingering:
+            self._abandon()
+            return
         if self._error is None and not self._finished:
             self._error = error
         waiter = self._headers_waiter
