@@ -460,13 +460,16 @@ class ChatStream:
                 self._error_body += body
             return
         events = self._events
-        self._decoder.feed(body, events)
+        decoder = self._decoder
+        decoder.feed(body, events)
         if events:
             if len(events) >= _PAUSE_AT and not self._paused:
                 conn = self._conn
                 if conn is not None and conn.transport is not None:
                     self._paused = True
                     conn.transport.pause_reading()
+            self._wake()
+        elif decoder.done:  # `[DONE]` alone: the reader is finished, whatever comes after
             self._wake()
 
     def _complete(self, keep_alive: bool) -> None:
