@@ -163,7 +163,7 @@ async def test_unrelated_request_does_not_supersede(
 async def test_final_request_replays_the_speculative_generation(
     sdk: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    upstream.push(paced(12, 0.03, ttft=0.3, prefix="tok"))
+    upstream.push(paced(12, 0.03, ttft=1.0, prefix="tok"))
     speculative, final = Wire(), Wire()
     spec_task = asyncio.create_task(
         stream(sdk, speculative, turn("Tell me a story."), "conv-replay")
@@ -176,8 +176,8 @@ async def test_final_request_replays_the_speculative_generation(
     await asyncio.gather(spec_task, return_exceptions=True)
     await final_task
 
-    # First token without waiting for the model (the upstream takes 300 ms to its first token).
-    assert final.ttft < 0.15, final.ttft
+    # First token without waiting for the model (the upstream takes 1 s to its first token).
+    assert final.ttft < 0.5, final.ttft
     assert final.text == " ".join(f"tok{i}" for i in range(12))
     assert final.events[-1] == "[DONE]" and final.finish_reason == "stop"
     assert len(upstream.records) == 1, "the final request did not reach the upstream"
@@ -186,7 +186,7 @@ async def test_final_request_replays_the_speculative_generation(
     # Finished, and still replayable within the window.
     again = Wire()
     await stream(sdk, again, turn("tell me a story"), "conv-replay")
-    assert again.text == final.text and again.ttft < 0.15
+    assert again.text == final.text and again.ttft < 0.5
     assert len(upstream.records) == 1
 
 
@@ -258,7 +258,7 @@ def booking_server(serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path)
         )
     )
     BOOKINGS.clear()
-    return serve(upstream, personas_dir=personas, side_effect_settle=0.4)
+    return serve(upstream, personas_dir=personas, side_effect_settle=1.0)
 
 
 def booking_plan(party: int) -> Plan:
@@ -309,7 +309,7 @@ async def test_abandoned_request_never_runs_a_side_effecting_tool(
         await asyncio.sleep(0.1)
         task.cancel()  # Tavus abandons the speculative request
         await asyncio.gather(task, return_exceptions=True)
-        await asyncio.sleep(0.8)  # past the settle delay
+        await asyncio.sleep(1.3)  # past the settle delay
     assert BOOKINGS == []
     assert len(upstream.records) == 1
 
@@ -327,5 +327,5 @@ async def test_final_request_runs_the_tool_once_after_the_settle_delay(
         await stream(c, free, turn("book a table for five"), None, model="host")
     assert BOOKINGS == [{"party": 3}, {"party": 5}]
     # Held until the conversation had been quiet for the settle delay; no conversation id: at once.
-    assert held.ttft >= 0.35
-    assert free.ttft < 0.35
+    assert held.ttft >= 0.9
+    assert free.ttft < 0.9
