@@ -50,7 +50,8 @@ REPLAYED = Counter(
 )
 CANCELLED = Counter(
     "cvi_turns_cancelled",
-    "Generations cancelled because nobody listened any more (client gone, no replay).",
+    "Answers cancelled because nobody listened any more: `client_disconnect` (no conversation "
+    "id), `abandoned` (a conversation's generation left without listeners and no replay).",
     ["reason"],
 )
 TOOL_CALLS = Counter(

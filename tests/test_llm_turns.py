@@ -12,6 +12,7 @@ from typing import Any
 
 import openai
 import pytest
+from prometheus_client import REGISTRY
 
 from cvi_agent.fakes.server import LoopbackServer
 from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
@@ -111,6 +112,10 @@ async def sdk(server: LoopbackServer) -> AsyncIterator[openai.AsyncOpenAI]:
         base_url=server.url + "/v1", api_key=API_KEY, max_retries=0
     ) as client:
         yield client
+
+
+def cancelled(reason: str) -> float:
+    return REGISTRY.get_sample_value("cvi_turns_cancelled_total", {"reason": reason}) or 0.0
 
 
 async def wait_until(condition: Any, within: float = 3.0) -> None:
@@ -218,6 +223,8 @@ async def test_client_disconnect_closes_the_upstream_request(
     sdk: openai.AsyncOpenAI, upstream: FakeUpstream, conversation: str | None
 ) -> None:
     upstream.push(paced(100, 0.05))
+    reason = "abandoned" if conversation else "client_disconnect"
+    cancelled_before = cancelled(reason)
     wire = Wire()
     task = asyncio.create_task(stream(sdk, wire, turn("talk for a long time"), conversation))
     await first_event(wire, task)
@@ -228,6 +235,8 @@ async def test_client_disconnect_closes_the_upstream_request(
     disconnected = upstream.records[0].disconnected
     assert disconnected is not None and disconnected - closed_at < 2.0
     assert upstream.records[0].chunks_sent < 100
+    reason = "abandoned" if conversation else "client_disconnect"
+    await wait_until(lambda: cancelled(reason) > cancelled_before)
 
 
 # ---------------------------------------------------------------- side effects

@@ -155,6 +155,8 @@ class EventStreamResponse(Response):
             if not self._disconnected:
                 raise
             task.uncancel()  # the client left: that is how streams end, not an error
+            if isinstance(self.stream_body, AsyncIterable):
+                metrics.cancelled("client_disconnect")  # (turns count their own: "abandoned")
         finally:
             metrics.ACTIVE_STREAMS.dec()
             if self._pinger is not None:
