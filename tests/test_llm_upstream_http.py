@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
+import ssl
+import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +169,55 @@ async def test_connection_reused_when_the_body_ends_after_done(upstream: FakeUps
         await client.aclose()
     clients = [r.client for r in upstream.records]
     assert clients[0] is not None and clients[0] == clients[1] == clients[2]
+
+
+@pytest.fixture
+def certificate(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed key and certificate for `localhost`."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is needed to make a certificate")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    return key, cert
+
+
+async def test_https_upstream(certificate: tuple[Path, Path]) -> None:
+    key, cert = certificate
+    fake = FakeUpstream()
+    with LoopbackServer(fake, ssl_keyfile=str(key), ssl_certfile=str(cert)) as server:
+        base = f"https://localhost:{server.port}/v1"
+        trusted = ssl.create_default_context(cafile=str(cert))
+        client = ChatStreamClient(base, "k", ssl_context=trusted)
+        untrusted = ChatStreamClient(base, "k")
+        try:
+            fake.push(fake.reply("over tls"), fake.reply("twice"))
+            events = await collect(client)
+            assert events[0]["choices"][0]["delta"]["content"] == "over "
+            await collect(client)
+            assert fake.records[0].client == fake.records[1].client  # kept alive
+            with pytest.raises(UpstreamConnectionError, match="could not connect"):
+                await untrusted.stream(PARAMS)  # a self-signed certificate is refused
+        finally:
+            await client.aclose()
+            await untrusted.aclose()

@@ -591,7 +591,11 @@ def _proxy_for(url: str) -> str | None:
 
 
 class ChatStreamClient:
-    """Streams chat completions from one OpenAI-compatible base URL with one API key."""
+    """Streams chat completions from one OpenAI-compatible base URL with one API key.
+
+    HTTPS verifies against the system's trust store plus certifi's, unless `ssl_context` is
+    given (a private CA).
+    """
 
     def __init__(
         self,
@@ -600,6 +604,7 @@ class ChatStreamClient:
         connect_timeout: float = 2.0,
         read_timeout: float = 10.0,
         force_httpx: bool = False,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         parts = urlsplit(self.base_url)
@@ -636,7 +641,7 @@ class ChatStreamClient:
         else:
             context = None
             if parts.scheme == "https":
-                context = _ssl_context()
+                context = ssl_context or _ssl_context()
             self._pool = _Pool(host, port, context, connect_timeout)
 
     @property
