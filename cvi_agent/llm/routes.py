@@ -26,8 +26,15 @@ from cvi_agent.http import (
     read_json_object,
     validation_message,
 )
-from cvi_agent.llm.brains.base import Brain, Finish, TextDelta, ToolCallDelta, TurnContext
-from cvi_agent.llm.sse import DONE, ChunkEncoder, EventStreamResponse
+from cvi_agent.llm.brains.base import (
+    Brain,
+    Finish,
+    TextDelta,
+    ToolCallDelta,
+    TurnContext,
+    usage_of,
+)
+from cvi_agent.llm.sse import ChunkEncoder, EventStreamResponse
 from cvi_agent.llm.tools import ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
 from cvi_agent.runtime import Runtime, get_runtime
@@ -124,12 +131,7 @@ async def sse_stream(
         await events.aclose()  # type: ignore[attr-defined]
     if finish is None:
         finish = Finish("stop")
-    tail = [enc.finish(finish.reason)]
-    opts = ctx.request.stream_options
-    if opts is not None and opts.include_usage:
-        tail.append(enc.usage(finish.prompt_tokens, finish.completion_tokens))
-    tail.append(DONE)
-    yield b"".join(tail)
+    yield enc.end(finish.reason, usage_of(ctx, finish))
 
 
 def _first_token(ctx: TurnContext) -> None:

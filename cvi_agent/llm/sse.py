@@ -77,6 +77,13 @@ class ChunkEncoder:
     def finish(self, reason: str) -> bytes:
         return self._chunk("{" + self._role().rstrip(",") + "}", _dumps(reason))
 
+    def end(self, reason: str, usage: tuple[int, int] | None = None) -> bytes:
+        """A stream's last bytes: the finish chunk, the usage chunk if asked for, `[DONE]`."""
+        tail = self.finish(reason)
+        if usage is not None:
+            tail += self.usage(*usage)
+        return tail + DONE
+
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         body = {
             "id": self.id,

@@ -32,9 +32,16 @@ from collections.abc import Hashable
 from typing import TYPE_CHECKING
 
 from cvi_agent import metrics
-from cvi_agent.llm.brains.base import Brain, BrainEvent, Finish, TextDelta, ToolCallDelta
+from cvi_agent.llm.brains.base import (
+    Brain,
+    BrainEvent,
+    Finish,
+    TextDelta,
+    ToolCallDelta,
+    usage_of,
+)
 from cvi_agent.llm.brains.speech import clean_user_text, normalize
-from cvi_agent.llm.sse import DONE, ChunkEncoder
+from cvi_agent.llm.sse import ChunkEncoder
 
 if TYPE_CHECKING:
     from starlette.types import Send
@@ -362,11 +369,7 @@ class Subscription:
             finish = Finish("stop")
         if finish is None:
             finish = Finish("stop")  # superseded or abandoned: end cleanly all the same
-        tail.append(enc.finish(finish.reason))
-        opts = self.ctx.request.stream_options
-        if opts is not None and opts.include_usage:
-            tail.append(enc.usage(finish.prompt_tokens, finish.completion_tokens))
-        tail.append(DONE)
+        tail.append(enc.end(finish.reason, usage_of(self.ctx, finish)))
         return tail
 
     def _release(self) -> None:
