@@ -162,13 +162,14 @@ class UpstreamBrain:
                             delta = choice.get("delta")
                             if delta:
                                 content = delta.get("content")
+                                tool_calls = delta.get("tool_calls")
+                                if first_at is None and (content or tool_calls):
+                                    first_at = time.perf_counter()
+                                    ctx.state["upstream_ttft"] = first_at - sent_at
                                 if content:
-                                    if first_at is None:
-                                        first_at = time.perf_counter()
-                                        ctx.state["upstream_ttft"] = first_at - sent_at
                                     text_parts.append(content)
                                     yield TextDelta(content)
-                                for tc in delta.get("tool_calls") or ():
+                                for tc in tool_calls or ():
                                     index = tc.get("index", 0)
                                     call = calls.get(index)
                                     if call is None:
@@ -179,9 +180,6 @@ class UpstreamBrain:
                                         call.id = tc["id"]
                                     if fn.get("name"):
                                         call.name = fn["name"]
-                                    if first_at is None:
-                                        first_at = time.perf_counter()
-                                        ctx.state["upstream_ttft"] = first_at - sent_at
                                     if ctx.tools.is_server(call.name):
                                         call.arguments.append(fragment)
                                         continue
