@@ -373,14 +373,6 @@ class ChatStream:
             raise event
         return event
 
-    def drain(self) -> list[Any]:
-        """Every event received so far, without waiting (batching consumers)."""
-        events = list(self._events)
-        self._events.clear()
-        if self._paused:
-            self._resume()
-        return events
-
     async def _wait(self) -> None:
         waiter = self._waiter = asyncio.get_running_loop().create_future()
         try:
@@ -560,11 +552,6 @@ class _HttpxStream:
         if isinstance(event, BaseException):
             raise event
         return event
-
-    def drain(self) -> list[Any]:
-        events = list(self._events)
-        self._events.clear()
-        return events
 
     async def aclose(self) -> None:
         cm, self._cm = self._cm, None
