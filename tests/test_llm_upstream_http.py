@@ -221,3 +221,26 @@ async def test_https_upstream(certificate: tuple[Path, Path]) -> None:
         finally:
             await client.aclose()
             await untrusted.aclose()
+
+
+async def test_backpressure_then_reuse(upstream: FakeUpstream) -> None:
+    """A reader that falls behind pauses the socket; the connection still serves the next one."""
+    upstream.push(upstream.reply(" ".join(f"w{i}" for i in range(300))))
+    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+    try:
+        stream = await client.stream(PARAMS)
+        async with stream:
+            await asyncio.sleep(0.3)  # everything arrives while nobody reads
+            events = [event async for event in stream]
+        assert len(events) == 302  # 300 words, finish, usage
+        upstream.push(upstream.reply(" ".join(f"w{i}" for i in range(300))))
+        stream = await client.stream(PARAMS)
+        async with stream:
+            await asyncio.sleep(0.3)
+            async for _ in stream:
+                break  # stop reading early, with the whole reply received
+        upstream.push(upstream.reply("next one"))
+        assert len(await asyncio.wait_for(collect(client), 5)) == 4
+    finally:
+        await client.aclose()
+    assert upstream.records[0].client == upstream.records[1].client

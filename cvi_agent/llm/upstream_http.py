@@ -396,7 +396,10 @@ class ChatStream:
         conn, self._conn = self._conn, None
         if conn is None:
             return
-        if self._finished and self._keep_alive and self._error is None and not self._paused:
+        if self._finished and self._keep_alive and self._error is None:
+            if self._paused and conn.transport is not None and conn.alive:
+                self._paused = False
+                conn.transport.resume_reading()  # a paused connection is no use to the next
             self._pool.release(conn)
         elif self._decoder.done and not self._finished and self._error is None:
             # `[DONE]` came, the end of the HTTP body not yet: reuse the connection once it
@@ -404,6 +407,8 @@ class ChatStream:
             self._conn = conn
             self._lingering = True
             self._watchdog = asyncio.get_running_loop().call_later(1.0, self._abandon)
+            if self._paused:
+                self._resume()  # or the end could never arrive
         else:
             conn.stream = None
             conn.close()
