@@ -17,6 +17,7 @@ from cvi_agent.config import Settings
 from cvi_agent.http import install_error_handlers
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
+from cvi_agent.metrics import router as metrics_router
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
 from cvi_agent.simulate import router as simulations_router
@@ -69,6 +70,7 @@ def create_app(
     app.include_router(api_router)
     app.include_router(videos_router)
     app.include_router(simulations_router)
+    app.include_router(metrics_router)
 
     console_dir = Path(__file__).parent / "console"
     app.mount("/console", StaticFiles(directory=console_dir), name="console")

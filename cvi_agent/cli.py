@@ -115,6 +115,12 @@ def cmd_personas(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from cvi_agent.bench import run_cli
+
+    return run_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cvi-agent", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -139,6 +145,15 @@ def build_parser() -> argparse.ArgumentParser:
     from cvi_agent.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
+
+    from cvi_agent.bench import add_arguments as add_bench_arguments
+
+    bench = sub.add_parser(
+        "bench",
+        help="measure added latency and CPU against a fake upstream (see docs-snippets/bench.md)",
+    )
+    add_bench_arguments(bench)
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

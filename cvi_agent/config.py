@@ -89,6 +89,21 @@ class Settings(BaseSettings):
     max_tool_rounds: int = Field(
         default=4, validation_alias=_env("CVI_MAX_TOOL_ROUNDS", "max_tool_rounds")
     )
+    # Speculative turns (llm/turns.py): how long a finished answer stays replayable, how long an
+    # answer nobody listens to keeps running for a replay, and how long a conversation must be
+    # quiet before a side-effecting server tool may run.
+    replay_window: float = Field(
+        default=5.0, ge=0, le=300, validation_alias=_env("CVI_REPLAY_WINDOW", "replay_window")
+    )
+    replay_grace: float = Field(
+        default=0.03, ge=0, le=5, validation_alias=_env("CVI_REPLAY_GRACE", "replay_grace")
+    )
+    side_effect_settle: float = Field(
+        default=0.5,
+        ge=0,
+        le=30,
+        validation_alias=_env("CVI_SIDE_EFFECT_SETTLE", "side_effect_settle"),
+    )
     log_level: str = Field(default="info", validation_alias=_env("CVI_LOG_LEVEL", "log_level"))
     var_dir: Path = Field(default=Path("var"), validation_alias=_env("CVI_VAR_DIR", "var_dir"))
     # Conversation record, live feed and scale-out (callbacks.py, api.py, bus.py, bot/worker.py).

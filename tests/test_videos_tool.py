@@ -282,9 +282,15 @@ async def test_recap_persona_end_to_end_through_the_poller(
                 videos = await db.list_videos("conv-e2e")
                 return bool(videos) and videos[0].status == "ready"
 
+            async def announced() -> bool:
+                events = await db.list_events("conv-e2e", source="video")
+                return any(e.kind == "video.announce" for e in events)
+
             await wait_until(ready, within=10)
             [video] = await db.list_videos("conv-e2e")
             assert video.url and video.url.endswith(".mp4") and video.provider == "tavus"
+            # the announcement follows the status update (same poller pass, a moment later)
+            await wait_until(announced, within=10)
             kinds = [e.kind for e in await db.list_events("conv-e2e", source="video")]
             assert kinds[0] == "video.created" and "video.announce" in kinds
             [announce] = [

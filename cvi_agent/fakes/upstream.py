@@ -1,16 +1,20 @@
 """A fake OpenAI-compatible upstream: SSE chat completions with scripted or generated replies.
 
 Raw ASGI so that it costs as little CPU as possible when it shares the machine with the
-server under test (bench). It records every request, and when each client disconnected.
+server under test (bench). It records every request, and when each client disconnected;
+`GET /_fake/records?since=N` hands those records to another process (bench runs it as its own
+process: `python -m cvi_agent.fakes.upstream --port P --ttft 0.3 --tps 50`).
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import random
 import time
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,16 +45,18 @@ class Plan:
     ttft: float | None = None
     reset_after: int | None = None  # drop the connection after N chunks
     raw_chunks: list[bytes] | None = None  # sent verbatim (malformed-chunk tests)
+    end_delay: float = 0.0  # seconds between the last chunk and the end of the HTTP body
 
 
 @dataclass
 class FakeUpstreamConfig:
-    ttft: float = 0.0
+    ttft: float = 0.0  # seconds from the request to the first chunk
     tokens_per_second: float = 0.0  # 0 = as fast as possible
-    reply_words: int = 20
-    tool_call_share: float = 0.0
+    reply_words: int = 20  # chunks (one word each) in a generated reply
+    tool_call_share: float = 0.0  # share of requests with `tools` answered by a tool call
     tool_name: str = "get_current_weather"
     seed: int = 7
+    record_bodies: bool = True  # False: keep only the last user text (long benchmarks)
 
 
 @dataclass
@@ -60,7 +66,30 @@ class RequestRecord:
     started: float
     finished: float | None = None
     disconnected: float | None = None
+    first_chunk: float | None = None
     chunks_sent: int = 0
+    user_text: str = ""
+    complete: bool = False  # the whole reply was handed to the server
+    client: tuple[str, int] | None = None  # the connection it came on (reuse shows here)
+
+    def summary(self) -> dict[str, Any]:
+        """The record without body and headers: what another process needs (bench)."""
+        return {
+            "user_text": self.user_text,
+            "started": self.started,
+            "first_chunk": self.first_chunk,
+            "finished": self.finished,
+            "disconnected": self.disconnected,
+            "chunks_sent": self.chunks_sent,
+        }
+
+
+def _last_user_text(body: dict[str, Any]) -> str:
+    for message in reversed(body.get("messages") or []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            return content if isinstance(content, str) else json.dumps(content)
+    return ""
 
 
 class FakeUpstream:
@@ -124,6 +153,9 @@ class FakeUpstream:
         if scope["type"] != "http":
             return
         path: str = scope["path"]
+        if path.startswith("/_fake/"):
+            await self._control(scope, send)
+            return
         if scope["method"] == "GET" and path.endswith("/models"):
             await self._json(
                 send, 200, {"object": "list", "data": [{"id": "fake", "object": "model"}]}
@@ -139,10 +171,13 @@ class FakeUpstream:
             if not message.get("more_body"):
                 break
         body = json.loads(b"".join(chunks) or b"{}")
+        keep = self.config.record_bodies
         record = RequestRecord(
-            body=body,
-            headers={k.decode(): v.decode() for k, v in scope["headers"]},
+            body=body if keep else {},
+            headers={k.decode(): v.decode() for k, v in scope["headers"]} if keep else {},
             started=time.monotonic(),
+            user_text=_last_user_text(body),
+            client=tuple(scope["client"]) if scope.get("client") else None,
         )
         if self.keep_records:
             self.records.append(record)
@@ -164,6 +199,25 @@ class FakeUpstream:
         finally:
             self.active -= 1
             record.finished = time.monotonic()
+
+    async def _control(self, scope: Scope, send: Any) -> None:
+        """`GET /_fake/records?since=N` (record summaries), `DELETE /_fake/records`."""
+        if scope["path"] != "/_fake/records":
+            await self._json(send, 404, {"error": {"message": "not found", "type": "not_found"}})
+            return
+        if scope["method"] == "DELETE":
+            self.records.clear()
+            await self._json(send, 200, {"records": [], "next": 0})
+            return
+        since = 0
+        for part in scope.get("query_string", b"").decode().split("&"):
+            name, _, value = part.partition("=")
+            if name == "since" and value.isdigit():
+                since = int(value)
+        records = [r.summary() for r in self.records[since:]]
+        await self._json(
+            send, 200, {"records": records, "next": len(self.records), "active": self.active}
+        )
 
     async def _json(self, send: Any, status: int, payload: dict[str, Any]) -> None:
         data = json.dumps(payload).encode()
@@ -207,7 +261,9 @@ class FakeUpstream:
             while True:
                 message = await receive()
                 if message["type"] == "http.disconnect":
-                    record.disconnected = time.monotonic()
+                    # uvicorn also says "disconnect" once a response is complete: not a cancel
+                    if not record.complete:
+                        record.disconnected = time.monotonic()
                     return
 
         watcher = asyncio.ensure_future(watch_disconnect())
@@ -240,6 +296,9 @@ class FakeUpstream:
         if plan.raw_chunks is not None:
             for raw in plan.raw_chunks:
                 await send({"type": "http.response.body", "body": raw, "more_body": True})
+            record.complete = True
+            if plan.end_delay:
+                await asyncio.sleep(plan.end_delay)
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return
         enc = ChunkEncoder(str(body.get("model", "fake")))
@@ -261,10 +320,52 @@ class FakeUpstream:
             else:
                 chunk = enc.tool_call(max(tool_index, 0), None, None, step.tool_arguments)
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if not record.chunks_sent:
+                record.first_chunk = time.monotonic()
             record.chunks_sent += 1
         finish = plan.finish_reason or ("tool_calls" if tool_index >= 0 else "stop")
         tail = enc.finish(finish)
         opts = body.get("stream_options") or {}
         if opts.get("include_usage"):
             tail += enc.usage(10, len(plan.steps))
+        record.complete = True
         await send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Serve a fake upstream on its own (bench runs it as a separate process)."""
+    import uvicorn
+
+    parser = argparse.ArgumentParser(prog="python -m cvi_agent.fakes.upstream")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--ttft", type=float, default=0.0, help="seconds to the first chunk")
+    parser.add_argument("--tps", type=float, default=0.0, help="tokens (chunks) per second")
+    parser.add_argument("--words", type=int, default=20, help="chunks in a generated reply")
+    parser.add_argument("--tool-call-share", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=7)
+    args = parser.parse_args(argv)
+    fake = FakeUpstream(
+        FakeUpstreamConfig(
+            ttft=args.ttft,
+            tokens_per_second=args.tps,
+            reply_words=args.words,
+            tool_call_share=args.tool_call_share,
+            seed=args.seed,
+            record_bodies=False,
+        )
+    )
+    uvicorn.run(
+        fake,
+        host=args.host,
+        port=args.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        backlog=4096,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

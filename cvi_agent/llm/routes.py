@@ -1,21 +1,24 @@
 """`POST /v1/chat/completions` (and `/chat/completions`), `GET /v1/models`.
 
 The request is parsed and validated once; everything after that is the hot path: brain events
-become pre-encoded SSE bytes. A closed client stream closes the brain generator, which closes
-the upstream request (see ARCHITECTURE.md, "Who cancels whom").
+become pre-encoded SSE bytes. Without a conversation id, a closed client stream closes the brain
+generator, which closes the upstream request. With one, the answer is a generation of the turn
+tracker (supersede, replay, side effects held until final: llm/turns.py); see ARCHITECTURE.md,
+"Speculative turns", for who cancels whom.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
-from sse_starlette import EventSourceResponse
 
+from cvi_agent import metrics
 from cvi_agent.http import (
     ApiError,
     check_api_key,
@@ -23,9 +26,16 @@ from cvi_agent.http import (
     read_json_object,
     validation_message,
 )
-from cvi_agent.llm.brains.base import Brain, Finish, TextDelta, ToolCallDelta, TurnContext
-from cvi_agent.llm.recording import observe_completion, observe_stream
-from cvi_agent.llm.sse import DONE, ChunkEncoder
+from cvi_agent.llm.brains.base import (
+    Brain,
+    Finish,
+    TextDelta,
+    ToolCallDelta,
+    TurnContext,
+    usage_of,
+)
+from cvi_agent.llm.recording import observe_completion
+from cvi_agent.llm.sse import ChunkEncoder, EventStreamResponse
 from cvi_agent.llm.tools import ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
 from cvi_agent.runtime import Runtime, get_runtime
@@ -33,8 +43,13 @@ from cvi_agent.runtime import Runtime, get_runtime
 log = logging.getLogger(__name__)
 
 
-def require_key(request: Request) -> None:
-    check_api_key(request.headers, get_runtime(request).settings.api_keys)
+async def require_key(request: Request) -> None:
+    # async on purpose: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
+    try:
+        check_api_key(request.headers, get_runtime(request).settings.api_keys)
+    except ApiError as exc:
+        metrics.request_done("unknown", exc.status)
+        raise
 
 
 router = APIRouter(dependencies=[Depends(require_key)])
@@ -81,7 +96,9 @@ def build_turn(runtime: Runtime, request: Request, raw: dict[str, Any]) -> TurnC
     return ctx
 
 
-async def sse_stream(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> AsyncIterator[bytes]:
+async def sse_stream(
+    brain: Brain, ctx: TurnContext, enc: ChunkEncoder
+) -> AsyncGenerator[bytes, None]:
     """Brain events → SSE bytes. Always ends with a finish chunk and `[DONE]`."""
     sent = False
     finish: Finish | None = None
@@ -91,10 +108,14 @@ async def sse_stream(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> Async
             kind = type(event)
             if kind is TextDelta:
                 if event.text:  # type: ignore[union-attr]
-                    sent = True
+                    if not sent:
+                        sent = True
+                        _first_token(ctx)
                     yield enc.content(event.text)  # type: ignore[union-attr]
             elif kind is ToolCallDelta:
-                sent = True
+                if not sent:
+                    sent = True
+                    _first_token(ctx)
                 yield enc.tool_call(event.index, event.id, event.name, event.arguments)  # type: ignore[union-attr]
             else:
                 finish = event  # type: ignore[assignment]
@@ -113,11 +134,15 @@ async def sse_stream(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> Async
         await events.aclose()  # type: ignore[attr-defined]
     if finish is None:
         finish = Finish("stop")
-    yield enc.finish(finish.reason)
-    opts = ctx.request.stream_options
-    if opts is not None and opts.include_usage:
-        yield enc.usage(finish.prompt_tokens, finish.completion_tokens)
-    yield DONE
+    yield enc.end(finish.reason, usage_of(ctx, finish))
+
+
+def _first_token(ctx: TurnContext) -> None:
+    started = ctx.state.get("started")
+    if started is not None:
+        metrics.first_token(
+            ctx.persona.name, time.perf_counter() - started, ctx.state.get("upstream_ttft")
+        )
 
 
 async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[str, Any]:
@@ -169,20 +194,35 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
 
 
 async def chat_completions(request: Request) -> Response:
+    started = time.perf_counter()
     runtime = get_runtime(request)
-    raw = await read_json_object(request, runtime.settings.max_body_bytes)
-    ctx = build_turn(runtime, request, raw)
+    raw: dict[str, Any] = {}
+    try:
+        raw = await read_json_object(request, runtime.settings.max_body_bytes)
+        ctx = build_turn(runtime, request, raw)
+    except ApiError as exc:
+        model = raw.get("model")
+        metrics.request_done(
+            model if isinstance(model, str) and model in runtime.personas else "unknown",
+            exc.status,
+        )
+        raise
+    ctx.state["started"] = started
     brain = runtime.brains[ctx.persona.name]
     enc = ChunkEncoder(ctx.request.model)
-    log.debug(
-        "turn persona=%s conversation=%s stream=%s",
-        ctx.persona.name,
-        ctx.conversation_id,
-        ctx.request.stream,
-    )
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug(
+            "turn persona=%s conversation=%s stream=%s",
+            ctx.persona.name,
+            ctx.conversation_id,
+            ctx.request.stream,
+        )
+    metrics.request_done(ctx.persona.name, 200)
     if ctx.request.stream:
-        stream = observe_stream(runtime, ctx, enc.id, sse_stream(brain, ctx, enc))
-        return EventSourceResponse(stream, sep="\n", ping=15)
+        if ctx.conversation_id is not None:
+            # Recorded by the turn tracker's observer when the subscription closes.
+            return EventStreamResponse(runtime.turns.open(brain, ctx, enc, started))
+        return EventStreamResponse(sse_stream(brain, ctx, enc))
     return JSONResponse(await observe_completion(runtime, ctx, enc.id, complete(brain, ctx, enc)))
 
 

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from cvi_agent import metrics
 from cvi_agent.personas import Persona, ToolSpec
 
 log = logging.getLogger(__name__)
@@ -113,14 +114,58 @@ def validate_persona_tools(persona: Persona) -> list[str]:
     return problems
 
 
+async def _uncancellable(call: Awaitable[Any]) -> Any:
+    """Await `call` in its own task: cancelling the caller does not cut it half way."""
+    task = asyncio.ensure_future(call)
+    task.add_done_callback(_consume_result)
+    return await asyncio.shield(task)
+
+
+def _consume_result(task: asyncio.Future[Any]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: a caller cancelled meanwhile must not leave it unobserved
+
+
 def _encode_output(value: Any) -> str:
     if isinstance(value, str):
         return value
     return json.dumps(value, ensure_ascii=False, default=str)
 
 
+@dataclass(frozen=True, slots=True)
+class _PersonaTools:
+    server: dict[str, ToolSpec]
+    client: frozenset[str]
+    names: frozenset[str]
+    openai: tuple[dict[str, Any], ...]
+
+
+_PERSONA_TOOLS: dict[int, tuple[Persona, _PersonaTools]] = {}
+
+
+def _persona_tools(persona: Persona) -> _PersonaTools:
+    """What every request of a persona needs about its tools, computed once per persona."""
+    cached = _PERSONA_TOOLS.get(id(persona))
+    if cached is not None and cached[0] is persona:
+        return cached[1]
+    tools = _PersonaTools(
+        server={t.name: t for t in persona.tools if t.execution == "server"},
+        client=frozenset(t.name for t in persona.tools if t.execution == "client"),
+        names=frozenset(t.name for t in persona.tools),
+        openai=tuple(t.openai_tool() for t in persona.tools),
+    )
+    _PERSONA_TOOLS[id(persona)] = (persona, tools)
+    return tools
+
+
 class ToolRunner:
-    """Runs a persona's server tools; knows which tool names are client tools for a request."""
+    """Runs a persona's server tools; knows which tool names are client tools for a request.
+
+    A tool with `side_effects: true` runs only when side effects are allowed, or once
+    `await_final` (set by the turn tracker for requests that may still be speculative) says the
+    turn is final; a turn cancelled while it waits never runs the tool. Once started, a
+    side-effecting tool runs to its end even if the turn is cancelled under it.
+    """
 
     def __init__(
         self,
@@ -132,20 +177,24 @@ class ToolRunner:
         self.persona = persona
         self.default_timeout = default_timeout
         self.services: Mapping[str, Any] = services if services is not None else {}
-        self.server: dict[str, ToolSpec] = {
-            t.name: t for t in persona.tools if t.execution == "server"
-        }
-        client = [t.name for t in persona.tools if t.execution == "client"]
-        client.extend(n for n in request_tools if n not in self.server and n not in client)
-        self.client_names = frozenset(client)
+        self.await_final: Callable[[], Awaitable[bool]] | None = None
+        tools = _persona_tools(persona)
+        self.server: dict[str, ToolSpec] = tools.server
+        if request_tools:
+            client = list(tools.client)
+            client.extend(n for n in request_tools if n not in self.server and n not in client)
+            self.client_names = frozenset(client)
+        else:
+            self.client_names = tools.client
 
     def is_server(self, name: str | None) -> bool:
         return name is not None and name in self.server
 
     def openai_tools(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
         """Every tool the model may call: the persona's plus those sent in the request."""
-        tools = [t.openai_tool() for t in self.persona.tools]
-        known = {t.name for t in self.persona.tools}
+        persona_tools = _persona_tools(self.persona)
+        tools = list(persona_tools.openai)
+        known = persona_tools.names
         for tool in request_tools or []:
             name = tool.get("function", {}).get("name")
             if name not in known:
@@ -168,16 +217,23 @@ class ToolRunner:
         if not side_effects_allowed and (
             spec.side_effects or (spec.handler or spec.name) in SIDE_EFFECT_BUILTINS
         ):
-            raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
+            if self.await_final is None or not await self.await_final():
+                metrics.tool_call(name, "server", "blocked")
+                raise SideEffectsNotAllowed(f"tool {name!r} has side effects")
         try:
             args = json.loads(arguments) if arguments.strip() else {}
             if not isinstance(args, dict):
                 raise ToolError("arguments must be a JSON object")
             handler = resolve_handler(spec)
             ctx = ToolCallContext(conversation_id, self.persona, spec, call_id, self.services)
-            result = await asyncio.wait_for(
+            call = asyncio.wait_for(
                 handler(args, ctx), timeout=spec.timeout or self.default_timeout
             )
+            if spec.side_effects:
+                result = await _uncancellable(call)
+            else:
+                result = await call
+            metrics.tool_call(name, "server", "ok")
             return ToolResult(call_id, name, _encode_output(result), True)
         except SideEffectsNotAllowed:
             raise
@@ -192,4 +248,5 @@ class ToolRunner:
         except Exception:
             log.exception("server tool %s failed", name)
             error = "the tool failed"
+        metrics.tool_call(name, "server", "error")
         return ToolResult(call_id, name, _encode_output({"error": error}), False)

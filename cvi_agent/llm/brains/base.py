@@ -63,6 +63,14 @@ class Brain(Protocol):
     async def aclose(self) -> None: ...
 
 
+def usage_of(ctx: TurnContext, finish: Finish) -> tuple[int, int] | None:
+    """The token counts for a stream's final usage chunk, when the request asked for one."""
+    opts = ctx.request.stream_options
+    if opts is not None and opts.include_usage:
+        return finish.prompt_tokens, finish.completion_tokens
+    return None
+
+
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate for usage reporting by brains that have no tokenizer."""
     return max(1, (len(text) + 3) // 4) if text else 0

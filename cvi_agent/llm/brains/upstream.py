@@ -10,14 +10,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import openai
-
+from cvi_agent import metrics
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains.base import BrainEvent, Finish, TextDelta, ToolCallDelta, TurnContext
+from cvi_agent.llm.upstream_http import (
+    ChatStreamClient,
+    UpstreamConnectionError,
+    UpstreamHTTPError,
+    UpstreamTimeout,
+)
 from cvi_agent.personas import Persona
 
 log = logging.getLogger(__name__)
@@ -36,29 +42,23 @@ class _Call:
 
 
 class UpstreamClients:
-    """One `AsyncOpenAI` (and so one connection pool) per upstream base URL and key."""
+    """One streaming client (and so one connection pool) per upstream base URL and key."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._clients: dict[tuple[str, str], openai.AsyncOpenAI] = {}
+        self._clients: dict[tuple[str, str], ChatStreamClient] = {}
 
-    def get(self, base_url: str | None, api_key: str | None) -> openai.AsyncOpenAI:
+    def get(self, base_url: str | None, api_key: str | None) -> ChatStreamClient:
         url = (base_url or self.settings.upstream_base_url).rstrip("/")
         key = api_key or self.settings.upstream_api_key or "not-needed"
         client = self._clients.get((url, key))
         if client is None:
             s = self.settings
-            client = openai.AsyncOpenAI(
-                base_url=url,
-                api_key=key,
-                max_retries=0,
-                timeout=openai.Timeout(
-                    s.upstream_read_timeout,
-                    connect=s.upstream_connect_timeout,
-                    read=s.upstream_read_timeout,
-                    write=s.upstream_connect_timeout,
-                    pool=s.upstream_connect_timeout,
-                ),
+            client = ChatStreamClient(
+                url,
+                key,
+                connect_timeout=s.upstream_connect_timeout,
+                read_timeout=s.upstream_read_timeout,
             )
             self._clients[(url, key)] = client
         return client
@@ -66,7 +66,7 @@ class UpstreamClients:
     async def aclose(self) -> None:
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
-            await client.close()
+            await client.aclose()
 
 
 class UpstreamBrain:
@@ -118,23 +118,25 @@ class UpstreamBrain:
         )
         prompt_tokens = completion_tokens = 0
         next_client_index = 0
+        first_at: float | None = None
         for round_no in range(max_rounds + 1):
             params = self._params(ctx, messages, last_round=round_no == max_rounds)
             calls: dict[int, _Call] = {}
             text_parts: list[str] = []
             finish_reason = "stop"
             deadline = asyncio.get_running_loop().time() + first_token_timeout
+            sent_at = time.perf_counter()
             try:
                 async with asyncio.timeout_at(deadline):
-                    stream = await self.client.chat.completions.create(**params)
+                    stream = await self.client.stream(params)
             except TimeoutError as exc:
                 raise UpstreamError(
                     f"no answer from upstream within {first_token_timeout:g}s"
                 ) from exc
-            except openai.APIStatusError as exc:
-                raise UpstreamError(f"upstream answered HTTP {exc.status_code}") from exc
-            except openai.APIError as exc:
-                raise UpstreamError(f"upstream request failed: {type(exc).__name__}") from exc
+            except UpstreamHTTPError as exc:
+                raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
+            except UpstreamConnectionError as exc:
+                raise UpstreamError(f"upstream request failed: {exc}") from exc
             try:
                 async with stream:
                     got_first = False
@@ -144,33 +146,47 @@ class UpstreamBrain:
                             if not got_first:
                                 got_first = True
                                 deadline_cm.reschedule(None)
-                            if chunk.usage is not None:
-                                prompt_tokens += chunk.usage.prompt_tokens or 0
-                                completion_tokens += chunk.usage.completion_tokens or 0
-                            if not chunk.choices:
+                            if type(chunk) is not dict:
+                                raise UpstreamError("upstream sent a chunk that is not an object")
+                            error = chunk.get("error")
+                            if error:
+                                raise UpstreamError(f"upstream error event: {error}")
+                            usage = chunk.get("usage")
+                            if usage:
+                                prompt_tokens += usage.get("prompt_tokens") or 0
+                                completion_tokens += usage.get("completion_tokens") or 0
+                            choices = chunk.get("choices")
+                            if not choices:
                                 continue
-                            choice = chunk.choices[0]
-                            delta = choice.delta
-                            if delta is not None:
-                                if delta.content:
-                                    text_parts.append(delta.content)
-                                    yield TextDelta(delta.content)
-                                for tc in delta.tool_calls or ():
-                                    call = calls.get(tc.index)
+                            choice = choices[0]
+                            delta = choice.get("delta")
+                            if delta:
+                                content = delta.get("content")
+                                tool_calls = delta.get("tool_calls")
+                                if first_at is None and (content or tool_calls):
+                                    first_at = time.perf_counter()
+                                    ctx.state["upstream_ttft"] = first_at - sent_at
+                                if content:
+                                    text_parts.append(content)
+                                    yield TextDelta(content)
+                                for tc in tool_calls or ():
+                                    index = tc.get("index", 0)
+                                    call = calls.get(index)
                                     if call is None:
-                                        call = calls[tc.index] = _Call()
-                                    fn = tc.function
-                                    fragment = (fn.arguments if fn is not None else None) or ""
-                                    if tc.id:
-                                        call.id = tc.id
-                                    if fn is not None and fn.name:
-                                        call.name = fn.name
+                                        call = calls[index] = _Call()
+                                    fn = tc.get("function") or {}
+                                    fragment = fn.get("arguments") or ""
+                                    if tc.get("id"):
+                                        call.id = tc["id"]
+                                    if fn.get("name"):
+                                        call.name = fn["name"]
                                     if ctx.tools.is_server(call.name):
                                         call.arguments.append(fragment)
                                         continue
                                     if call.client_index is None:
                                         call.client_index = next_client_index
                                         next_client_index += 1
+                                        metrics.tool_call(call.name or "?", "client", "streamed")
                                         yield ToolCallDelta(
                                             call.client_index,
                                             call.id or None,
@@ -179,14 +195,19 @@ class UpstreamBrain:
                                         )
                                     else:
                                         yield ToolCallDelta(call.client_index, None, None, fragment)
-                            if choice.finish_reason:
-                                finish_reason = choice.finish_reason
+                            reason = choice.get("finish_reason")
+                            if reason:
+                                finish_reason = reason
             except TimeoutError as exc:
                 raise UpstreamError(
                     f"no first token from upstream within {first_token_timeout:g}s"
                 ) from exc
-            except openai.APIError as exc:
-                raise UpstreamError(f"upstream stream failed: {type(exc).__name__}") from exc
+            except UpstreamTimeout as exc:
+                raise UpstreamError(f"upstream stream stalled: {exc}") from exc
+            except UpstreamConnectionError as exc:
+                raise UpstreamError(f"upstream stream failed: {exc}") from exc
+            except (AttributeError, TypeError) as exc:
+                raise UpstreamError(f"upstream sent a malformed chunk: {exc}") from exc
 
             server_calls = [c for c in calls.values() if ctx.tools.is_server(c.name)]
             client_calls = [c for c in calls.values() if c.client_index is not None]

@@ -1,0 +1,106 @@
+"""Prometheus metrics, served at `GET /metrics` (text format; the same API keys as the LLM routes).
+
+Recording is per request or per event, never per relayed chunk, and every labelled child is
+resolved once and cached, so the hot path pays a dict lookup and an add. With several worker
+processes each worker reports its own numbers (no multiprocess mode yet).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import generate_latest as _generate_latest
+
+from cvi_agent.http import check_api_key
+
+_LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+_OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+REQUESTS = Counter(
+    "cvi_chat_requests",
+    "Chat-completion requests by persona and HTTP status.",
+    ["persona", "status"],
+)
+ACTIVE_STREAMS = Gauge("cvi_active_streams", "Streaming responses being sent right now.")
+TTFT = Histogram(
+    "cvi_time_to_first_token_seconds",
+    "From our receiving a request to our sending its first content or tool-call chunk.",
+    ["persona"],
+    buckets=_LATENCY,
+)
+UPSTREAM_TTFT = Histogram(
+    "cvi_upstream_time_to_first_token_seconds",
+    "From our sending a request upstream to its first content or tool-call chunk.",
+    ["persona"],
+    buckets=_LATENCY,
+)
+OVERHEAD = Histogram(
+    "cvi_added_overhead_seconds",
+    "Our time to first token minus the upstream's, for turns answered by a fresh generation.",
+    ["persona"],
+    buckets=_OVERHEAD,
+)
+SUPERSEDED = Counter(
+    "cvi_turns_superseded", "Generations cancelled because a longer transcript arrived."
+)
+REPLAYED = Counter(
+    "cvi_turns_replayed", "Requests answered by attaching to an existing generation."
+)
+CANCELLED = Counter(
+    "cvi_turns_cancelled",
+    "Answers cancelled because nobody listened any more: `client_disconnect` (no conversation "
+    "id), `abandoned` (a conversation's generation left without listeners and no replay).",
+    ["reason"],
+)
+TOOL_CALLS = Counter(
+    "cvi_tool_calls",
+    "Tool calls by name: `server` ones run here, `client` ones streamed back to Tavus.",
+    ["name", "execution", "outcome"],
+)
+
+_children: dict[tuple[Any, ...], Any] = {}
+
+
+def _child(metric: Any, *labels: str) -> Any:
+    key = (metric, *labels)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*labels)
+    return child
+
+
+def request_done(persona: str, status: int) -> None:
+    _child(REQUESTS, persona, str(status)).inc()
+
+
+def first_token(persona: str, seconds: float, upstream_seconds: float | None) -> None:
+    _child(TTFT, persona).observe(seconds)
+    if upstream_seconds is not None:
+        _child(UPSTREAM_TTFT, persona).observe(upstream_seconds)
+        _child(OVERHEAD, persona).observe(max(0.0, seconds - upstream_seconds))
+
+
+def tool_call(name: str, execution: str, outcome: str) -> None:
+    _child(TOOL_CALLS, name, execution, outcome).inc()
+
+
+def cancelled(reason: str) -> None:
+    _child(CANCELLED, reason).inc()
+
+
+def render() -> bytes:
+    return _generate_latest(REGISTRY)
+
+
+async def _require_key(request: Request) -> None:
+    check_api_key(request.headers, request.app.state.runtime.settings.api_keys)
+
+
+router = APIRouter(dependencies=[Depends(_require_key)])
+
+
+@router.get("/metrics", summary="Prometheus metrics (text format)", tags=["ops"])
+async def metrics() -> Response:
+    return Response(render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,76 @@
+"""`cvi-agent bench` end to end on a tiny configuration: three real processes on loopback.
+
+Not a timed test: only generous sanity bounds; the numbers themselves are for people to read.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from cvi_agent.cli import main
+
+
+def test_bench_json_report(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench",
+            "--json",
+            "-c",
+            "4",
+            "--rounds",
+            "1",
+            "--seconds",
+            "1",
+            "--warmup",
+            "0.3",
+            "--ttft",
+            "0.05",
+            "--tps",
+            "200",
+            "--words",
+            "8",
+            "--conversations",
+            "4",
+        ]
+    )
+    out = capsys.readouterr().out
+    report = json.loads(out)
+    assert code == 0, report
+    assert report["errors"] == 0
+
+    overhead = report["overhead"]
+    assert overhead["errors"] == {"direct": 0, "through": 0}
+    for side in ("direct", "through"):
+        assert overhead["streams"][side] > 0
+        assert overhead["chunks"][side] > 0
+        for q in ("p50", "p95", "p99"):
+            assert overhead["ttft_ms"][side][q] is not None
+            assert overhead["inter_chunk_ms"][side][q] is not None
+    assert set(overhead["added_ttft_ms"]) == {"p50", "p95", "p99"}
+    assert set(overhead["added_inter_chunk_ms"]) == {"p50", "p95", "p99"}
+    assert overhead["chunks_per_second"]["through"] > 0
+    assert 0 < overhead["server_cpu_us_per_chunk"] < 100_000
+    # Upstream TTFT is 50 ms: anything near it or above is a real answer, not a sanity failure.
+    assert 40 < overhead["ttft_ms"]["through"]["p50"] < 5_000
+
+    spec = report["speculative"]
+    assert spec["errors"] == 0
+    assert spec["conversations"] == 4
+    for side in ("direct", "through"):
+        for key in (
+            "final_ttft_ms",
+            "upstream_tokens_generated",
+            "tokens_spoken",
+            "cancel_delay_superseded_ms",
+            "cancel_delay_abandoned_ms",
+        ):
+            assert key in spec[side]
+    assert spec["through"]["upstream_tokens_generated"] > 0
+    assert spec["replay_hits"] is not None
+
+    for name in ("server", "upstream", "load_generator"):
+        rss = report["processes"][name]["peak_rss_mb"]
+        assert rss and all(0 < r < 4096 for r in rss)
+    assert report["machine"]["cpus"] >= 1

@@ -1,0 +1,340 @@
+"""Speculative turns over real uvicorn, the fake upstream and the real openai SDK as the client:
+supersede, replay, cancellation on disconnect, and no side effects while speculative."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+from prometheus_client import REGISTRY
+
+from cvi_agent.fakes.server import LoopbackServer
+from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.llm.tools import ToolCallContext
+from tests.conftest import API_KEY, ServerFactory
+
+SYSTEM = {"role": "system", "content": "You are a storyteller on a live video call."}
+BOOKINGS: list[dict[str, Any]] = []
+
+
+async def book_table(args: dict[str, Any], ctx: ToolCallContext) -> dict[str, Any]:
+    """A server tool with side effects: every call is a booking (counted by the tests)."""
+    BOOKINGS.append(args)
+    return {"booked": True, "party": args.get("party", 2)}
+
+
+def paced(words: int, gap: float, ttft: float = 0.0, prefix: str = "w") -> Plan:
+    return Plan(
+        steps=[
+            Step(content=f"{prefix}{i}" + (" " if i < words - 1 else ""), sleep=gap if i else 0.0)
+            for i in range(words)
+        ],
+        ttft=ttft,
+    )
+
+
+def turn(text: str) -> list[dict[str, Any]]:
+    return [SYSTEM, {"role": "user", "content": text}]
+
+
+class Wire:
+    """One streamed response read through the openai SDK's raw streaming response."""
+
+    def __init__(self) -> None:
+        self.events: list[str] = []
+        self.times: list[float] = []
+        self.sent = 0.0
+        self.first_event = asyncio.Event()
+        self.ended = asyncio.Event()
+
+    @property
+    def chunks(self) -> list[dict[str, Any]]:
+        return [json.loads(e) for e in self.events if e != "[DONE]"]
+
+    @property
+    def text(self) -> str:
+        return "".join(
+            c["choices"][0]["delta"].get("content") or "" for c in self.chunks if c["choices"]
+        )
+
+    @property
+    def finish_reason(self) -> str | None:
+        reasons = [c["choices"][0]["finish_reason"] for c in self.chunks if c["choices"]]
+        return reasons[-1] if reasons else None
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.sent
+
+
+async def stream(
+    client: openai.AsyncOpenAI,
+    wire: Wire,
+    messages: list[dict[str, Any]],
+    conversation: str | None,
+    model: str = "storyteller",
+) -> None:
+    headers = {"x-conversation-id": conversation} if conversation else {}
+    wire.sent = time.monotonic()
+    async with client.chat.completions.with_streaming_response.create(
+        model=model,
+        stream=True,
+        messages=messages,  # type: ignore[arg-type]
+        extra_headers=headers,
+    ) as response:
+        async for line in response.iter_lines():
+            if line.startswith("data: "):
+                wire.events.append(line[6:])
+                wire.times.append(time.monotonic())
+                wire.first_event.set()
+    wire.ended.set()
+
+
+async def first_event(wire: Wire, task: asyncio.Task[None], within: float = 5.0) -> None:
+    """Wait for the first event; fail with the stream's own error if it ended first."""
+    waiter = asyncio.ensure_future(wire.first_event.wait())
+    done, _ = await asyncio.wait({waiter, task}, timeout=within, return_when="FIRST_COMPLETED")
+    waiter.cancel()
+    if task in done:
+        task.result()
+    assert wire.first_event.is_set(), "no first event in time"
+
+
+@pytest.fixture
+async def sdk(server: LoopbackServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    async with openai.AsyncOpenAI(
+        base_url=server.url + "/v1", api_key=API_KEY, max_retries=0
+    ) as client:
+        yield client
+
+
+def cancelled(reason: str) -> float:
+    return REGISTRY.get_sample_value("cvi_turns_cancelled_total", {"reason": reason}) or 0.0
+
+
+async def wait_until(condition: Any, within: float = 3.0) -> None:
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+
+
+async def test_longer_transcript_supersedes_the_running_generation(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(paced(40, 0.05, prefix="old"), paced(3, 0.0, prefix="new"))
+    old, new = Wire(), Wire()
+    old_task = asyncio.create_task(stream(sdk, old, turn("Tell me a story"), "conv-super"))
+    await first_event(old, old_task)
+
+    superseded_at = time.monotonic()
+    await stream(sdk, new, turn("tell me a story, about a fox!"), "conv-super")
+    await asyncio.wait_for(old.ended.wait(), 2)
+    await old_task
+
+    # The superseded stream ended cleanly while its caller was still listening...
+    assert old.events[-1] == "[DONE]"
+    assert old.finish_reason == "stop"
+    assert old.text.startswith("old0 ") and len(old.text.split()) < 40
+    # ...and its upstream request was closed at once, long before its reply would have ended.
+    first = upstream.records[0]
+    assert first.disconnected is not None
+    assert first.disconnected - superseded_at < 0.5
+    assert first.chunks_sent < 40
+    assert new.text == "new0 new1 new2"
+    assert new.events[-1] == "[DONE]"
+
+
+async def test_unrelated_request_does_not_supersede(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(paced(8, 0.03, prefix="a"), paced(2, 0.0, prefix="b"))
+    first, second = Wire(), Wire()
+    task = asyncio.create_task(stream(sdk, first, turn("what is the weather"), "conv-other"))
+    await first_event(first, task)
+    await stream(sdk, second, turn("tell me a story"), "conv-other")
+    await task
+    assert first.text == " ".join(f"a{i}" for i in range(8))
+    assert upstream.records[0].disconnected is None
+
+
+async def test_final_request_replays_the_speculative_generation(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(paced(12, 0.03, ttft=1.0, prefix="tok"))
+    speculative, final = Wire(), Wire()
+    spec_task = asyncio.create_task(
+        stream(sdk, speculative, turn("Tell me a story."), "conv-replay")
+    )
+    await first_event(speculative, spec_task)
+    # The final request: same words, other case and punctuation.
+    final_task = asyncio.create_task(stream(sdk, final, turn("tell me a STORY"), "conv-replay"))
+    await first_event(final, final_task)
+    spec_task.cancel()  # Tavus abandons the speculative stream
+    await asyncio.gather(spec_task, return_exceptions=True)
+    await final_task
+
+    # First token without waiting for the model (the upstream takes 1 s to its first token).
+    assert final.ttft < 0.5, final.ttft
+    assert final.text == " ".join(f"tok{i}" for i in range(12))
+    assert final.events[-1] == "[DONE]" and final.finish_reason == "stop"
+    assert len(upstream.records) == 1, "the final request did not reach the upstream"
+    assert upstream.records[0].disconnected is None  # the speculative close did not cancel it
+
+    # Finished, and still replayable within the window.
+    again = Wire()
+    await stream(sdk, again, turn("tell me a story"), "conv-replay")
+    assert again.text == final.text and again.ttft < 0.5
+    assert len(upstream.records) == 1
+
+
+async def test_replay_window_expires(serve: ServerFactory, upstream: FakeUpstream) -> None:
+    srv = serve(upstream, replay_window=0.3)
+    upstream.push(paced(2, 0.0, prefix="x"), paced(2, 0.0, prefix="y"))
+    async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
+        first, second = Wire(), Wire()
+        await stream(c, first, turn("hello there"), "conv-window")
+        await asyncio.sleep(0.6)
+        await stream(c, second, turn("hello there"), "conv-window")
+    assert (first.text, second.text) == ("x0 x1", "y0 y1")
+    assert len(upstream.records) == 2
+
+
+async def test_without_conversation_id_nothing_is_shared(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(paced(2, 0.0, prefix="x"), paced(2, 0.0, prefix="y"))
+    first, second = Wire(), Wire()
+    await stream(sdk, first, turn("hello there"), None)
+    await stream(sdk, second, turn("hello there"), None)
+    assert (first.text, second.text) == ("x0 x1", "y0 y1")
+    assert len(upstream.records) == 2
+
+
+@pytest.mark.parametrize("conversation", [None, "conv-gone"])
+async def test_client_disconnect_closes_the_upstream_request(
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream, conversation: str | None
+) -> None:
+    upstream.push(paced(100, 0.05))
+    reason = "abandoned" if conversation else "client_disconnect"
+    cancelled_before = cancelled(reason)
+    wire = Wire()
+    task = asyncio.create_task(stream(sdk, wire, turn("talk for a long time"), conversation))
+    await first_event(wire, task)
+    task.cancel()  # the client goes away mid-answer
+    await asyncio.gather(task, return_exceptions=True)
+    closed_at = time.monotonic()
+    await wait_until(lambda: upstream.records[0].disconnected is not None, within=2.0)
+    disconnected = upstream.records[0].disconnected
+    assert disconnected is not None and disconnected - closed_at < 2.0
+    assert upstream.records[0].chunks_sent < 100
+    reason = "abandoned" if conversation else "client_disconnect"
+    await wait_until(lambda: cancelled(reason) > cancelled_before)
+
+
+# ---------------------------------------------------------------- side effects
+
+
+@pytest.fixture
+def booking_server(serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path) -> LoopbackServer:
+    personas = tmp_path / "personas"
+    personas.mkdir()
+    (personas / "host.yaml").write_text(
+        json.dumps(
+            {
+                "name": "host",
+                "persona_name": "Host",
+                "brain": {"kind": "upstream", "model": "fake"},
+                "tools": [
+                    {
+                        "execution": "server",
+                        "side_effects": True,
+                        "handler": "tests.test_llm_turns:book_table",
+                        "function": {
+                            "name": "book_table",
+                            "parameters": {"type": "object", "properties": {}},
+                        },
+                    }
+                ],
+            }
+        )
+    )
+    BOOKINGS.clear()
+    return serve(upstream, personas_dir=personas, side_effect_settle=1.0)
+
+
+def booking_plan(party: int) -> Plan:
+    return Plan(
+        steps=[
+            Step(tool_name="book_table", tool_id=f"call_{party}"),
+            Step(tool_arguments=json.dumps({"party": party})),
+        ],
+        finish_reason="tool_calls",
+    )
+
+
+async def test_superseded_request_never_runs_a_side_effecting_tool(
+    booking_server: LoopbackServer, upstream: FakeUpstream
+) -> None:
+    # Both the speculative and the final request make the model call the booking tool.
+    upstream.push(booking_plan(2), booking_plan(4))
+    async with openai.AsyncOpenAI(
+        base_url=booking_server.url + "/v1", api_key=API_KEY, max_retries=0
+    ) as c:
+        speculative, final = Wire(), Wire()
+        spec_task = asyncio.create_task(
+            stream(c, speculative, turn("book a table"), "conv-book", model="host")
+        )
+        await wait_until(lambda: len(upstream.records) == 1)
+        await asyncio.sleep(0.1)  # the model asked for the tool; the turn may still grow
+        await stream(c, final, turn("book a table for four people"), "conv-book", model="host")
+        await asyncio.wait_for(spec_task, 2)
+
+    assert BOOKINGS == [{"party": 4}], "only the final request may book"
+    assert speculative.events[-1] == "[DONE]" and speculative.text == ""
+    assert final.text.startswith("The tool said:") and '"booked": true' in final.text
+    # The upstream saw: speculative round 1, final round 1, final round 2 with the tool result.
+    assert len(upstream.records) == 3
+    assert upstream.records[2].body["messages"][-1]["role"] == "tool"
+
+
+async def test_abandoned_request_never_runs_a_side_effecting_tool(
+    booking_server: LoopbackServer, upstream: FakeUpstream
+) -> None:
+    upstream.push(booking_plan(2))
+    async with openai.AsyncOpenAI(
+        base_url=booking_server.url + "/v1", api_key=API_KEY, max_retries=0
+    ) as c:
+        wire = Wire()
+        task = asyncio.create_task(stream(c, wire, turn("book a table"), "conv-gone", model="host"))
+        await wait_until(lambda: len(upstream.records) == 1)
+        await asyncio.sleep(0.1)
+        task.cancel()  # Tavus abandons the speculative request
+        await asyncio.gather(task, return_exceptions=True)
+        await asyncio.sleep(1.3)  # past the settle delay
+    assert BOOKINGS == []
+    assert len(upstream.records) == 1
+
+
+async def test_final_request_runs_the_tool_once_after_the_settle_delay(
+    booking_server: LoopbackServer, upstream: FakeUpstream
+) -> None:
+    upstream.push(booking_plan(3))
+    async with openai.AsyncOpenAI(
+        base_url=booking_server.url + "/v1", api_key=API_KEY, max_retries=0
+    ) as c:
+        held, free = Wire(), Wire()
+        await stream(c, held, turn("book a table for three"), "conv-settle", model="host")
+        upstream.push(booking_plan(5))
+        await stream(c, free, turn("book a table for five"), None, model="host")
+    assert BOOKINGS == [{"party": 3}, {"party": 5}]
+    # Held until the conversation had been quiet for the settle delay; no conversation id: at once.
+    assert held.ttft >= 0.9
+    assert free.ttft < 0.9

@@ -1,0 +1,124 @@
+"""`GET /metrics`: Prometheus text, behind the API key, counting what a user would look for."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import openai
+
+from cvi_agent.fakes.server import LoopbackServer
+from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
+from tests.conftest import API_KEY
+
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+
+
+def sample(text: str, metric_name: str, **labels: str) -> float:
+    """The value of one sample in Prometheus text (0 when absent)."""
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+    for line in text.splitlines():
+        if line.startswith("#") or " " not in line:
+            continue
+        series, value = line.rsplit(" ", 1)
+        metric, _, rest = series.partition("{")
+        got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+        if metric == metric_name and got == want:
+            return float(value)
+    return 0.0
+
+
+async def scrape(http: httpx.AsyncClient) -> str:
+    resp = await http.get("/metrics", headers=AUTH)
+    assert resp.status_code == 200
+    assert resp.headers["content-type"].startswith("text/plain")
+    return resp.text
+
+
+async def test_metrics_require_the_api_key(server: LoopbackServer) -> None:
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        missing = await http.get("/metrics")
+        wrong = await http.get("/metrics", headers={"Authorization": "Bearer nope"})
+    assert missing.status_code == 401 and missing.json()["error"]["code"] == "missing_api_key"
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+
+
+async def test_requests_first_tokens_and_errors_are_counted(
+    server: LoopbackServer, client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    upstream.push(Plan(steps=[Step(content="Once "), Step(content="upon.")], ttft=0.05))
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        before = await scrape(http)
+        stream = await client.chat.completions.create(
+            model="storyteller", stream=True, messages=[{"role": "user", "content": "a story"}]
+        )
+        async with stream:
+            async for _ in stream:
+                pass
+        await http.post(
+            "/v1/chat/completions",
+            json={"model": "nope", "messages": [{"role": "user", "content": "x"}]},
+            headers=AUTH,
+        )
+        await http.post("/v1/chat/completions", json={"model": "echo"})
+        after = await scrape(http)
+
+    def delta(metric_name: str, **labels: str) -> float:
+        return sample(after, metric_name, **labels) - sample(before, metric_name, **labels)
+
+    assert delta("cvi_chat_requests_total", persona="storyteller", status="200") == 1
+    assert delta("cvi_chat_requests_total", persona="unknown", status="404") == 1
+    assert delta("cvi_chat_requests_total", persona="unknown", status="401") == 1
+    assert delta("cvi_time_to_first_token_seconds_count", persona="storyteller") == 1
+    upstream_ttft = delta("cvi_upstream_time_to_first_token_seconds_sum", persona="storyteller")
+    assert 0.04 < upstream_ttft < 2.0
+    assert delta("cvi_added_overhead_seconds_count", persona="storyteller") == 1
+    assert sample(after, "cvi_active_streams") == 0
+
+
+async def test_turn_and_tool_counters(
+    server: LoopbackServer, client: openai.AsyncOpenAI, upstream: FakeUpstream
+) -> None:
+    async def run(text: str, conversation: str) -> None:
+        stream = await client.chat.completions.create(
+            model="weather",
+            stream=True,
+            messages=[{"role": "user", "content": text}],
+            extra_headers={"x-conversation-id": conversation},
+        )
+        async with stream:
+            async for _ in stream:
+                pass
+
+    upstream.push(
+        Plan(steps=[Step(content=f"w{i} ", sleep=0.05) for i in range(30)]),
+        Plan(
+            steps=[
+                Step(tool_name="get_current_weather", tool_id="call_1"),
+                Step(tool_arguments='{"location": "Paris"}'),
+            ]
+        ),
+    )
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        before = await scrape(http)
+        first = asyncio.create_task(run("what's the", "conv-m"))
+        await asyncio.sleep(0.3)
+        await run("what's the weather in Paris", "conv-m")  # supersedes the first
+        await first
+        await run("What's the weather in Paris?", "conv-m")  # replays the second
+        after = await scrape(http)
+
+    def delta(metric_name: str, **labels: str) -> float:
+        return sample(after, metric_name, **labels) - sample(before, metric_name, **labels)
+
+    assert delta("cvi_turns_superseded_total") == 1
+    assert delta("cvi_turns_replayed_total") == 1
+    assert (
+        delta(
+            "cvi_tool_calls_total",
+            name="get_current_weather",
+            execution="client",
+            outcome="streamed",
+        )
+        == 1
+    )
