@@ -114,6 +114,10 @@ def build_parser() -> argparse.ArgumentParser:
     personas.add_argument("action", choices=["list", "validate"])
     personas.add_argument("--dir", default=None, help="default: $CVI_PERSONAS_DIR or ./personas")
     personas.set_defaults(func=cmd_personas)
+
+    from cvi_agent.bot.commands import add_parsers as add_bot_parsers
+
+    add_bot_parsers(sub)  # bot, room serve
     return parser
 
 

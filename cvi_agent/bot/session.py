@@ -292,6 +292,10 @@ class ConversationBot(RoomListener):
         else:
             await self.recorder.flush()
 
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Ask `run()` to end (leave and flush) soon; callable from synchronous code."""
+        self._end(reason)
+
     def _end(self, reason: str) -> None:
         if self._ended is not None and not self._ended.done():
             self.reason = self.reason or reason
@@ -522,20 +526,19 @@ class ConversationBot(RoomListener):
             self._leave_timer = None
 
     def _room_record(self, event: RoomEvent) -> EventRecord:
-        canonical, coerced = _canonical(event.raw)
-        payload = event.raw
-        if coerced or "\\u0000" in canonical:
-            payload = scrub(json.loads(canonical) if coerced and canonical[:1] == "{" else payload)
         seq = _bounded_int(event.seq, 64)
+        kind = event.event_type[:128]
+        if seq is not None:
+            # Tavus numbers the events of a conversation: type + seq (+ inference) is one delivery.
+            identity = f"{seq}:{(event.inference_id or '-')[:128]}"
+        else:
+            identity = "h" + _digest(_canonical(event.raw)[0])
         return EventRecord(
             conversation_id=self.conversation_id,
             source="room",
-            kind=event.event_type[:128],
-            dedupe_key=(
-                f"{self.conversation_id}:{event.event_type[:128]}:"
-                f"{seq if seq is not None else '-'}:{_digest(canonical)}"
-            ),
-            payload=payload,
+            kind=kind,
+            dedupe_key=f"{self.conversation_id}:{kind}:{identity}",
+            payload=event.raw,  # as received; the recorder scrubs it if the database refuses it
             seq=seq,
             inference_id=_bounded(event.inference_id, 128),
             turn_idx=_bounded_int(event.turn_idx, 32),
