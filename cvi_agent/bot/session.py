@@ -413,31 +413,33 @@ class ConversationBot(RoomListener):
         tool_call: ToolCallRecord | None = None,
     ) -> None:
         self.stats.interactions += 1
+        self._record_bot(
+            "interaction." + message["event_type"],
+            message,
+            inference_id=inference_id,
+            tool_call=tool_call,
+        )
+
+    def _record_bot(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        inference_id: str | None = None,
+        tool_call: ToolCallRecord | None = None,
+    ) -> None:
+        """Something the bot did. A tool-call update rides along, so the recorder applies it
+        after the row of the call itself."""
         record = EventRecord(
             conversation_id=self.conversation_id,
             source="bot",
-            kind="interaction." + message["event_type"],
+            kind=kind,
             dedupe_key=f"{self.conversation_id}:bot:{uuid.uuid4().hex}",
-            payload=message,
+            payload=payload,
             inference_id=inference_id,
             occurred_at=time.time(),
         )
         self.recorder.put(Pending(record, tool_call=tool_call))
-
-    def _record_bot(self, kind: str, payload: dict[str, Any]) -> None:
-        now = time.time()
-        self.recorder.put(
-            Pending(
-                EventRecord(
-                    conversation_id=self.conversation_id,
-                    source="bot",
-                    kind=kind,
-                    dedupe_key=f"{self.conversation_id}:bot:{uuid.uuid4().hex}",
-                    payload=payload,
-                    occurred_at=now,
-                )
-            )
-        )
 
     # -- room callbacks (on the loop's thread; cheap and synchronous) ------------------------------
 
@@ -705,20 +707,11 @@ class ConversationBot(RoomListener):
         )
 
     def _record_tool_cancelled(self, event: ToolCall) -> None:
-        # The status update rides on a bot record so the recorder applies it after the call row.
         output = json.dumps({"error": "cancelled: the bot stopped"})
-        self.recorder.put(
-            Pending(
-                EventRecord(
-                    conversation_id=self.conversation_id,
-                    source="bot",
-                    kind="tool.cancelled",
-                    dedupe_key=f"{self.conversation_id}:bot:{uuid.uuid4().hex}",
-                    payload={"tool_call_id": event.call_key, "name": event.name},
-                    occurred_at=time.time(),
-                ),
-                tool_call=self._tool_record(event, "error", output),
-            )
+        self._record_bot(
+            "tool.cancelled",
+            {"tool_call_id": event.call_key, "name": event.name},
+            tool_call=self._tool_record(event, "error", output),
         )
 
     # -- logging --------------------------------------------------------------------------------------
