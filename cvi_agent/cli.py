@@ -154,6 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
+
+    from cvi_agent.bot.commands import add_parsers as add_bot_parsers
+
+    add_bot_parsers(sub)  # bot, room serve
     return parser
 
 

@@ -415,3 +415,19 @@ def test_describe_daily_errors_in_one_line() -> None:
     )
     assert describe_daily_error('Failed to parse url: InvalidUrl("x")') == "not a valid room URL"
     assert describe_daily_error("x\n" * 300).count("\n") == 0
+
+
+async def test_leave_while_joining_ends_the_join() -> None:
+    port = free_port()
+    room, _ = local("bot", join_timeout=30, backoff_initial=0.05)
+    join = asyncio.create_task(room.join(f"ws://127.0.0.1:{port}/r"))
+    await asyncio.sleep(0.2)
+    started = time.monotonic()
+    await room.leave()
+    with pytest.raises(RoomClosed, match="left while"):
+        await join
+    assert time.monotonic() - started < 2
+    assert room.state == "closed"
+    async with LocalRoomServer(port=port) as srv:
+        await asyncio.sleep(0.3)
+        assert srv.participants("r") == []  # it did not join behind our back

@@ -19,7 +19,7 @@ from cvi_agent.bot.room import LocalRoom, LocalRoomServer, RoomClosed
 from cvi_agent.bot.session import ConversationBot
 from cvi_agent.fakes.replica import ScriptedPeer, event_type_is
 from cvi_agent.personas import Persona, load_persona
-from cvi_agent.store import EventRecord, SqlStore
+from cvi_agent.store import EventRecord, SqlStore, open_store
 from tests.conftest import PERSONAS
 
 CID = "conv-test-1"
@@ -614,3 +614,115 @@ async def test_join_failure_is_recorded_and_raised(store: SqlStore) -> None:
         await bot.start("ws://127.0.0.1:9/nowhere")
     events = await store.list_events(CID)
     assert [e.kind for e in events] == ["bot.join_failed"]
+
+
+# -- load ---------------------------------------------------------------------------------------------
+
+BOTS = 100
+EVENTS = 1000
+DUPLICATES = 50
+
+
+def script(peer: ScriptedPeer, n: int) -> list[dict[str, Any]]:
+    """`n` distinct events in the Tavus format: utterances, streaming, speaking, unknown."""
+    messages: list[dict[str, Any]] = []
+    for i in range(n):
+        turn = f"t{i // 4}"
+        kind = i % 4
+        if kind == 0:
+            messages.append(
+                peer.event(
+                    "conversation.utterance",
+                    {"role": "user", "speech": f"user {i}"},
+                    inference_id=turn + "u",
+                    turn_idx=i // 4,
+                )
+            )
+        elif kind == 1:
+            messages.append(
+                peer.event(
+                    "conversation.utterance",
+                    {"role": "replica", "speech": f"replica {i}"},
+                    inference_id=turn + "r",
+                    turn_idx=i // 4,
+                )
+            )
+        elif kind == 2:
+            messages.append(
+                peer.event(
+                    "conversation.utterance.streaming",
+                    {"role": "replica", "speech": f"replica {i - 1}", "final": True},
+                    inference_id=turn + "r",
+                )
+            )
+        else:
+            messages.append(
+                peer.event(
+                    "conversation.started_speaking" if i % 8 == 3 else "conversation.mystery",
+                    {"role": "replica"},
+                )
+            )
+    return messages
+
+
+async def run_load(store: SqlStore, bots: int) -> float:
+    """`bots` bots at once, each hearing EVENTS events (+DUPLICATES re-deliveries); checks the
+    rows and returns the elapsed seconds."""
+    started = time.monotonic()
+    async with LocalRoomServer() as srv:
+
+        async def one(index: int) -> tuple[str, str]:
+            cid = f"load-{index}"
+            url = srv.room_url(cid)
+            peer = await ScriptedPeer(
+                url, conversation_id=cid, user_name="Replica", user_id="tavus-replica-x"
+            ).join()
+            bot = ConversationBot(
+                LocalRoom(), conversation_id=cid, store=store, absent_timeout=None
+            )
+            await bot.start(url)
+            runner = asyncio.create_task(bot.run())
+            messages = script(peer, EVENTS)
+            for message in messages:
+                await peer.send(message)
+            for message in messages[:: EVENTS // DUPLICATES]:
+                await peer.send(message)  # re-delivered: must be stored once
+            await peer.say("system.shutdown", {"shutdown_reason": "end"})
+            reason = await asyncio.wait_for(runner, 60)
+            await peer.leave()
+            return cid, reason
+
+        results = await asyncio.gather(*(one(i) for i in range(bots)))
+    elapsed = time.monotonic() - started
+    assert {reason for _, reason in results} == {"conversation ended (end)"}
+    per_conversation = EVENTS + 1 + 1  # the script, the shutdown, the replica joining
+    assert await store.count_events(source="room") == bots * per_conversation
+    for cid, _ in results[:: max(1, bots // 10)]:
+        assert await store.count_events(cid, source="room") == per_conversation
+        utterances = await store.list_utterances(cid)
+        assert len(utterances) == EVENTS // 2
+        assert utterances[1].spoken_text == "replica 1"
+    return elapsed
+
+
+async def test_a_hundred_bots_lose_and_duplicate_nothing(tmp_path: Any) -> None:
+    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'load.db'}")
+    try:
+        elapsed = await run_load(store, BOTS)
+    finally:
+        await store.aclose()
+    print(
+        f"\n{BOTS} bots x {EVENTS} events (+{DUPLICATES} duplicates each), SQLite: {elapsed:.1f} s"
+    )
+    assert elapsed < 90
+
+
+async def test_twenty_bots_on_postgresql(pg_url: str) -> None:
+    store = await open_store(pg_url)
+    try:
+        elapsed = await run_load(store, 20)
+    finally:
+        await store.aclose()
+    print(
+        f"\n20 bots x {EVENTS} events (+{DUPLICATES} duplicates each), PostgreSQL: {elapsed:.1f} s"
+    )

@@ -16,7 +16,15 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy.exc import DataError, IntegrityError, ProgrammingError, StatementError
+from sqlalchemy.exc import (
+    DataError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    ProgrammingError,
+    StatementError,
+)
+from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 
 from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord
 
@@ -47,11 +55,26 @@ def order_by_seq(items: Sequence[Pending]) -> list[Pending]:
     return ordered
 
 
-def _bad_data(exc: BaseException) -> bool:
-    """Errors that one record causes (retrying the same batch cannot help)."""
+# SQLSTATE classes that one record causes: data exception, integrity, syntax/access rule.
+_DATA_SQLSTATES = ("22", "23", "42")
+
+
+def classify(exc: BaseException) -> str:
+    """`data` (this record is the problem: retrying cannot help), `transient` (the database is
+    busy or away: wait), or `unknown`."""
+    orig = getattr(exc, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str) and sqlstate:
+        return "data" if sqlstate[:2] in _DATA_SQLSTATES else "transient"
     if isinstance(exc, DataError | IntegrityError | ProgrammingError):
-        return True
-    return isinstance(exc, StatementError) and isinstance(exc.orig, TypeError | ValueError)
+        return "data"
+    if isinstance(
+        exc, OperationalError | InterfaceError | SqlTimeoutError | OSError | TimeoutError
+    ):
+        return "transient"
+    if isinstance(exc, StatementError) and isinstance(exc.orig, TypeError | ValueError):
+        return "data"  # not serializable
+    return "unknown"
 
 
 def scrub(value: Any) -> Any:
@@ -65,6 +88,33 @@ def scrub(value: Any) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     return str(value)
+
+
+class _Backoff:
+    """Retry policy for one write: wait out a busy or absent database (for as long as it takes),
+    give an unexplained error three tries, and never retry what the data itself caused."""
+
+    def __init__(self, cap: float) -> None:
+        self.delay = 0.1
+        self.cap = cap
+        self.unknown = 0
+
+    async def wait(self, exc: Exception, count: int) -> bool:
+        """Sleep and return True if the write is worth retrying."""
+        kind = classify(exc)
+        if kind == "unknown":
+            self.unknown += 1
+        if kind == "data" or self.unknown > 3:
+            return False
+        log.warning(
+            "recorder: database unavailable (%s); retrying %d record(s) in %.1f s",
+            type(exc).__name__,
+            count,
+            self.delay,
+        )
+        await asyncio.sleep(self.delay)
+        self.delay = min(self.delay * 2, self.cap)
+        return True
 
 
 class Recorder:
@@ -87,6 +137,8 @@ class Recorder:
         self.stored = 0
         self.duplicates = 0
         self.dropped = 0
+        self.batches = 0
+        self._unwritten = 0  # put but not yet written (or given up on)
         self._queue: asyncio.Queue[Pending | _Flush | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._warned_at = 1000
@@ -100,6 +152,7 @@ class Recorder:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="recorder")
 
     def put(self, item: Pending) -> None:
+        self._unwritten += 1
         self._queue.put_nowait(item)
         size = self._queue.qsize()
         if size >= self._warned_at:
@@ -115,24 +168,35 @@ class Recorder:
         await asyncio.shield(marker)
 
     async def close(self) -> None:
-        """Write what is queued (bounded by `close_timeout`), then stop."""
+        """Write what is queued, then stop. Waits as long as batches keep getting written; gives
+        up (and counts the rest as dropped) once nothing was written for `close_timeout`."""
         task = self._task
         if task is None or task.done():
             return
         self._queue.put_nowait(None)
-        try:
-            await asyncio.wait_for(asyncio.shield(task), self.close_timeout)
-        except TimeoutError:
-            lost = self._queue.qsize()
+        while True:
+            progress = self.batches
+            try:
+                await asyncio.wait_for(asyncio.shield(task), self.close_timeout)
+                return
+            except TimeoutError:
+                if self.batches != progress:
+                    continue  # slow but moving: keep draining
+            lost = self._unwritten
             self.dropped += lost
             log.error(
-                "recorder: the database did not take %d queued records in %.0f s",
-                lost,
+                "recorder: the database took nothing for %g s; %d queued records dropped",
                 self.close_timeout,
+                lost,
             )
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+            while not self._queue.empty():  # nobody waits for a flush that cannot happen
+                item = self._queue.get_nowait()
+                if isinstance(item, asyncio.Future) and not item.done():
+                    item.set_result(None)
+            return
 
     async def _run(self) -> None:
         queue = self._queue
@@ -162,11 +226,13 @@ class Recorder:
             if batch:
                 try:
                     await self._write(batch)
+                    self.batches += 1
                 except asyncio.CancelledError:
                     raise
                 except Exception:  # pragma: no cover - the recorder must outlive any bug
                     log.exception("recorder: writing a batch of %d failed", len(batch))
                     self.dropped += len(batch)
+                self._unwritten -= len(batch)
             for marker in markers:
                 if not marker.done():
                     marker.set_result(None)
@@ -195,58 +261,49 @@ class Recorder:
                     log.exception("on_record hook failed for %s", record.kind)
 
     async def _store_events(self, records: list[EventRecord]) -> list[EventRecord]:
-        delay = 0.1
+        """Store a batch, waiting out an unavailable database; isolate records it rejects."""
+        retry = _Backoff(self.retry_max)
         while True:
             try:
                 return await self.store.add_events_bulk(records)
             except Exception as exc:
-                if _bad_data(exc):
-                    return await self._store_one_by_one(records)
-                log.warning(
-                    "recorder: database unavailable (%s); retrying %d records in %.1f s",
-                    type(exc).__name__,
-                    len(records),
-                    delay,
-                )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_max)
-
-    async def _store_one_by_one(self, records: list[EventRecord]) -> list[EventRecord]:
+                if not await retry.wait(exc, len(records)):
+                    break
         stored: list[EventRecord] = []
         for record in records:
+            stored.extend(await self._store_one(record))
+        return stored
+
+    async def _store_one(self, record: EventRecord) -> list[EventRecord]:
+        retry = _Backoff(self.retry_max)
+        scrubbed = False
+        while True:
             try:
-                stored.extend(await self.store.add_events_bulk([record]))
-                continue
+                return await self.store.add_events_bulk([record])
             except Exception as exc:
-                if not _bad_data(exc):
-                    stored.extend(await self._store_events([record]))
+                if await retry.wait(exc, 1):
                     continue
-                first_error = exc
-            record.payload = scrub(record.payload)
-            try:
-                stored.extend(await self.store.add_events_bulk([record]))
-            except Exception:
+                if not scrubbed:
+                    record.payload = scrub(record.payload)  # NULs, values that are not JSON
+                    scrubbed = True
+                    continue
                 self.dropped += 1
                 log.error(
                     "recorder: the database rejected a %s record (%s); dropped",
                     record.kind,
-                    str(first_error).splitlines()[0][:200],
+                    str(exc).splitlines()[0][:200],
                 )
-        return stored
+                return []
 
     async def _side_write(
         self, what: str, write: Callable[[Any], Awaitable[None]], arg: Any
     ) -> None:
-        delay = 0.1
-        for _ in range(5):
+        retry = _Backoff(self.retry_max)
+        while True:
             try:
                 await write(arg)
                 return
             except Exception as exc:
-                if _bad_data(exc):
+                if not await retry.wait(exc, 1):
                     log.error("recorder: the database rejected %s: %s", what, str(exc)[:200])
                     return
-                log.warning("recorder: storing %s failed (%s); retrying", what, type(exc).__name__)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, self.retry_max)
-        log.error("recorder: gave up storing %s", what)

@@ -205,6 +205,11 @@ class BaseRoom:
             )
             await self._release_quietly()
             raise
+        if self._state != "joining":  # leave() was called while the join was under way
+            with contextlib.suppress(RoomError):
+                await self._disconnect()
+            await self._release_quietly()
+            raise RoomClosed("the room was left while joining")
         self._set_joined()
 
     async def send_app_message(self, message: Any, participant_id: str | None = None) -> None:
@@ -338,6 +343,8 @@ class BaseRoom:
         last: RoomJoinError | None = None
         attempts = 0
         while True:
+            if self._state in ("leaving", "closed"):
+                raise RoomClosed(f"the room was left while trying to {what}")
             attempts += 1
             self.join_attempts += 1
             remaining = deadline - self._loop.time()
@@ -412,8 +419,9 @@ class BaseRoom:
 
     async def _reconnect(self, reason: str) -> None:
         try:
-            with contextlib.suppress(RoomError):
-                await self._disconnect()
+            with contextlib.suppress(RoomError, TimeoutError):
+                async with asyncio.timeout(self.leave_timeout):
+                    await self._disconnect()
             await self._connect_until(self.reconnect_timeout, "rejoin")
         except RoomJoinError as exc:
             log.error("giving up on %s: %s", self.url, exc)
@@ -605,6 +613,8 @@ class DailyRoom(BaseRoom):
             # The native join goes on; ask daily to leave once it is done with it.
             client.leave()
             raise
+        if self._client is not client:
+            raise RoomClosed("the room was left while joining")
         if error:
             permanent = any(marker in str(error) for marker in _PERMANENT_DAILY)
             raise RoomJoinError(

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from cvi_agent.bot.recorder import Pending, Recorder, scrub
+from cvi_agent.bot.recorder import Pending, Recorder
 from cvi_agent.bot.room import Participant, Room, RoomClosed, RoomError, RoomListener
 from cvi_agent.llm.tools import ToolCallContext, ToolError, resolve_handler
 from cvi_agent.personas import Persona, ToolSpec
@@ -84,6 +84,15 @@ class BotStats:
     )
     _interruptions: dict[str, int] = field(default_factory=lambda: {"generic": 0, "legacy": 0})
 
+    def count_speaking(self, event: SpeakingEvent) -> None:
+        family = "legacy" if event.legacy else "generic"
+        if event.started:
+            counts = self._speaking[family]
+            role = event.role or "unknown"
+            counts[role] = counts.get(role, 0) + 1
+        elif event.interrupted:
+            self._interruptions[family] += 1
+
     def _family(self) -> str:
         return "generic" if self._speaking["generic"] or not self._speaking["legacy"] else "legacy"
 
@@ -131,22 +140,14 @@ def _bounded_int(value: int | None, bits: int) -> int | None:
     return None
 
 
-def _canonical(value: Any) -> tuple[str, bool]:
-    """Sorted-key JSON of a message, and whether it needed coercion to be JSON at all."""
-    coerced = False
-
-    def fallback(obj: Any) -> str:
-        nonlocal coerced
-        coerced = True
-        return str(obj)
-
+def _canonical(value: Any) -> str:
+    """Sorted-key JSON of a message (what a content hash is taken of)."""
     try:
-        text = json.dumps(
-            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=fallback
+        return json.dumps(
+            value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str
         )
     except (TypeError, ValueError, RecursionError):
-        text, coerced = repr(value), True
-    return text, coerced
+        return repr(value)
 
 
 def _digest(text: str) -> str:
@@ -201,14 +202,15 @@ class ConversationBot(RoomListener):
         self.replicas: dict[str, Participant] = {}
         self.humans: dict[str, Participant] = {}
         self.reason: str | None = None
-        self._owns_recorder = recorder is None
-        self.recorder = recorder or Recorder(store, on_record=on_record)
         if recorder is not None and on_record is not None:
             raise ValueError("pass on_record to the shared Recorder, not to the bot")
+        self._owns_recorder = recorder is None
+        self.recorder = recorder or Recorder(store, on_record=on_record)
         self._prefix = f"[{conversation_id}] " if log_prefix is None else log_prefix
         self._ended: asyncio.Future[str] | None = None
         self._stop_task: asyncio.Task[None] | None = None
         self._started = False
+        self._joined = False
         self._seen_human = False
         self._leave_timer: asyncio.TimerHandle | None = None
         self._tool_tasks: set[asyncio.Task[None]] = set()
@@ -239,6 +241,7 @@ class ConversationBot(RoomListener):
             if not self._ended.done():
                 self._ended.set_result(self.reason)
             raise
+        self._joined = True
         local = self.room.local_participant
         self._record_bot(
             "bot.joined",
@@ -280,17 +283,22 @@ class ConversationBot(RoomListener):
             task.cancel()
         if self._tool_tasks:
             await asyncio.gather(*self._tool_tasks, return_exceptions=True)
-        if self._started:
+        if self._started:  # also ends a join still under way
             try:
                 await self.room.leave()
             except Exception:
                 log.exception("%sleaving the room failed", self._prefix)
+        if self._joined:
             self._record_bot("bot.left", {"reason": reason, "stats": self.stats.as_dict()})
             self._info("left the room: %s", reason)
         if self._owns_recorder:
             await self.recorder.close()
         else:
             await self.recorder.flush()
+
+    def request_stop(self, reason: str = "stopped") -> None:
+        """Ask `run()` to end (leave and flush) soon; callable from synchronous code."""
+        self._end(reason)
 
     def _end(self, reason: str) -> None:
         if self._ended is not None and not self._ended.done():
@@ -313,6 +321,7 @@ class ConversationBot(RoomListener):
         last. Recorded once (without the audio). Returns the inference id."""
         if not pcm or len(pcm) % 2:
             raise ValueError("pcm must be non-empty 16-bit mono audio (an even number of bytes)")
+        self._check_open()
         inference_id = inference_id or uuid.uuid4().hex
         step = max(2, int(sample_rate * self.audio_chunk_ms / 1000) * 2)
         chunks = [pcm[i : i + step] for i in range(0, len(pcm), step)]
@@ -376,14 +385,17 @@ class ConversationBot(RoomListener):
         interaction: Interaction,
         tool_call: ToolCallRecord | None = None,
     ) -> None:
+        self._check_open()
         self._record_interaction(message, tool_call=tool_call)
         if log.isEnabledFor(logging.INFO):
             self._info("→ %s", _describe_interaction(interaction))
         await self._deliver(message)
 
-    async def _deliver(self, message: dict[str, Any]) -> None:
+    def _check_open(self) -> None:
         if self._stop_task is not None:
             raise RoomClosed("the bot has stopped")
+
+    async def _deliver(self, message: dict[str, Any]) -> None:
         try:
             await self.room.send_app_message(message)
         except RoomError as exc:
@@ -401,31 +413,33 @@ class ConversationBot(RoomListener):
         tool_call: ToolCallRecord | None = None,
     ) -> None:
         self.stats.interactions += 1
+        self._record_bot(
+            "interaction." + message["event_type"],
+            message,
+            inference_id=inference_id,
+            tool_call=tool_call,
+        )
+
+    def _record_bot(
+        self,
+        kind: str,
+        payload: dict[str, Any],
+        *,
+        inference_id: str | None = None,
+        tool_call: ToolCallRecord | None = None,
+    ) -> None:
+        """Something the bot did. A tool-call update rides along, so the recorder applies it
+        after the row of the call itself."""
         record = EventRecord(
             conversation_id=self.conversation_id,
             source="bot",
-            kind="interaction." + message["event_type"],
+            kind=kind,
             dedupe_key=f"{self.conversation_id}:bot:{uuid.uuid4().hex}",
-            payload=message,
+            payload=payload,
             inference_id=inference_id,
             occurred_at=time.time(),
         )
         self.recorder.put(Pending(record, tool_call=tool_call))
-
-    def _record_bot(self, kind: str, payload: dict[str, Any]) -> None:
-        now = time.time()
-        self.recorder.put(
-            Pending(
-                EventRecord(
-                    conversation_id=self.conversation_id,
-                    source="bot",
-                    kind=kind,
-                    dedupe_key=f"{self.conversation_id}:bot:{uuid.uuid4().hex}",
-                    payload=payload,
-                    occurred_at=now,
-                )
-            )
-        )
 
     # -- room callbacks (on the loop's thread; cheap and synchronous) ------------------------------
 
@@ -444,7 +458,7 @@ class ConversationBot(RoomListener):
                 event, spoken_text=event.speech, is_interrupted=event.is_interrupted
             )
         elif isinstance(event, SpeakingEvent):
-            self._count_speaking(event)
+            self.stats.count_speaking(event)
         elif isinstance(event, ToolCall):
             self.stats.tool_calls += 1
             pending.tool_call = self._tool_record(event, "called", None)
@@ -522,20 +536,19 @@ class ConversationBot(RoomListener):
             self._leave_timer = None
 
     def _room_record(self, event: RoomEvent) -> EventRecord:
-        canonical, coerced = _canonical(event.raw)
-        payload = event.raw
-        if coerced or "\\u0000" in canonical:
-            payload = scrub(json.loads(canonical) if coerced and canonical[:1] == "{" else payload)
         seq = _bounded_int(event.seq, 64)
+        kind = event.event_type[:128]
+        if seq is not None:
+            # Tavus numbers the events of a conversation: type + seq (+ inference) is one delivery.
+            identity = f"{seq}:{(event.inference_id or '-')[:128]}"
+        else:
+            identity = "h" + _digest(_canonical(event.raw))
         return EventRecord(
             conversation_id=self.conversation_id,
             source="room",
-            kind=event.event_type[:128],
-            dedupe_key=(
-                f"{self.conversation_id}:{event.event_type[:128]}:"
-                f"{seq if seq is not None else '-'}:{_digest(canonical)}"
-            ),
-            payload=payload,
+            kind=kind,
+            dedupe_key=f"{self.conversation_id}:{kind}:{identity}",
+            payload=event.raw,  # as received; the recorder scrubs it if the database refuses it
             seq=seq,
             inference_id=_bounded(event.inference_id, 128),
             turn_idx=_bounded_int(event.turn_idx, 32),
@@ -545,11 +558,11 @@ class ConversationBot(RoomListener):
 
     def _on_invalid(self, event: InvalidEvent, sender: str | None) -> None:
         self.stats.invalid += 1
-        canonical, _ = _canonical(event.raw)
+        canonical = _canonical(event.raw)
         if isinstance(event.raw, dict):
-            payload = scrub(event.raw)
+            payload = event.raw
         else:
-            payload = {"invalid": event.reason, "raw": scrub(canonical[:10_000])}
+            payload = {"invalid": event.reason, "raw": canonical[:10_000]}
         kind = (event.event_type or "invalid")[:128]
         self.recorder.put(
             Pending(
@@ -579,7 +592,7 @@ class ConversationBot(RoomListener):
             return None
         key = event.inference_id or (f"seq:{event.seq}" if event.seq is not None else None)
         if key is None:
-            key = "msg:" + _digest(_canonical(event.raw)[0])
+            key = "msg:" + _digest(_canonical(event.raw))
         return UtteranceRecord(
             conversation_id=self.conversation_id,
             role=role,
@@ -592,15 +605,6 @@ class ConversationBot(RoomListener):
             seq=_bounded_int(event.seq, 64),
             occurred_at=event.timestamp,
         )
-
-    def _count_speaking(self, event: SpeakingEvent) -> None:
-        family = "legacy" if event.legacy else "generic"
-        if event.started:
-            counts = self.stats._speaking[family]
-            role = event.role or "unknown"
-            counts[role] = counts.get(role, 0) + 1
-        elif event.interrupted:
-            self.stats._interruptions[family] += 1
 
     def _record_participant(
         self, kind: str, participant: Participant, role: str, reason: str | None
@@ -703,20 +707,11 @@ class ConversationBot(RoomListener):
         )
 
     def _record_tool_cancelled(self, event: ToolCall) -> None:
-        # The status update rides on a bot record so the recorder applies it after the call row.
         output = json.dumps({"error": "cancelled: the bot stopped"})
-        self.recorder.put(
-            Pending(
-                EventRecord(
-                    conversation_id=self.conversation_id,
-                    source="bot",
-                    kind="tool.cancelled",
-                    dedupe_key=f"{self.conversation_id}:bot:{uuid.uuid4().hex}",
-                    payload={"tool_call_id": event.call_key, "name": event.name},
-                    occurred_at=time.time(),
-                ),
-                tool_call=self._tool_record(event, "error", output),
-            )
+        self._record_bot(
+            "tool.cancelled",
+            {"tool_call_id": event.call_key, "name": event.name},
+            tool_call=self._tool_record(event, "error", output),
         )
 
     # -- logging --------------------------------------------------------------------------------------

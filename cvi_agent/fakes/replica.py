@@ -151,7 +151,11 @@ def event_type_is(name: str) -> Predicate:
 
 
 async def demo(
-    url: str, script: Sequence[dict[str, Any]] | None, persona_name: str, delay: float
+    url: str,
+    script: Sequence[dict[str, Any]] | None,
+    persona_name: str,
+    delay: float,
+    bot_name: str | None = "cvi-agent",
 ) -> int:
     """Play the built-in conversation (or `script`) against whatever bot is in the room."""
     replica = ScriptedPeer(url, user_name=persona_name, user_id="tavus-replica-demo")
@@ -159,6 +163,16 @@ async def demo(
     await human.join()
     await replica.join()
     print(f"peer: joined {url} as {persona_name!r} (replica) and 'Alice' (human)", flush=True)
+    if bot_name:
+        try:
+            await replica.wait_until(
+                lambda: any(p.user_name == bot_name for p in replica.room.participants().values()),
+                within=30,
+            )
+        except TimeoutError:
+            print(f"peer: no participant named {bot_name!r} joined within 30 s", file=sys.stderr)
+            return 1
+        print(f"peer: {bot_name!r} is in the room", flush=True)
     await asyncio.sleep(delay)
     if script is not None:
         for message in script:
@@ -239,13 +253,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--script", type=Path, help="JSON lines: one Tavus event per line")
     parser.add_argument("--persona-name", default="Cora the Concierge")
     parser.add_argument("--delay", type=float, default=0.3, help="seconds between steps")
+    parser.add_argument(
+        "--wait-for", default="cvi-agent", help="start once a participant with this name is in"
+    )
     args = parser.parse_args(argv)
     script = None
     if args.script is not None:
         lines = args.script.read_text(encoding="utf-8").splitlines()
         script = [json.loads(line) for line in lines if line.strip()]
     try:
-        return asyncio.run(demo(args.url, script, args.persona_name, args.delay))
+        return asyncio.run(demo(args.url, script, args.persona_name, args.delay, args.wait_for))
     except KeyboardInterrupt:
         return 130
     except Exception as exc:

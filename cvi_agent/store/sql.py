@@ -522,43 +522,43 @@ class SqlStore:
     async def upsert_utterances(self, records: Sequence[UtteranceRecord]) -> None:
         if not records:
             return
+        rows = [
+            {
+                "conversation_id": r.conversation_id,
+                "role": r.role,
+                "key": r.key,
+                "intended_text": r.intended_text,
+                "spoken_text": r.spoken_text,
+                "is_interrupted": r.is_interrupted,
+                "inference_id": r.inference_id,
+                "turn_idx": r.turn_idx,
+                "seq": r.seq,
+                "occurred_at": r.occurred_at,
+            }
+            for r in records
+        ]
+        stmt = self._insert(utterances)
+        excluded = stmt.excluded
+        update = {
+            name: sa.func.coalesce(getattr(excluded, name), getattr(utterances.c, name))
+            for name in (
+                "intended_text",
+                "spoken_text",
+                "is_interrupted",
+                "inference_id",
+                "turn_idx",
+            )
+        }
+        # Keep the earliest seq/time of the turn so ordering reflects when it started.
+        update["seq"] = sa.func.coalesce(utterances.c.seq, excluded.seq)
+        update["occurred_at"] = sa.func.coalesce(utterances.c.occurred_at, excluded.occurred_at)
+        # One statement, many parameter sets (applied in order, so rows for the same turn merge).
+        stmt = stmt.on_conflict_do_update(
+            index_elements=["conversation_id", "role", "key"], set_=update
+        )
 
         async def run(conn: AsyncConnection) -> None:
-            for r in records:
-                values = {
-                    "conversation_id": r.conversation_id,
-                    "role": r.role,
-                    "key": r.key,
-                    "intended_text": r.intended_text,
-                    "spoken_text": r.spoken_text,
-                    "is_interrupted": r.is_interrupted,
-                    "inference_id": r.inference_id,
-                    "turn_idx": r.turn_idx,
-                    "seq": r.seq,
-                    "occurred_at": r.occurred_at,
-                }
-                stmt = self._insert(utterances).values(**values)
-                excluded = stmt.excluded
-                update = {
-                    name: sa.func.coalesce(getattr(excluded, name), getattr(utterances.c, name))
-                    for name in (
-                        "intended_text",
-                        "spoken_text",
-                        "is_interrupted",
-                        "inference_id",
-                        "turn_idx",
-                    )
-                }
-                # Keep the earliest seq/time of the turn so ordering reflects when it started.
-                update["seq"] = sa.func.coalesce(utterances.c.seq, excluded.seq)
-                update["occurred_at"] = sa.func.coalesce(
-                    utterances.c.occurred_at, excluded.occurred_at
-                )
-                await conn.execute(
-                    stmt.on_conflict_do_update(
-                        index_elements=["conversation_id", "role", "key"], set_=update
-                    )
-                )
+            await conn.execute(stmt, rows)
 
         await self._retrying(run)
 
