@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser(
         "bench",
-        help="measure added latency and CPU against a fake upstream (see docs-snippets/bench.md)",
+        help="measure added latency and CPU against a fake upstream (see the README's Benchmark section)",
     )
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)

@@ -198,7 +198,7 @@ class RateLimiter:
 
     Callers wait for a free slot; a caller with a deadline (`asyncio.timeout`) gives up cleanly.
     One limiter per client, so per process: the provider's limit is per key, and several
-    processes sharing one key must split it (see docs-snippets/videos.md).
+    processes sharing one key must split it (see README, "JoggAI").
     """
 
     def __init__(
