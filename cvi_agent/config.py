@@ -55,6 +55,16 @@ class Settings(BaseSettings):
     upstream_read_timeout: float = Field(
         default=10.0, validation_alias=_env("CVI_UPSTREAM_READ_TIMEOUT", "upstream_read_timeout")
     )
+    upstream_reply_timeout: float = Field(
+        default=30.0,
+        validation_alias=_env("CVI_UPSTREAM_REPLY_TIMEOUT", "upstream_reply_timeout"),
+    )
+    breaker_failures: int = Field(
+        default=3, ge=1, validation_alias=_env("CVI_BREAKER_FAILURES", "breaker_failures")
+    )
+    breaker_reset: float = Field(
+        default=10.0, gt=0, validation_alias=_env("CVI_BREAKER_RESET", "breaker_reset")
+    )
     tavus_api_key: str = Field(default="", validation_alias=_env("TAVUS_API_KEY", "tavus_api_key"))
     tavus_api_url: str = Field(
         default="https://tavusapi.com", validation_alias=_env("TAVUS_API_URL", "tavus_api_url")

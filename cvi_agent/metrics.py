@@ -60,6 +60,13 @@ TOOL_CALLS = Counter(
     ["name", "execution", "outcome"],
 )
 
+UPSTREAM_FAILURES = Counter(
+    "cvi_upstream_failures",
+    "Upstream attempts that failed before their first token (the next target or the fallback "
+    "line answered instead), and attempts skipped because the upstream's circuit was open.",
+    ["upstream", "outcome"],
+)
+
 _children: dict[tuple[Any, ...], Any] = {}
 
 
@@ -88,6 +95,14 @@ def tool_call(name: str, execution: str, outcome: str) -> None:
 
 def cancelled(reason: str) -> None:
     _child(CANCELLED, reason).inc()
+
+
+def upstream_skipped(upstream: str) -> None:
+    _child(UPSTREAM_FAILURES, upstream, "circuit_open").inc()
+
+
+def upstream_failed(upstream: str) -> None:
+    _child(UPSTREAM_FAILURES, upstream, "failed").inc()
 
 
 def render() -> bytes:

@@ -21,6 +21,14 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class UpstreamTarget(_Strict):
+    """Another OpenAI-compatible upstream to try when the ones before it fail."""
+
+    model: str = Field(min_length=1)
+    base_url: str | None = None
+    api_key_env: str | None = None
+
+
 class BrainConfig(_Strict):
     kind: Literal["upstream", "flow", "echo"]
     model: str | None = None
@@ -31,6 +39,13 @@ class BrainConfig(_Strict):
     temperature: float | None = Field(default=None, ge=0, le=2)
     max_tokens: int | None = Field(default=None, ge=1)
     first_token_timeout: float | None = Field(default=None, gt=0, le=60)
+    reply_timeout: float | None = Field(
+        default=None, gt=0, le=600, description="the whole reply's budget; then it ends cleanly"
+    )
+    fallbacks: list[UpstreamTarget] = Field(
+        default_factory=list,
+        description="upstreams tried in order when the ones before fail before their first token",
+    )
     chunk_delay_ms: float = Field(default=0.0, ge=0, le=2000, description="flow/echo pacing")
     words_per_chunk: int = Field(default=3, ge=1, le=50)
 

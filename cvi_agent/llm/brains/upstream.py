@@ -18,6 +18,7 @@ from typing import Any
 from cvi_agent import metrics
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains.base import BrainEvent, Finish, TextDelta, ToolCallDelta, TurnContext
+from cvi_agent.llm.breaker import CircuitBreaker
 from cvi_agent.llm.upstream_http import (
     ChatStreamClient,
     UpstreamConnectionError,
@@ -47,6 +48,18 @@ class UpstreamClients:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._clients: dict[tuple[str, str], ChatStreamClient] = {}
+        self._breakers: dict[tuple[str, str], CircuitBreaker] = {}
+
+    def breaker(self, base_url: str | None, api_key: str | None) -> CircuitBreaker:
+        """The circuit breaker of one upstream (shared by every persona that uses it)."""
+        url = (base_url or self.settings.upstream_base_url).rstrip("/")
+        key = api_key or self.settings.upstream_api_key or "not-needed"
+        breaker = self._breakers.get((url, key))
+        if breaker is None:
+            breaker = self._breakers[(url, key)] = CircuitBreaker(
+                url, self.settings.breaker_failures, self.settings.breaker_reset
+            )
+        return breaker
 
     def get(self, base_url: str | None, api_key: str | None) -> ChatStreamClient:
         url = (base_url or self.settings.upstream_base_url).rstrip("/")
@@ -69,24 +82,46 @@ class UpstreamClients:
             await client.aclose()
 
 
+@dataclass(slots=True)
+class _Target:
+    client: ChatStreamClient
+    model: str
+    breaker: CircuitBreaker
+
+    @property
+    def name(self) -> str:
+        return f"{self.breaker.name} ({self.model})"
+
+
 class UpstreamBrain:
+    """The persona's upstream, then its `fallbacks` in order, then (in the route) its spoken
+    fallback line. A target is skipped while its circuit breaker is open; a target that fails
+    before its first token hands the turn to the next one within the same first-token budget."""
+
     def __init__(self, persona: Persona, clients: UpstreamClients) -> None:
         self.persona = persona
         self.clients = clients
         cfg = persona.brain
-        api_key = os.environ.get(cfg.api_key_env, "") if cfg.api_key_env else None
-        self.client = clients.get(cfg.base_url, api_key)
+        chain = [(cfg.base_url, cfg.model or "", cfg.api_key_env)]
+        chain += [(f.base_url, f.model, f.api_key_env) for f in cfg.fallbacks]
+        self.targets: list[_Target] = []
+        for base_url, model, key_env in chain:
+            api_key = os.environ.get(key_env, "") if key_env else None
+            self.targets.append(
+                _Target(clients.get(base_url, api_key), model, clients.breaker(base_url, api_key))
+            )
+        self.client = self.targets[0].client
 
     async def aclose(self) -> None:
         return None
 
     def _params(
-        self, ctx: TurnContext, messages: list[dict[str, Any]], last_round: bool
+        self, ctx: TurnContext, messages: list[dict[str, Any]], last_round: bool, model: str
     ) -> dict[str, Any]:
         req = ctx.request
         cfg = self.persona.brain
         params: dict[str, Any] = {
-            "model": cfg.model,
+            "model": model,
             "messages": messages,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -108,19 +143,75 @@ class UpstreamBrain:
         return params
 
     async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
+        loop = asyncio.get_running_loop()
+        budget = self.persona.brain.first_token_timeout or ctx.settings.upstream_first_token_timeout
+        reply_budget = self.persona.brain.reply_timeout or ctx.settings.upstream_reply_timeout
+        started = loop.time()
+        first_deadline = started + budget
+        reply_deadline = started + reply_budget
+        failure: UpstreamError | None = None
+        targets = self.targets
+        for i, target in enumerate(targets):
+            if not target.breaker.allow():
+                metrics.upstream_skipped(target.breaker.name)
+                failure = UpstreamError(f"circuit open for {target.name}")
+                continue
+            remaining = first_deadline - loop.time()
+            if remaining <= 0.001:
+                break
+            # Leave a fair share of the first-token budget to the targets after this one.
+            later = sum(1 for t in targets[i + 1 :] if t.breaker.state != "open")
+            attempt = remaining / (later + 1)
+            emitted = False
+            events = self._stream_target(ctx, target, attempt)
+            try:
+                async for event in events:
+                    if not emitted and type(event) is not Finish:
+                        emitted = True
+                        target.breaker.success()
+                    if emitted and loop.time() > reply_deadline:
+                        log.warning(
+                            "persona %s: reply from %s exceeded %gs; ending it",
+                            self.persona.name,
+                            target.name,
+                            reply_budget,
+                        )
+                        yield Finish("length")
+                        return
+                    if type(event) is Finish and not emitted:
+                        raise UpstreamError(f"{target.name} sent an empty reply")
+                    yield event
+                return
+            except UpstreamError as exc:
+                target.breaker.failure()
+                metrics.upstream_failed(target.breaker.name)
+                if emitted:
+                    raise
+                failure = exc
+                log.warning(
+                    "persona %s: %s failed before its first token (%s)%s",
+                    self.persona.name,
+                    target.name,
+                    exc,
+                    "; trying the next upstream" if i < len(targets) - 1 else "",
+                )
+            finally:
+                await events.aclose()  # type: ignore[attr-defined]
+        raise failure or UpstreamError(f"no first token within {budget:g}s")
+
+    async def _stream_target(
+        self, ctx: TurnContext, target: _Target, first_token_timeout: float
+    ) -> AsyncIterator[BrainEvent]:
         messages: list[dict[str, Any]] = list(
             ctx.state.get("raw_messages")
             or [m.model_dump(exclude_none=True) for m in ctx.request.messages]
         )
         max_rounds = max(1, ctx.settings.max_tool_rounds)
-        first_token_timeout = (
-            self.persona.brain.first_token_timeout or ctx.settings.upstream_first_token_timeout
-        )
         prompt_tokens = completion_tokens = 0
         next_client_index = 0
         first_at: float | None = None
         for round_no in range(max_rounds + 1):
-            params = self._params(ctx, messages, last_round=round_no == max_rounds)
+            params = self._params(ctx, messages, round_no == max_rounds, target.model)
             calls: dict[int, _Call] = {}
             text_parts: list[str] = []
             finish_reason = "stop"
@@ -128,7 +219,7 @@ class UpstreamBrain:
             sent_at = time.perf_counter()
             try:
                 async with asyncio.timeout_at(deadline):
-                    stream = await self.client.stream(params)
+                    stream = await target.client.stream(params)
             except TimeoutError as exc:
                 raise UpstreamError(
                     f"no answer from upstream within {first_token_timeout:g}s"

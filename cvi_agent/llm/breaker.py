@@ -1,0 +1,52 @@
+"""A circuit breaker per upstream: stop hammering a dead upstream, try it again later.
+
+Closed: requests go through; `failures` consecutive failures open it. Open: requests skip this
+upstream at once (the next one in the persona's chain answers, or the fallback line) until
+`reset` seconds have passed. Half-open: one trial request goes through; its success closes the
+breaker, its failure opens it again. Everything runs on the event loop: no locks.
+"""
+
+from __future__ import annotations
+
+import time
+
+
+class CircuitBreaker:
+    __slots__ = ("_failures", "_opened_at", "_trial", "failures", "name", "reset")
+
+    def __init__(self, name: str, failures: int = 3, reset: float = 10.0) -> None:
+        self.name = name
+        self.failures = failures
+        self.reset = reset
+        self._failures = 0
+        self._opened_at: float | None = None
+        self._trial = False
+
+    @property
+    def state(self) -> str:
+        if self._opened_at is None:
+            return "closed"
+        if time.monotonic() - self._opened_at >= self.reset:
+            return "half-open"
+        return "open"
+
+    def allow(self) -> bool:
+        """Whether a request may go to this upstream now."""
+        state = self.state
+        if state == "closed":
+            return True
+        if state == "half-open" and not self._trial:
+            self._trial = True  # one trial at a time
+            return True
+        return False
+
+    def success(self) -> None:
+        self._failures = 0
+        self._opened_at = None
+        self._trial = False
+
+    def failure(self) -> None:
+        self._trial = False
+        self._failures += 1
+        if self._opened_at is not None or self._failures >= self.failures:
+            self._opened_at = time.monotonic()
