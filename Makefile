@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest install clean bench browser
+.PHONY: run test lint typecheck pytest install clean bench browser soak
 
 install: $(STAMP)
 
@@ -38,6 +38,10 @@ test: lint typecheck pytest
 
 bench: $(STAMP)
 	$(BIN)/cvi-agent bench
+
+# 200 concurrent conversations for 10 minutes (a 1-minute variant runs in `make test`)
+soak: $(STAMP)
+	$(BIN)/cvi-agent soak
 
 clean:
 	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache

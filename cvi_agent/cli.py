@@ -146,6 +146,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_simulate_parser(sub)
 
+    from cvi_agent.soak import add_soak_parser
+
+    add_soak_parser(sub)
+
     from cvi_agent.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser(

@@ -1,0 +1,454 @@
+"""`cvi-agent soak`: many concurrent Tavus-like conversations against a real server, for a
+bounded time, on loopback. It proves the server stays up, answers every turn without errors,
+keeps its added latency, and keeps its memory flat.
+
+Three processes: a fake OpenAI-compatible upstream, the server (`cvi-agent serve` on a fresh
+SQLite database, with its in-process worker), and this load generator. Each simulated
+conversation loops: progressive (speculative) requests abandoned after their first chunk, then
+the final request read to `[DONE]`, a pause for the replica to speak, and every few turns the
+conversation ends with Tavus's callbacks (`system.shutdown`, `application.transcription_ready`)
+and a new one starts. Half the conversations use an upstream persona (answered by the fake
+upstream), half the deterministic `concierge`. A few probe conversations go straight to the fake
+upstream with the same pattern, so the server's added time to first token is measured side by
+side, in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cvi_agent.bench import Child, percentile, process_tree
+from cvi_agent.fakes.server import free_port
+
+SOAK_KEY = "soak-key-0123456789"
+CALLBACK_TOKEN = "soak-callback-token"
+UPSTREAM_PERSONA = "soak-upstream"
+FLOW_PERSONA = "concierge"
+UTTERANCES = [
+    "What's the weather in Paris?",
+    "Could you tell me what time it is in Asia/Tokyo?",
+    "Hello there, how are you doing today?",
+    "I would like to hear about the breakfast options please",
+    "Thanks a lot for your help",
+]
+
+
+@dataclass
+class SoakParams:
+    conversations: int = 200
+    duration: float = 600.0
+    think: float = 2.0  # seconds the replica "speaks" between turns
+    partials: int = 3  # requests per user turn; the last is final
+    turns_per_conversation: int = 6
+    upstream_ttft: float = 0.05
+    probes: int = 4  # conversations straight to the fake upstream, for the added latency
+    sample_every: float = 2.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Stats:
+    requests: int = 0
+    finals: int = 0
+    errors: list[str] = field(default_factory=list)
+    ttft: dict[str, list[float]] = field(
+        default_factory=lambda: {"upstream": [], "flow": [], "direct": []}
+    )
+    callbacks: int = 0
+    conversations_ended: int = 0
+    rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB)
+
+    def error(self, what: str) -> None:
+        if len(self.errors) < 200:
+            self.errors.append(what)
+        else:
+            self.errors[-1] = f"(and more) {what}"
+
+
+def current_rss_mb(pids: list[int]) -> float:
+    total = 0.0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) / 1024
+        except OSError:
+            continue
+    return round(total, 1)
+
+
+def _persona_yaml(upstream_url: str) -> str:
+    return json.dumps(
+        {
+            "name": UPSTREAM_PERSONA,
+            "persona_name": "Soak",
+            "system_prompt": "A soak-test persona answered by the fake upstream.",
+            "brain": {"kind": "upstream", "model": "fake", "base_url": upstream_url + "/v1"},
+        }
+    )
+
+
+class Conversation:
+    def __init__(
+        self,
+        n: int,
+        http: httpx.AsyncClient,
+        params: SoakParams,
+        stats: Stats,
+        end: float,
+        direct: bool,
+    ) -> None:
+        self.n = n
+        self.http = http
+        self.params = params
+        self.stats = stats
+        self.end = end
+        self.direct = direct
+        self.kind = "direct" if direct else ("upstream" if n % 2 == 0 else "flow")
+        self.persona = UPSTREAM_PERSONA if self.kind != "flow" else FLOW_PERSONA
+
+    async def _request(
+        self, cid: str, messages: list[dict[str, Any]], final: bool
+    ) -> tuple[float | None, str]:
+        body = {
+            "model": "fake" if self.direct else self.persona,
+            "stream": True,
+            "messages": messages,
+        }
+        started = time.perf_counter()
+        first: float | None = None
+        text: list[str] = []
+        done = False
+        self.stats.requests += 1
+        try:
+            async with self.http.stream(
+                "POST", "/v1/chat/completions", json=body, headers={"x-conversation-id": cid}
+            ) as resp:
+                if resp.status_code != 200:
+                    self.stats.error(f"{self.kind}: HTTP {resp.status_code}")
+                    return None, ""
+                async for line in resp.aiter_lines():
+                    if not line.startswith("data: "):
+                        continue
+                    data = line[6:]
+                    if data == "[DONE]":
+                        done = True
+                        break
+                    if first is None:
+                        first = time.perf_counter()
+                        if not final:
+                            return first - started, ""  # speculative: abandoned after one chunk
+                    chunk = json.loads(data)
+                    for choice in chunk.get("choices") or ():
+                        text.append((choice.get("delta") or {}).get("content") or "")
+        except (httpx.HTTPError, ValueError) as exc:
+            self.stats.error(f"{self.kind}: {type(exc).__name__}: {exc}")
+            return None, ""
+        if final and not done:
+            self.stats.error(f"{self.kind}: stream ended without [DONE]")
+        return (first - started) if first is not None else None, "".join(text)
+
+    async def _callback(self, cid: str, event_type: str, properties: dict[str, Any]) -> None:
+        if self.direct:
+            return
+        payload = {
+            "properties": properties,
+            "conversation_id": cid,
+            "event_type": event_type,
+            "message_type": "application" if event_type.startswith("application.") else "system",
+            "timestamp": datetime.now(UTC).isoformat(),
+        }
+        try:
+            resp = await self.http.post(
+                "/callbacks/tavus", params={"token": CALLBACK_TOKEN}, json=payload
+            )
+            self.stats.callbacks += 1
+            if resp.status_code != 200:
+                self.stats.error(f"callback {event_type}: HTTP {resp.status_code}")
+        except httpx.HTTPError as exc:
+            self.stats.error(f"callback {event_type}: {type(exc).__name__}")
+
+    async def run(self) -> None:
+        p = self.params
+        await asyncio.sleep((self.n % 50) * p.think / 50)  # stagger the start
+        while time.monotonic() < self.end:
+            cid = f"soak-{self.n}-{secrets.token_hex(4)}"
+            history: list[dict[str, Any]] = [{"role": "system", "content": "You are a concierge."}]
+            transcript: list[dict[str, Any]] = []
+            await self._callback(cid, "system.replica_joined", {"replica_id": "r-soak"})
+            for turn in range(p.turns_per_conversation):
+                if time.monotonic() >= self.end:
+                    break
+                utterance = UTTERANCES[(self.n + turn) % len(UTTERANCES)]
+                words = utterance.split()
+                for k in range(1, p.partials):
+                    prefix = " ".join(words[: max(1, len(words) * k // p.partials)])
+                    await self._request(
+                        cid, [*history, {"role": "user", "content": prefix}], final=False
+                    )
+                history.append({"role": "user", "content": utterance})
+                ttft, reply = await self._request(cid, history, final=True)
+                self.stats.finals += 1
+                if ttft is not None:
+                    self.stats.ttft[self.kind].append(ttft)
+                history.append({"role": "assistant", "content": reply or "…"})
+                transcript += history[-2:]
+                await asyncio.sleep(p.think)
+            await self._callback(
+                cid,
+                "system.shutdown",
+                {"replica_id": "r-soak", "shutdown_reason": "participant_left_timeout"},
+            )
+            await self._callback(
+                cid,
+                "application.transcription_ready",
+                {"replica_id": "r-soak", "transcript": transcript},
+            )
+            self.stats.conversations_ended += 1
+
+
+async def _load(
+    server_url: str,
+    upstream_url: str,
+    params: SoakParams,
+    stats: Stats,
+    server: Child,
+    progress: bool,
+) -> None:
+    limits = httpx.Limits(
+        max_connections=params.conversations * 2 + 50,
+        max_keepalive_connections=params.conversations * 2,
+    )
+    timeout = httpx.Timeout(30.0)
+    started = time.monotonic()
+    end = started + params.duration
+    async with (
+        httpx.AsyncClient(
+            base_url=server_url,
+            headers={"Authorization": f"Bearer {SOAK_KEY}"},
+            limits=limits,
+            timeout=timeout,
+        ) as through,
+        httpx.AsyncClient(base_url=upstream_url, limits=limits, timeout=timeout) as direct,
+    ):
+        conversations = [
+            Conversation(n, through, params, stats, end, False) for n in range(params.conversations)
+        ]
+        conversations += [
+            Conversation(n, direct, params, stats, end, True) for n in range(params.probes)
+        ]
+        tasks = [asyncio.create_task(c.run()) for c in conversations]
+
+        async def sample() -> None:
+            while time.monotonic() < end:
+                stats.rss.append(
+                    (
+                        round(time.monotonic() - started, 1),
+                        current_rss_mb(process_tree(server.proc.pid) if server.proc else []),
+                    )
+                )
+                if progress:
+                    elapsed = time.monotonic() - started
+                    print(
+                        f"\rsoak {elapsed:5.0f}/{params.duration:.0f}s  requests {stats.requests}  "
+                        f"finals {stats.finals}  errors {len(stats.errors)}  server RSS {stats.rss[-1][1]:.0f} MB",
+                        end="",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                await asyncio.sleep(params.sample_every)
+
+        sampler = asyncio.create_task(sample())
+        await asyncio.gather(*tasks)
+        sampler.cancel()
+        if progress:
+            print(file=sys.stderr)
+
+
+def _ms(value: float | None) -> float | None:
+    return round(value * 1000, 2) if value is not None else None
+
+
+def summarize(params: SoakParams, stats: Stats, wall: float) -> dict[str, Any]:
+    def dist(values: list[float]) -> dict[str, Any]:
+        return {
+            "n": len(values),
+            "p50_ms": _ms(percentile(values, 50)),
+            "p99_ms": _ms(percentile(values, 99)),
+        }
+
+    added: dict[str, float | None] = {}
+    for q in (50, 99):
+        through = percentile(stats.ttft["upstream"], q)
+        direct = percentile(stats.ttft["direct"], q)
+        added[f"p{q}_ms"] = (
+            _ms(through - direct) if through is not None and direct is not None else None
+        )
+    samples = [mb for _, mb in stats.rss]
+    half = samples[len(samples) // 4 : len(samples) // 2] or samples[:1]
+    last = samples[-max(1, len(samples) // 4) :] or samples[-1:]
+    early = sum(half) / len(half) if half else 0.0
+    late = sum(last) / len(last) if last else 0.0
+    return {
+        "params": params.as_dict(),
+        "wall_s": round(wall, 1),
+        "requests": stats.requests,
+        "final_requests": stats.finals,
+        "requests_per_s": round(stats.requests / wall, 1) if wall else None,
+        "conversations_ended": stats.conversations_ended,
+        "callbacks": stats.callbacks,
+        "errors": len(stats.errors),
+        "error_samples": stats.errors[:10],
+        "ttft": {k: dist(v) for k, v in stats.ttft.items()},
+        "added_ttft": added,
+        "server_rss_mb": {
+            "first": samples[0] if samples else None,
+            "early_mean": round(early, 1),
+            "late_mean": round(late, 1),
+            "growth": round(late - early, 1),
+            "peak": max(samples) if samples else None,
+            "samples": len(samples),
+        },
+    }
+
+
+def render(summary: dict[str, Any]) -> str:
+    t, rss, added = summary["ttft"], summary["server_rss_mb"], summary["added_ttft"]
+    p = summary["params"]
+    rows = [
+        ("conversations at once", f"{p['conversations']} (+{p['probes']} direct probes)"),
+        ("duration", f"{summary['wall_s']} s"),
+        (
+            "requests (speculative + final)",
+            f"{summary['requests']} ({summary['requests_per_s']}/s)",
+        ),
+        ("final requests", str(summary["final_requests"])),
+        (
+            "conversations ended (with callbacks)",
+            f"{summary['conversations_ended']} ({summary['callbacks']} callbacks)",
+        ),
+        ("errors", str(summary["errors"])),
+        (
+            "final TTFT, upstream persona p50 / p99",
+            f"{t['upstream']['p50_ms']} / {t['upstream']['p99_ms']} ms",
+        ),
+        (
+            "final TTFT, direct to the upstream p50 / p99",
+            f"{t['direct']['p50_ms']} / {t['direct']['p99_ms']} ms",
+        ),
+        ("added TTFT p50 / p99", f"{added['p50_ms']} / {added['p99_ms']} ms"),
+        ("final TTFT, flow persona p50 / p99", f"{t['flow']['p50_ms']} / {t['flow']['p99_ms']} ms"),
+        (
+            "server RSS early → late (growth)",
+            f"{rss['early_mean']} → {rss['late_mean']} MB ({rss['growth']:+} MB), peak {rss['peak']} MB",
+        ),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{name:<{width}}  {value}" for name, value in rows]
+    for sample in summary["error_samples"]:
+        lines.append(f"error: {sample}")
+    return "\n".join(lines)
+
+
+def run_soak(params: SoakParams, progress: bool = False) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="cvi-soak-") as tmp:
+        work = Path(tmp)
+        upstream_port, server_port = free_port(), free_port()
+        upstream = Child(
+            "fake upstream",
+            [
+                sys.executable,
+                "-m",
+                "cvi_agent.fakes.upstream",
+                "--port",
+                str(upstream_port),
+                "--ttft",
+                str(params.upstream_ttft),
+                "--words",
+                "12",
+            ],
+            upstream_port,
+            dict(os.environ),
+            work / "upstream.log",
+        )
+        personas = work / "personas"
+        personas.mkdir()
+        shipped = Path(__file__).resolve().parent.parent / "personas" / "concierge.yaml"
+        (personas / "concierge.yaml").write_text(shipped.read_text() if shipped.exists() else "")
+        (personas / "soak.yaml").write_text(_persona_yaml(f"http://127.0.0.1:{upstream_port}"))
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
+        env.update(
+            CVI_API_KEYS=SOAK_KEY,
+            CVI_CALLBACK_TOKEN=CALLBACK_TOKEN,
+            CVI_PERSONAS_DIR=str(personas),
+            CVI_DATABASE_URL=f"sqlite+aiosqlite:///{work / 'soak.db'}",
+            CVI_VAR_DIR=str(work / "var"),
+            CVI_LOG_LEVEL="warning",
+            CVI_VIDEO_POLL_INTERVAL="0",
+        )
+        server = Child(
+            "server",
+            [sys.executable, "-m", "cvi_agent", "serve", "--port", str(server_port)],
+            server_port,
+            env,
+            work / "server.log",
+        )
+        upstream.start("/v1/models")
+        try:
+            server.start("/healthz")
+            stats = Stats()
+            started = time.monotonic()
+            asyncio.run(_load(server.url, upstream.url, params, stats, server, progress))
+            wall = time.monotonic() - started
+            alive = server.proc is not None and server.proc.poll() is None
+            if not alive:
+                stats.error("the server exited during the soak:\n" + server.log_tail())
+            return summarize(params, stats, wall)
+        finally:
+            server.stop()
+            upstream.stop()
+
+
+def add_soak_parser(sub: Any) -> None:
+    parser = sub.add_parser(
+        "soak",
+        help="many concurrent Tavus-like conversations for a bounded time: errors, latency, memory",
+    )
+    defaults = SoakParams()
+    parser.add_argument("-c", "--conversations", type=int, default=defaults.conversations)
+    parser.add_argument(
+        "--duration", type=float, default=defaults.duration, help="seconds (default 600)"
+    )
+    parser.add_argument("--think", type=float, default=defaults.think, help="seconds between turns")
+    parser.add_argument("--partials", type=int, default=defaults.partials)
+    parser.add_argument("--upstream-ttft", type=float, default=defaults.upstream_ttft)
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(func=cmd_soak)
+
+
+def cmd_soak(args: argparse.Namespace) -> int:
+    params = SoakParams(
+        conversations=args.conversations,
+        duration=args.duration,
+        think=args.think,
+        partials=args.partials,
+        upstream_ttft=args.upstream_ttft,
+    )
+    summary = run_soak(params, progress=sys.stderr.isatty() and not args.json)
+    print(json.dumps(summary, indent=2) if args.json else render(summary))
+    return 1 if summary["errors"] else 0
