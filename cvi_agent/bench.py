@@ -93,6 +93,7 @@ class BenchParams:
     abandon_share: float = 0.2
     request_timeout: float = 30.0
     seed: int = 11
+    server_src: str | None = None  # run the server from another source tree (before/after)
 
 
 # ---------------------------------------------------------------- statistics
@@ -181,12 +182,21 @@ def self_peak_rss_mb() -> float:
 class Child:
     """A subprocess (fake upstream or server) on a loopback port."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        log: Path,
+        cwd: Path | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.port = port
         self.env = env
         self.log_path = log
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -196,7 +206,7 @@ class Child:
     def start(self, ready_path: str, headers: dict[str, str] | None = None) -> Child:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=log
+                self.argv, env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=log
             )
         deadline = time.monotonic() + 30
         while True:
@@ -959,6 +969,8 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child, Child]]:
             "CVI_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'cvi.db'}",
             "CVI_LOG_LEVEL": "warning",
         }
+        if params.server_src:
+            server_env["PYTHONPATH"] = str(Path(params.server_src).resolve())
         server = Child(
             "cvi-agent",
             [
@@ -976,6 +988,7 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child, Child]]:
             server_port,
             server_env,
             workdir / "server.log",
+            cwd=workdir,  # not the current directory: `-m` puts it first on sys.path
         ).start("/healthz")
         relay_port = free_port()
         relay = Child(
@@ -1070,7 +1083,9 @@ def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"cvi-agent bench: {m['cpus']} CPUs, Python {m['python']}, {m['loop']}, "
-        f"server workers {p['workers']}; fake upstream: TTFT {p['upstream_ttft'] * 1000:.0f} ms, "
+        f"server workers {p['workers']}"
+        + (f" from {p['server_src']}" if p.get("server_src") else "")
+        + f"; fake upstream: TTFT {p['upstream_ttft'] * 1000:.0f} ms, "
         f"{p['tokens_per_second']:g} tokens/s, {p['reply_words']} tokens/reply, "
         f"tool-call share {p['tool_call_share']:g}",
     ]
@@ -1205,6 +1220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-call-share", type=float, default=d.tool_call_share)
     parser.add_argument("--conversations", type=int, default=d.conversations)
     parser.add_argument("--partials", type=int, default=d.partials)
+    parser.add_argument(
+        "--server-src",
+        default=None,
+        metavar="DIR",
+        help="run the server from another source tree (e.g. `git archive` of an older commit)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -1223,6 +1244,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         tool_call_share=min(1.0, max(0.0, args.tool_call_share)),
         conversations=max(2, args.conversations),
         partials=max(2, args.partials),
+        server_src=args.server_src,
     )
 
 
