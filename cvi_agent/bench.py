@@ -654,14 +654,17 @@ def plan_conversations(params: BenchParams) -> list[ConversationPlan]:
     words = UTTERANCE.split()
     cuts = [*sorted(rng.sample(range(2, len(words)), max(1, params.partials - 1))), len(words)]
     plans = []
+    abandon = False
     for n in range(params.conversations):
         tag = f"[c{n}]"
         partials = [" ".join([tag, *words[:cut]]) for cut in cuts]
+        if n % 2 == 0:  # conversations come in pairs, one per side, alike but for the side
+            abandon = rng.random() < params.abandon_share
         plans.append(
             ConversationPlan(
                 number=n,
                 via="through" if n % 2 else "direct",
-                abandon=rng.random() < params.abandon_share,
+                abandon=abandon,
                 close_first=(n // 2) % 2 == 1,
                 partials=partials,
                 delay=rng.uniform(0, params.partial_gap * 2),
