@@ -93,6 +93,7 @@ class BenchParams:
     abandon_share: float = 0.2
     request_timeout: float = 30.0
     seed: int = 11
+    server_src: str | None = None  # run the server from another source tree (before/after)
 
 
 # ---------------------------------------------------------------- statistics
@@ -181,12 +182,21 @@ def self_peak_rss_mb() -> float:
 class Child:
     """A subprocess (fake upstream or server) on a loopback port."""
 
-    def __init__(self, name: str, argv: list[str], port: int, env: dict[str, str], log: Path):
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        port: int,
+        env: dict[str, str],
+        log: Path,
+        cwd: Path | None = None,
+    ):
         self.name = name
         self.argv = argv
         self.port = port
         self.env = env
         self.log_path = log
+        self.cwd = cwd
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -196,7 +206,7 @@ class Child:
     def start(self, ready_path: str, headers: dict[str, str] | None = None) -> Child:
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                self.argv, env=self.env, stdout=subprocess.DEVNULL, stderr=log
+                self.argv, env=self.env, cwd=self.cwd, stdout=subprocess.DEVNULL, stderr=log
             )
         deadline = time.monotonic() + 30
         while True:
@@ -479,7 +489,7 @@ async def _client_loop(
         try:
             if conn is None or conn.lost:
                 conn = await connect(target.port)
-            text = f"phase {phase} turn {turn}: tell me about the weather in Dallas"
+            text = f"phase {phase} client {client_no} turn {turn}: tell me about the weather"
             result = await asyncio.wait_for(
                 conn.send(target.request(text, f"bench-{target.name}-{client_no}")),
                 request_timeout,
@@ -563,51 +573,59 @@ def _merge(phases: list[PhaseStats]) -> PhaseStats:
 
 async def overhead_scenario(
     params: BenchParams,
-    direct: Target,
-    through: Target,
+    targets: list[Target],
     children: dict[str, Child],
     progress: Progress,
 ) -> dict[str, Any]:
+    """Phases alternate between the targets (direct, null relay, through cvi-agent)."""
     if params.warmup_seconds > 0:
-        await run_phase(through, params, params.warmup_seconds, progress, "warm-up", None)
-    phases: dict[str, list[PhaseStats]] = {"direct": [], "through": []}
+        await run_phase(targets[-1], params, params.warmup_seconds, progress, "warm-up", None)
+    phases: dict[str, list[PhaseStats]] = {t.name: [] for t in targets}
     overhead0 = _server_histogram(children["server"], "cvi_added_overhead_seconds")
     for round_no in range(1, params.rounds + 1):
-        for target in (direct, through):
+        for target in targets:
             label = f"overhead round {round_no}/{params.rounds}: {target.name}"
             stats = await run_phase(target, params, params.phase_seconds, progress, label, children)
             phases[target.name].append(stats)
     overhead1 = _server_histogram(children["server"], "cvi_added_overhead_seconds")
-    d, t = _merge(phases["direct"]), _merge(phases["through"])
-    d_ttft, t_ttft = summarize_ms(d.ttfts), summarize_ms(t.ttfts)
-    d_gap, t_gap = summarize_ms(d.gaps), summarize_ms(t.gaps)
+    sides = {name: _merge(stats) for name, stats in phases.items()}
+    ttft = {name: summarize_ms(side.ttfts) for name, side in sides.items()}
+    gaps = {name: summarize_ms(side.gaps) for name, side in sides.items()}
+    t = sides["through"]
     server_cpu_per_chunk = t.server_cpu / t.chunks * 1e6 if t.chunks else None
+
+    def added(table: dict[str, dict[str, float | None]], base: str) -> dict[str, float | None]:
+        if base not in table:
+            return {}
+        return {q: _delta(table["through"][q], table[base][q]) for q in table["through"]}
+
     return {
         "concurrency": params.concurrency,
-        "streams": {"direct": d.streams, "through": t.streams},
-        "ttft_ms": {"direct": d_ttft, "through": t_ttft},
-        "added_ttft_ms": {q: _delta(t_ttft[q], d_ttft[q]) for q in t_ttft},
+        "sides": list(sides),
+        "streams": {name: side.streams for name, side in sides.items()},
+        "ttft_ms": ttft,
+        "added_ttft_ms": added(ttft, "direct"),
+        "added_ttft_over_relay_ms": added(ttft, "relay"),
         "server_measured_overhead_ms": _histogram_quantiles(overhead0, overhead1),
-        "inter_chunk_ms": {"direct": d_gap, "through": t_gap},
-        "added_inter_chunk_ms": {q: _delta(t_gap[q], d_gap[q]) for q in t_gap},
+        "inter_chunk_ms": gaps,
+        "added_inter_chunk_ms": added(gaps, "direct"),
+        "added_inter_chunk_over_relay_ms": added(gaps, "relay"),
         "chunks_per_second": {
-            "direct": round(d.chunks / d.seconds, 1) if d.seconds else None,
-            "through": round(t.chunks / t.seconds, 1) if t.seconds else None,
+            name: round(side.chunks / side.seconds, 1) if side.seconds else None
+            for name, side in sides.items()
         },
-        "chunks": {"direct": d.chunks, "through": t.chunks},
+        "chunks": {name: side.chunks for name, side in sides.items()},
         "server_cpu_us_per_chunk": round(server_cpu_per_chunk, 2)
         if server_cpu_per_chunk is not None
         else None,
         "server_cpu_share": round(t.server_cpu / t.seconds, 3) if t.seconds else None,
         "cpu_share": {
-            side.target: {
-                name: round(seconds / side.seconds, 3) for name, seconds in side.cpu.items()
-            }
-            for side in (d, t)
+            name: {proc: round(sec / side.seconds, 3) for proc, sec in side.cpu.items()}
+            for name, side in sides.items()
             if side.seconds
         },
-        "errors": {"direct": d.errors, "through": t.errors},
-        "error_samples": d.error_samples + t.error_samples,
+        "errors": {name: side.errors for name, side in sides.items()},
+        "error_samples": [e for side in sides.values() for e in side.error_samples][:10],
     }
 
 
@@ -636,14 +654,17 @@ def plan_conversations(params: BenchParams) -> list[ConversationPlan]:
     words = UTTERANCE.split()
     cuts = [*sorted(rng.sample(range(2, len(words)), max(1, params.partials - 1))), len(words)]
     plans = []
+    abandon = False
     for n in range(params.conversations):
         tag = f"[c{n}]"
         partials = [" ".join([tag, *words[:cut]]) for cut in cuts]
+        if n % 2 == 0:  # conversations come in pairs, one per side, alike but for the side
+            abandon = rng.random() < params.abandon_share
         plans.append(
             ConversationPlan(
                 number=n,
                 via="through" if n % 2 else "direct",
-                abandon=rng.random() < params.abandon_share,
+                abandon=abandon,
                 close_first=(n // 2) % 2 == 1,
                 partials=partials,
                 delay=rng.uniform(0, params.partial_gap * 2),
@@ -870,9 +891,10 @@ def machine_info() -> dict[str, Any]:
 
 
 async def _run_async(
-    params: BenchParams, upstream: Child, server: Child, progress: Progress
+    params: BenchParams, upstream: Child, server: Child, relay: Child, progress: Progress
 ) -> dict[str, Any]:
     direct = Target("direct", upstream.port, "/v1/chat/completions", "fake", {}, tools=True)
+    relayed = dataclasses.replace(direct, name="relay", port=relay.port)
     through = Target(
         "through",
         server.port,
@@ -885,9 +907,9 @@ async def _run_async(
     report: dict[str, Any] = {}
     try:
         if "overhead" in params.scenarios:
-            children = {"server": server, "upstream": upstream}
+            children = {"server": server, "upstream": upstream, "relay": relay}
             report["overhead"] = await overhead_scenario(
-                params, direct, through, children, progress
+                params, [direct, relayed, through], children, progress
             )
         if "speculative" in params.scenarios:
             run_id = f"{os.getpid()}-{int(time.time())}"
@@ -906,9 +928,9 @@ async def _run_async(
 
 
 @contextlib.contextmanager
-def _processes(params: BenchParams) -> Iterator[tuple[Child, Child]]:
+def _processes(params: BenchParams) -> Iterator[tuple[Child, Child, Child]]:
     workdir = Path(tempfile.mkdtemp(prefix="cvi-bench-"))
-    upstream = server = None
+    upstream = server = relay = None
     try:
         personas = workdir / "personas"
         personas.mkdir()
@@ -950,6 +972,8 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child]]:
             "CVI_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'cvi.db'}",
             "CVI_LOG_LEVEL": "warning",
         }
+        if params.server_src:
+            server_env["PYTHONPATH"] = str(Path(params.server_src).resolve())
         server = Child(
             "cvi-agent",
             [
@@ -967,10 +991,27 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child]]:
             server_port,
             server_env,
             workdir / "server.log",
+            cwd=workdir,  # not the current directory: `-m` puts it first on sys.path
         ).start("/healthz")
-        yield upstream, server
+        relay_port = free_port()
+        relay = Child(
+            "null relay",
+            [
+                sys.executable,
+                "-m",
+                "cvi_agent.fakes.relay",
+                "--port",
+                str(relay_port),
+                "--to",
+                f"127.0.0.1:{upstream.port}",
+            ],
+            relay_port,
+            env,
+            workdir / "relay.log",
+        ).start("/_fake/records?since=999999999")
+        yield upstream, server, relay
     finally:
-        for child in (server, upstream):
+        for child in (relay, server, upstream):
             if child is not None:
                 child.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -987,11 +1028,12 @@ def _run_loop(main: Coroutine[Any, Any, dict[str, Any]]) -> dict[str, Any]:
 def run_bench(params: BenchParams, progress: bool = False) -> dict[str, Any]:
     """Run the scenarios and return the report (what `--json` prints)."""
     started = time.monotonic()
-    with _processes(params) as (upstream, server):
-        report = _run_loop(_run_async(params, upstream, server, Progress(progress)))
+    with _processes(params) as (upstream, server, relay):
+        report = _run_loop(_run_async(params, upstream, server, relay, Progress(progress)))
         processes = {
             "server": {"pids": len(server.pids()), "peak_rss_mb": server.rss()},
             "upstream": {"peak_rss_mb": upstream.rss()},
+            "relay": {"peak_rss_mb": relay.rss()},
             "load_generator": {"peak_rss_mb": [self_peak_rss_mb()]},
         }
         server_log = server.log_tail(10)
@@ -1032,10 +1074,10 @@ def _rss(report: dict[str, Any]) -> str:
     def one(values: list[float]) -> str:
         return " + ".join(f"{v:.0f}" for v in values) or "-"
 
-    return (
-        f"peak RSS MB: server {one(procs['server']['peak_rss_mb'])}, "
-        f"upstream {one(procs['upstream']['peak_rss_mb'])}, "
-        f"load generator {one(procs['load_generator']['peak_rss_mb'])}"
+    return "peak RSS MB: " + ", ".join(
+        f"{name.replace('_', ' ')} {one(procs[name]['peak_rss_mb'])}"
+        for name in ("server", "relay", "upstream", "load_generator")
+        if name in procs
     )
 
 
@@ -1044,49 +1086,68 @@ def format_table(report: dict[str, Any]) -> str:
     m = report["machine"]
     lines = [
         f"cvi-agent bench: {m['cpus']} CPUs, Python {m['python']}, {m['loop']}, "
-        f"server workers {p['workers']}; fake upstream: TTFT {p['upstream_ttft'] * 1000:.0f} ms, "
+        f"server workers {p['workers']}"
+        + (f" from {p['server_src']}" if p.get("server_src") else "")
+        + f"; fake upstream: TTFT {p['upstream_ttft'] * 1000:.0f} ms, "
         f"{p['tokens_per_second']:g} tokens/s, {p['reply_words']} tokens/reply, "
         f"tool-call share {p['tool_call_share']:g}",
     ]
     rss = _rss(report)
     o = report.get("overhead")
     if o:
+        sides: list[str] = o.get("sides") or ["direct", "through"]
+        relay = "relay" in sides
+        head = "".join(f"{side:>11}" for side in sides)
         lines += [
             "",
             f"Overhead: {o['concurrency']} concurrent streams, {p['rounds']} rounds of "
-            f"{p['phase_seconds']:g} s per side, alternating",
-            f"{'':28}{'direct':>12}{'through':>12}{'added':>12}{'ratio':>9}",
+            f"{p['phase_seconds']:g} s per side, alternating"
+            + (" (relay: a null TCP relay, the cost of any extra hop here)" if relay else ""),
+            f"{'':28}{head}{'added':>10}{'ratio':>8}" + (f"{'over relay':>12}" if relay else ""),
         ]
-        for label, key, added in (
-            ("time to first token", "ttft_ms", "added_ttft_ms"),
-            ("inter-chunk gap", "inter_chunk_ms", "added_inter_chunk_ms"),
-        ):
+
+        def row(label: str, values: dict[str, Any], extra: str = "") -> str:
+            return f"{label:28}" + "".join(f"{_fmt(values.get(x)):>11}" for x in sides) + extra
+
+        for label, key in (("time to first token", "ttft"), ("inter-chunk gap", "inter_chunk")):
+            table = o[f"{key}_ms"]
             for q in ("p50", "p95", "p99"):
-                d, t = o[key]["direct"][q], o[key]["through"][q]
+                added = _fmt(o[f"added_{key}_ms"].get(q), "+")
+                ratio = _fmt(_ratio(table["through"][q], table["direct"][q]))
+                over = _fmt(o.get(f"added_{key}_over_relay_ms", {}).get(q), "+")
                 lines.append(
-                    f"{label + ' ' + q + ' (ms)':28}{_fmt(d):>12}{_fmt(t):>12}"
-                    f"{_fmt(o[added][q], '+'):>12}{_fmt(_ratio(t, d)):>9}"
+                    row(
+                        f"{label} {q} (ms)",
+                        {x: table[x][q] for x in sides},
+                        f"{added:>10}{ratio:>8}" + (f"{over:>12}" if relay else ""),
+                    )
                 )
             server_view = o.get("server_measured_overhead_ms")
-            if key == "ttft_ms" and server_view:
+            if key == "ttft" and server_view:
                 lines.append(
-                    f"{'  added, as the server sees it (upper bucket bounds, ms): '}"
+                    "  added, as the server itself measures it (bucket bounds, ms): "
                     + "  ".join(f"{q} ≤ {_fmt(server_view[q])}" for q in ("p50", "p95", "p99"))
                 )
         cps = o["chunks_per_second"]
         lines += [
-            f"{'chunks per second':28}{_fmt(cps['direct']):>12}{_fmt(cps['through']):>12}"
-            f"{'':>12}{_fmt(_ratio(cps['through'], cps['direct'])):>9}",
-            f"{'streams':28}{_fmt(o['streams']['direct']):>12}{_fmt(o['streams']['through']):>12}",
-            f"{'errors':28}{_fmt(o['errors']['direct']):>12}{_fmt(o['errors']['through']):>12}",
-            *(
-                f"{'CPU share: ' + name.replace('_', ' '):28}"
-                f"{_fmt(o['cpu_share'].get('direct', {}).get(name)):>12}"
-                f"{_fmt(o['cpu_share'].get('through', {}).get(name)):>12}"
-                for name in ("server", "upstream", "load_generator")
+            row(
+                "chunks per second",
+                cps,
+                f"{'':>10}{_fmt(_ratio(cps.get('through'), cps.get('direct'))):>8}",
             ),
-            f"{'server CPU per chunk (µs)':28}{'':>12}{_fmt(o['server_cpu_us_per_chunk']):>12}"
-            f"   (one idle wake-up on this machine: {_fmt(m.get('idle_wakeup_cpu_us'))} µs)",
+            row("streams", o["streams"]),
+            row("errors", o["errors"]),
+            *(
+                row(
+                    "CPU share: " + proc.replace("_", " "),
+                    {x: o["cpu_share"].get(x, {}).get(proc) for x in sides},
+                )
+                for proc in ("server", "relay", "upstream", "load_generator")
+                if any(proc in o["cpu_share"].get(x, {}) for x in sides)
+            ),
+            f"{'server CPU per chunk (µs)':28}{_fmt(o['server_cpu_us_per_chunk']):>11}"
+            f"   (through; one idle wake-up on this machine costs "
+            f"{_fmt(m.get('idle_wakeup_cpu_us'))} µs)",
             rss,
         ]
         if o["error_samples"]:
@@ -1162,6 +1223,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tool-call-share", type=float, default=d.tool_call_share)
     parser.add_argument("--conversations", type=int, default=d.conversations)
     parser.add_argument("--partials", type=int, default=d.partials)
+    parser.add_argument(
+        "--server-src",
+        default=None,
+        metavar="DIR",
+        help="run the server from another source tree (e.g. `git archive` of an older commit)",
+    )
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -1180,6 +1247,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         tool_call_share=min(1.0, max(0.0, args.tool_call_share)),
         conversations=max(2, args.conversations),
         partials=max(2, args.partials),
+        server_src=args.server_src,
     )
 
 

@@ -41,15 +41,24 @@ def test_bench_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert report["errors"] == 0
 
     overhead = report["overhead"]
-    assert overhead["errors"] == {"direct": 0, "through": 0}
-    for side in ("direct", "through"):
+    assert overhead["sides"] == ["direct", "relay", "through"]
+    assert overhead["errors"] == {"direct": 0, "relay": 0, "through": 0}
+    for side in ("direct", "relay", "through"):
         assert overhead["streams"][side] > 0
         assert overhead["chunks"][side] > 0
         for q in ("p50", "p95", "p99"):
             assert overhead["ttft_ms"][side][q] is not None
             assert overhead["inter_chunk_ms"][side][q] is not None
-    assert set(overhead["added_ttft_ms"]) == {"p50", "p95", "p99"}
-    assert set(overhead["added_inter_chunk_ms"]) == {"p50", "p95", "p99"}
+    for key in ("ttft", "inter_chunk"):
+        assert set(overhead[f"added_{key}_ms"]) == {"p50", "p95", "p99"}
+        assert set(overhead[f"added_{key}_over_relay_ms"]) == {"p50", "p95", "p99"}
+    assert set(overhead["server_measured_overhead_ms"]) == {"p50", "p95", "p99"}
+    assert set(overhead["cpu_share"]["through"]) == {
+        "server",
+        "upstream",
+        "relay",
+        "load_generator",
+    }
     assert overhead["chunks_per_second"]["through"] > 0
     assert 0 < overhead["server_cpu_us_per_chunk"] < 100_000
     # Upstream TTFT is 50 ms: anything near it or above is a real answer, not a sanity failure.
@@ -70,7 +79,7 @@ def test_bench_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert spec["through"]["upstream_tokens_generated"] > 0
     assert spec["replay_hits"] is not None
 
-    for name in ("server", "upstream", "load_generator"):
+    for name in ("server", "relay", "upstream", "load_generator"):
         rss = report["processes"][name]["peak_rss_mb"]
         assert rss and all(0 < r < 4096 for r in rss)
     assert report["machine"]["cpus"] >= 1
