@@ -38,7 +38,7 @@ class LoopbackServer:
         return f"http://{self.host}:{self.port}"
 
     def _run(self) -> None:
-        # Runner.close() cancels what is left (e.g. sse-starlette's shutdown watcher) cleanly.
+        # Runner.close() cancels what is left (e.g. pending server tasks) cleanly.
         with asyncio.Runner() as runner:
             self.loop = runner.get_loop()
             runner.run(self.server.serve())
