@@ -55,6 +55,7 @@ from cvi_agent.tavus import (
 log = logging.getLogger(__name__)
 
 WS_PROTOCOL = "cvi-agent"
+MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parameters
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
@@ -113,7 +114,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, cid = json.loads(raw)
         return float(created_at), str(cid)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError, RecursionError):
         raise ApiError(400, "Invalid cursor.", "invalid_cursor", "cursor") from None
 
 
@@ -153,6 +154,8 @@ async def list_events(
     await _conversation(record, conversation_id)
     if not 1 <= limit <= 1000:
         raise ApiError(400, "limit must be between 1 and 1000.", "invalid_limit", "limit")
+    if after > MAX_EVENT_ID:
+        raise ApiError(400, "after must be an event id.", "invalid_after", "after")
     events = await record.store.list_events(
         conversation_id, after_id=after, limit=limit + 1, order="id"
     )
@@ -231,7 +234,7 @@ async def create_conversation(request: Request) -> JSONResponse:
     except ValidationError as exc:
         message, param = validation_message(list(exc.errors()))
         raise ApiError(400, message, "invalid_request", param) from None
-    if body.persona is None and body.persona_id is None:
+    if not body.persona and not body.persona_id:
         raise ApiError(400, "Give `persona` (one of ours) or `persona_id`.", "missing_persona")
     if body.persona is not None and body.persona not in runtime.personas:
         raise ApiError(
@@ -469,7 +472,7 @@ async def _deny(ws: WebSocket, error: ApiError, close_code: int) -> None:
 
 
 @router.websocket("/{conversation_id}/live")
-async def live(ws: WebSocket, conversation_id: str, after: int = 0) -> None:
+async def live(ws: WebSocket, conversation_id: str) -> None:
     """Every event of the conversation as it is stored: first the backlog (after `?after=`),
     then `{"type": "live"}`, then each new event as `{"type": "event", "event": {…}}`.
 
@@ -483,6 +486,14 @@ async def live(ws: WebSocket, conversation_id: str, after: int = 0) -> None:
             ws,
             ApiError(401, "Missing or invalid API key.", "invalid_api_key"),
             4401,
+        )
+        return
+    after = _ws_after(ws.query_params.get("after"))
+    if after is None:
+        await _deny(
+            ws,
+            ApiError(400, "after must be an event id.", "invalid_after", "after"),
+            4400,
         )
         return
     record = runtime.record
@@ -508,6 +519,17 @@ async def live(ws: WebSocket, conversation_id: str, after: int = 0) -> None:
         if ws.application_state == WebSocketState.CONNECTED:
             with contextlib.suppress(Exception):
                 await ws.close(1011, "internal error")
+
+
+def _ws_after(value: str | None) -> int | None:
+    """`?after=` as an event id (validated here so a bad one is a 400 in the OpenAI shape)."""
+    if value is None or value == "":
+        return 0
+    try:
+        after = int(value)
+    except ValueError:
+        return None
+    return max(after, 0) if after <= MAX_EVENT_ID else None
 
 
 async def _stream(ws: WebSocket, record: Record, conversation_id: str, after: int) -> None:

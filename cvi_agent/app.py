@@ -20,6 +20,7 @@ from cvi_agent.llm.tools import validate_persona_tools
 from cvi_agent.metrics import router as metrics_router
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
+from cvi_agent.security import install_security
 from cvi_agent.simulate import router as simulations_router
 from cvi_agent.videos.lifespan import start_videos
 from cvi_agent.videos.tool import validate_video_tools
@@ -65,6 +66,7 @@ def create_app(
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    install_security(app, settings)  # API keys, per-key rate limit, CORS (security.py)
     app.include_router(llm_router)
     app.include_router(callbacks_router)
     app.include_router(api_router)

@@ -41,6 +41,7 @@ from cvi_agent.runtime import get_runtime
 from cvi_agent.store import EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.videos import tavus as tavus_videos
+from cvi_agent.videos.base import ProviderError
 from cvi_agent.videos.service import VideoService
 from cvi_agent.videos.webhooks import ingest_tavus_video_callback
 
@@ -136,6 +137,10 @@ async def ingest_tavus_callback(
         video_id = raw.get("video_id")
         if not isinstance(video_id, str | int) or len(str(video_id)) > MAX_ID_LENGTH:
             raise CallbackError(f"video_id must be a string of at most {MAX_ID_LENGTH} characters")
+        try:
+            tavus_videos.parse_callback(raw)  # a blank video_id is refused here, not with a 500
+        except ProviderError as exc:
+            raise CallbackError(str(exc)) from None
         video = await ingest_tavus_video_callback(record.store, raw, service=videos)
         return IngestResult(f"video.{video.status}", video.conversation_id or "", None, None)
     cb = parse_tavus_callback(raw)

@@ -138,10 +138,25 @@ class Settings(BaseSettings):
     interaction_timeout: float = Field(
         default=5.0, gt=0, validation_alias=_env("CVI_INTERACTION_TIMEOUT", "interaction_timeout")
     )
+    # Access control (security.py): per-key token bucket (per process; 0 = off) and CORS.
+    rate_limit_rps: float = Field(
+        default=100.0, ge=0, validation_alias=_env("CVI_RATE_LIMIT_RPS", "rate_limit_rps")
+    )
+    rate_limit_burst: int = Field(
+        default=200, ge=1, validation_alias=_env("CVI_RATE_LIMIT_BURST", "rate_limit_burst")
+    )
+    cors_origins_raw: str = Field(
+        default="", validation_alias=_env("CVI_CORS_ORIGINS", "cors_origins_raw")
+    )
 
     @cached_property
     def api_keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys_raw.split(",") if k.strip())
+
+    @cached_property
+    def cors_origins(self) -> tuple[str, ...]:
+        """Browser origins allowed to call the API cross-origin (none: CORS stays closed)."""
+        return tuple(o.strip().rstrip("/") for o in self.cors_origins_raw.split(",") if o.strip())
 
     @cached_property
     def callback_tokens(self) -> tuple[str, ...]:

@@ -316,8 +316,10 @@ async def test_models_and_health(server: LoopbackServer) -> None:
         assert (await http.get("/v1/models")).status_code == 401
         health = await http.get("/healthz")
         assert health.status_code == 200 and health.json()["status"] == "ok"
-        missing = await http.get("/nothing-here")
+        missing = await http.get("/nothing-here", headers=AUTH)
         assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+        # without a key, an unknown path is refused like a known one (security.py)
+        assert (await http.get("/nothing-here")).status_code == 401
 
 
 @pytest.mark.parametrize("header", ["conversation_id", "Conversation-Id", "X-CONVERSATION-ID"])

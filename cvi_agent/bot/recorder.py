@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -78,16 +79,29 @@ def classify(exc: BaseException) -> str:
 
 
 def scrub(value: Any) -> Any:
-    """JSON-safe and PostgreSQL-safe: NUL characters removed, unknown types made strings."""
+    """JSON-safe and PostgreSQL-safe: NUL characters removed, unknown types made strings, and
+    so are infinities and NaN (Python writes them as `Infinity`, which is not JSON)."""
     if isinstance(value, str):
         return value.replace("\x00", "")
     if isinstance(value, dict):
         return {scrub(str(k)): scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
         return [scrub(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     return str(value)
+
+
+def scrub_record(record: EventRecord) -> None:
+    """`scrub` every text column too: a NUL in an id a room event carried (its
+    `inference_id`, in the dedupe key) is refused by PostgreSQL as much as one in the payload."""
+    record.payload = scrub(record.payload)
+    for name in ("conversation_id", "kind", "dedupe_key", "inference_id", "role"):
+        value = getattr(record, name)
+        if isinstance(value, str) and "\x00" in value:
+            setattr(record, name, value.replace("\x00", ""))
 
 
 class _Backoff:
@@ -284,7 +298,7 @@ class Recorder:
                 if await retry.wait(exc, 1):
                     continue
                 if not scrubbed:
-                    record.payload = scrub(record.payload)  # NULs, values that are not JSON
+                    scrub_record(record)  # NULs, values that are not JSON
                     scrubbed = True
                     continue
                 self.dropped += 1

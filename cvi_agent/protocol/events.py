@@ -421,7 +421,7 @@ def parse_event(message: Any) -> ParseResult:
     if isinstance(props, str) and cls is not UnknownEvent:
         try:
             props = json.loads(props)
-        except ValueError:
+        except (ValueError, RecursionError):  # never raise: nested too deep is just unusable
             props = None
     if props is None or (not isinstance(props, dict) and cls is not UnknownEvent):
         fields.pop("properties", None)

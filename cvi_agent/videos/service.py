@@ -229,22 +229,22 @@ class VideoService:
         None without `CVI_CALLBACK_TOKEN` (we never hand out an unauthenticated URL; the
         poller finishes the job instead) and for Argil, whose webhooks are per account.
         """
-        token = self.settings.callback_token
-        if not token or name == "argil":
+        tokens = self.settings.callback_tokens  # a comma list to rotate: the first is current
+        if not tokens or name == "argil":
             return None
         base = self.settings.public_url.rstrip("/")
-        return f"{base}/callbacks/{name}?token={quote(token, safe='')}"
+        return f"{base}/callbacks/{name}?token={quote(tokens[0], safe='')}"
 
     def account_webhook_url(self, name: str) -> str:
         """The URL an account-level webhook (Argil, JoggAI) points at."""
         base = self.settings.public_url.rstrip("/")
         if name == "argil":
-            token = self.settings.callback_token
-            if not token:
+            tokens = self.settings.callback_tokens
+            if not tokens:
                 raise ProviderError(
                     name, "set CVI_CALLBACK_TOKEN first: Argil webhooks carry it in the URL"
                 )
-            return f"{base}/callbacks/argil?token={quote(token, safe='')}"
+            return f"{base}/callbacks/argil?token={quote(tokens[0], safe='')}"
         if name == "jogg":
             return f"{base}/callbacks/jogg"
         raise ProviderError(name, "has no account-level webhooks (it calls back per request)")

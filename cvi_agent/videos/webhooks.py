@@ -157,14 +157,14 @@ def video_service(request: Request) -> VideoService:
 
 
 def _check_token(service: VideoService, token: str | None, provider: str) -> None:
-    expected = service.settings.callback_token
-    if not expected:
+    accepted = service.settings.callback_tokens  # a comma list: every one is accepted
+    if not accepted:
         raise ApiError(
             503,
             f"{provider} callbacks with a URL token are disabled: set CVI_CALLBACK_TOKEN.",
             "callbacks_not_configured",
         )
-    if not token or not constant_time_in(token, (expected,)):
+    if not token or not constant_time_in(token, accepted):
         raise ApiError(401, "Invalid or missing callback token.", "invalid_callback_token")
 
 
