@@ -70,6 +70,7 @@ class Stats:
         default_factory=lambda: {"upstream": [], "flow": [], "direct": []}
     )
     callbacks: int = 0
+    callback_latency: list[float] = field(default_factory=list)  # seconds per callback POST
     conversations_ended: int = 0
     rss: list[tuple[float, float]] = field(default_factory=list)  # (seconds, MB)
 
@@ -173,10 +174,12 @@ class Conversation:
             "message_type": "application" if event_type.startswith("application.") else "system",
             "timestamp": datetime.now(UTC).isoformat(),
         }
+        started = time.perf_counter()
         try:
             resp = await self.http.post(
                 "/callbacks/tavus", params={"token": CALLBACK_TOKEN}, json=payload
             )
+            self.stats.callback_latency.append(time.perf_counter() - started)
             self.stats.callbacks += 1
             if resp.status_code != 200:
                 self.stats.error(f"callback {event_type}: HTTP {resp.status_code}")
@@ -299,11 +302,6 @@ def summarize(params: SoakParams, stats: Stats, wall: float) -> dict[str, Any]:
         added[f"p{q}_ms"] = (
             _ms(through - direct) if through is not None and direct is not None else None
         )
-    samples = [mb for _, mb in stats.rss]
-    half = samples[len(samples) // 4 : len(samples) // 2] or samples[:1]
-    last = samples[-max(1, len(samples) // 4) :] or samples[-1:]
-    early = sum(half) / len(half) if half else 0.0
-    late = sum(last) / len(last) if last else 0.0
     return {
         "params": params.as_dict(),
         "wall_s": round(wall, 1),
@@ -312,23 +310,67 @@ def summarize(params: SoakParams, stats: Stats, wall: float) -> dict[str, Any]:
         "requests_per_s": round(stats.requests / wall, 1) if wall else None,
         "conversations_ended": stats.conversations_ended,
         "callbacks": stats.callbacks,
+        "callback_latency": {
+            **dist(stats.callback_latency),
+            "max_ms": _ms(max(stats.callback_latency, default=None)),
+        },
         "errors": len(stats.errors),
         "error_samples": stats.errors[:10],
         "ttft": {k: dist(v) for k, v in stats.ttft.items()},
         "added_ttft": added,
-        "server_rss_mb": {
-            "first": samples[0] if samples else None,
-            "early_mean": round(early, 1),
-            "late_mean": round(late, 1),
-            "growth": round(late - early, 1),
-            "peak": max(samples) if samples else None,
-            "samples": len(samples),
-        },
+        "server_rss_mb": memory_verdict(stats.rss),
+    }
+
+
+# A leak grows memory at a steady rate for the whole run; warm-up (allocator arenas, caches with
+# a cap, connection pools, pymalloc) grows it early and then flattens. So the first quarter is
+# ignored, and the verdict looks at the second half: its slope, and the growth from the mean of
+# the second quarter to the mean of the last one.
+LEAK_SLOPE_MB_PER_MIN = 6.0
+
+
+def _slope_per_min(points: list[tuple[float, float]]) -> float:
+    """Least-squares slope of (seconds, MB) points, in MB per minute."""
+    if len(points) < 2:
+        return 0.0
+    n = len(points)
+    mean_t = sum(t for t, _ in points) / n
+    mean_mb = sum(mb for _, mb in points) / n
+    var = sum((t - mean_t) ** 2 for t, _ in points)
+    if var == 0:
+        return 0.0
+    cov = sum((t - mean_t) * (mb - mean_mb) for t, mb in points)
+    return cov / var * 60
+
+
+def memory_verdict(
+    rss: list[tuple[float, float]], max_slope: float = LEAK_SLOPE_MB_PER_MIN
+) -> dict[str, Any]:
+    """The server's RSS over the run ((seconds, MB) samples) and whether it looks like a leak:
+    `leak` when the second half still grows faster than `max_slope` MB per minute."""
+    samples = [mb for _, mb in rss]
+    n = len(samples)
+    second_quarter = samples[n // 4 : n // 2] or samples[:1]
+    last_quarter = samples[n - max(1, n // 4) :] if samples else []
+    early = sum(second_quarter) / len(second_quarter) if second_quarter else 0.0
+    late = sum(last_quarter) / len(last_quarter) if last_quarter else 0.0
+    slope = _slope_per_min(rss[n // 2 :])
+    return {
+        "first": samples[0] if samples else None,
+        "early_mean": round(early, 1),
+        "late_mean": round(late, 1),
+        "growth": round(late - early, 1),
+        "second_half_slope_mb_per_min": round(slope, 2),
+        "leak": n >= 8 and slope > max_slope,
+        "peak": max(samples) if samples else None,
+        "samples": n,
+        "series": [mb for _, mb in rss],
     }
 
 
 def render(summary: dict[str, Any]) -> str:
     t, rss, added = summary["ttft"], summary["server_rss_mb"], summary["added_ttft"]
+    cb = summary["callback_latency"]
     p = summary["params"]
     rows = [
         ("conversations at once", f"{p['conversations']} (+{p['probes']} direct probes)"),
@@ -344,6 +386,10 @@ def render(summary: dict[str, Any]) -> str:
         ),
         ("errors", str(summary["errors"])),
         (
+            "callback latency p50 / p99 (max)",
+            f"{cb['p50_ms']} / {cb['p99_ms']} ms ({cb['max_ms']} ms)",
+        ),
+        (
             "final TTFT, upstream persona p50 / p99",
             f"{t['upstream']['p50_ms']} / {t['upstream']['p99_ms']} ms",
         ),
@@ -356,6 +402,11 @@ def render(summary: dict[str, Any]) -> str:
         (
             "server RSS early → late (growth)",
             f"{rss['early_mean']} → {rss['late_mean']} MB ({rss['growth']:+} MB), peak {rss['peak']} MB",
+        ),
+        (
+            "server RSS slope over the second half",
+            f"{rss['second_half_slope_mb_per_min']:+} MB/min"
+            + (" (LEAK?)" if rss["leak"] else " (flat)"),
         ),
     ]
     width = max(len(r[0]) for r in rows)

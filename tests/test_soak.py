@@ -16,4 +16,7 @@ def test_one_minute_soak() -> None:
     assert summary["ttft"]["upstream"]["n"] > 100 and summary["ttft"]["direct"]["n"] > 10
     rss = summary["server_rss_mb"]
     assert rss["samples"] >= 20
+    # One minute is too short for the slope verdict (`rss["leak"]`, meant for `make soak`):
+    # warm-up (allocator arenas, per-connection SQLite page caches) is still going on. Only a
+    # gross per-conversation leak is caught here.
     assert rss["growth"] < 40, f"server memory grew {rss['growth']} MB during the soak"

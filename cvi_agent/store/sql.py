@@ -205,6 +205,13 @@ class SqlStore:
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        # SQLite has one writer at a time. Left to its busy handler, concurrent write
+        # transactions of this process each hold a pooled connection and poll the lock with
+        # sleeps growing to 100 ms while the holder waits for the event loop: under load a
+        # callback took seconds. So this process queues its write transactions itself (FIFO,
+        # handed over at once); the busy handler is left to arbitrate between processes.
+        self._write_lock: asyncio.Lock | None = None
+        self._write_lock_loop: asyncio.AbstractEventLoop | None = None
 
     async def init(self) -> None:
         """Create or migrate the schema (idempotent, safe to run from several processes)."""
@@ -240,14 +247,28 @@ class SqlStore:
             return postgresql.insert(table)
         return sqlite.insert(table)
 
+    def _writer_lock(self) -> asyncio.Lock | None:
+        """SQLite only: the lock serializing this process's write transactions (per loop)."""
+        if self.dialect != "sqlite":
+            return None
+        loop = asyncio.get_running_loop()
+        if self._write_lock is None or self._write_lock_loop is not loop:
+            self._write_lock = asyncio.Lock()
+            self._write_lock_loop = loop
+        return self._write_lock
+
     async def _retrying(
         self, fn: Callable[[AsyncConnection], Awaitable[Any]], attempts: int = 5
     ) -> Any:
         """Run `fn` in a transaction, retrying when the database is briefly unavailable."""
         delay = 0.05
+        lock = self._writer_lock()
         for attempt in range(attempts):
             try:
-                async with self.engine.begin() as conn:
+                if lock is None:
+                    async with self.engine.begin() as conn:
+                        return await fn(conn)
+                async with lock, self.engine.begin() as conn:
                     return await fn(conn)
             except (OperationalError, DBAPIError) as exc:
                 if attempt == attempts - 1 or not _transient(exc):
