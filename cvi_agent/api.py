@@ -59,7 +59,8 @@ MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parame
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
-def require_key(request: Request) -> None:
+async def require_key(request: Request) -> None:
+    # async: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
     check_api_key(request.headers, get_runtime(request).settings.api_keys)
 
 
@@ -113,7 +114,9 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, cid = json.loads(raw)
-        return float(created_at), str(cid)
+        if not isinstance(cid, str) or "\x00" in cid:
+            raise ValueError("not one of our cursors")
+        return float(created_at), cid
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ApiError(400, "Invalid cursor.", "invalid_cursor", "cursor") from None
 

@@ -6,6 +6,7 @@ import hmac
 import json
 import logging
 import math
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -146,6 +147,8 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
         text = body.decode("utf-8-sig")
     except UnicodeDecodeError:
         raise ApiError(400, "Request body is not valid UTF-8.", "invalid_json") from None
+    if "\\u0000" in text:  # JSON can only carry NUL escaped; PostgreSQL cannot store it
+        text = _ESCAPED_NUL.sub(r"\1", text)
     try:
         value = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except _NonFinite:
@@ -170,6 +173,11 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
             "invalid_json",
         )
     return value
+
+
+# `\u0000` preceded by an even number of backslashes (so an escaped backslash followed by
+# "u0000" is left alone); the group keeps those backslashes.
+_ESCAPED_NUL = re.compile(r"(?<!\\)((?:\\\\)*)\\u0000")
 
 
 class _NonFinite(ValueError):

@@ -108,6 +108,9 @@ def websocket_key(headers: Headers, query_string: bytes) -> str | None:
     return None
 
 
+_NUL_IN_URL = ApiError(400, "NUL characters are not allowed in URLs.", "invalid_url")
+
+
 class AccessControl:
     """ASGI middleware: the API-key check and the per-key rate limit for every non-public
     HTTP request and websocket handshake. Refusals use the OpenAI error shape (a websocket
@@ -124,7 +127,15 @@ class AccessControl:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
-        if kind not in ("http", "websocket") or is_public(scope["path"], self.public):
+        if kind not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        path: str = scope["path"]
+        if "\x00" in path or b"%00" in scope.get("query_string", b""):
+            # No id we store can hold a NUL (PostgreSQL refuses them): refuse, don't look it up.
+            await self._refuse(scope, receive, send, _NUL_IN_URL)
+            return
+        if is_public(path, self.public):
             await self.app(scope, receive, send)
             return
         headers = Headers(scope=scope)
@@ -151,7 +162,10 @@ class AccessControl:
         if error is None:
             await self.app(scope, receive, send)
             return
-        if kind == "http":
+        await self._refuse(scope, receive, send, error)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+        if scope["type"] == "http":
             if scope["path"] in CHAT_PATHS:
                 metrics.request_done("unknown", error.status)
             await error.response()(scope, receive, send)

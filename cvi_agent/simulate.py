@@ -817,7 +817,8 @@ class StartSimulation(BaseModel):
     words_per_second: float | None = Field(default=None, gt=0, le=1000)
 
 
-def _require_key(request: Request) -> None:
+async def _require_key(request: Request) -> None:
+    # async: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
     check_api_key(request.headers, get_runtime(request).settings.api_keys)
 
 

@@ -170,6 +170,17 @@ async def test_every_route_needs_a_key_except_the_allow_list(
                 assert resp.json()["error"]["type"] == "authentication_error"
 
 
+async def test_http_routes_never_take_the_key_from_the_url(
+    secured: tuple[FastAPI, LoopbackServer],
+) -> None:
+    """`?key=` is for browsers' websockets only: on HTTP a key in the URL would end up in
+    proxies' logs and browser history, so it is not accepted."""
+    _, server = secured
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        resp = await http.get("/v1/models", params={"key": API_KEY})
+    assert resp.status_code == 401 and resp.json()["error"]["code"] == "missing_api_key"
+
+
 async def test_unknown_paths_do_not_reveal_themselves_without_a_key(
     secured: tuple[FastAPI, LoopbackServer],
 ) -> None:
