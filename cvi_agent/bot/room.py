@@ -780,6 +780,8 @@ class LocalRoomServer:
         self.relayed = 0
         self.malformed = 0
         self._server: Server | None = None
+        # (room, user name, user id) → loop time until which its joins are refused
+        self._refused: dict[tuple[str, str | None, str | None], float] = {}
 
     @property
     def url(self) -> str:
@@ -821,13 +823,30 @@ class LocalRoomServer:
     ) -> None:
         await self.close()
 
-    async def drop_connections(self, room: str | None = None) -> int:
-        """Cut connections abruptly, as a network failure would (for tests and demos)."""
+    async def drop_connections(
+        self,
+        room: str | None = None,
+        *,
+        participants: Collection[str] | None = None,
+        refuse_for: float = 0.0,
+    ) -> int:
+        """Cut connections abruptly, as a network failure would (for tests and demos).
+
+        `participants`: only these participant ids (default: everyone). `refuse_for`: for that
+        many seconds, a rejoin by a dropped participant (same room, user name and user id) is
+        answered with a transient `unavailable` error, as a network that is still down would:
+        the others stay in the room and go on talking without it."""
         dropped = 0
+        until = asyncio.get_running_loop().time() + refuse_for
         for name, members in list(self.rooms.items()):
             if room is not None and name != room.strip("/"):
                 continue
             for member in list(members.values()):
+                p = member.participant
+                if participants is not None and p.id not in participants:
+                    continue
+                if refuse_for > 0:
+                    self._refused[(name, p.user_name, p.user_id)] = until
                 member.ws.transport.abort()
                 dropped += 1
         return dropped
@@ -851,11 +870,20 @@ class LocalRoomServer:
             await ws.close(4003, "forbidden")
             return
         user_name, user_id = hello.get("user_name"), hello.get("user_id")
+        user_name = user_name[:256] if isinstance(user_name, str) else None
+        user_id = user_id[:256] if isinstance(user_id, str) else None
+        refused = self._refused.get((room_name, user_name, user_id))
+        if refused is not None:
+            if refused > asyncio.get_running_loop().time():
+                await self._error(ws, "unavailable", "the room cannot be reached right now")
+                await ws.close(1013, "try again later")
+                return
+            del self._refused[(room_name, user_name, user_id)]
         member = _Member(
             participant=Participant(
                 id=str(uuid.uuid4()),
-                user_name=user_name[:256] if isinstance(user_name, str) else None,
-                user_id=user_id[:256] if isinstance(user_id, str) else None,
+                user_name=user_name,
+                user_id=user_id,
             ),
             ws=ws,
             outbox=asyncio.Queue(),

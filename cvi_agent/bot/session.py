@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import logging
@@ -22,6 +23,7 @@ from typing import Any, Literal
 
 from cvi_agent.bot.recorder import Pending, Recorder
 from cvi_agent.bot.room import Participant, Room, RoomClosed, RoomError, RoomListener
+from cvi_agent.bot.seqgaps import DEFAULT_WINDOW, SeqGap, SeqGaps
 from cvi_agent.llm.tools import ToolCallContext, ToolError, resolve_handler
 from cvi_agent.personas import Persona, ToolSpec
 from cvi_agent.protocol.events import (
@@ -79,6 +81,8 @@ class BotStats:
     tool_calls: int = 0
     tool_errors: int = 0
     interactions: int = 0
+    seq_gaps: int = 0  # holes in the replica's `seq` numbers (events never received)
+    seq_missing: int = 0
     _speaking: dict[str, dict[str, int]] = field(
         default_factory=lambda: {"generic": {}, "legacy": {}}
     )
@@ -115,6 +119,8 @@ class BotStats:
             "tool_calls": self.tool_calls,
             "tool_errors": self.tool_errors,
             "interactions": self.interactions,
+            "seq_gaps": self.seq_gaps,
+            "seq_missing": self.seq_missing,
             "speaking_turns": self.speaking_turns,
             "interruptions": self.interruptions,
         }
@@ -185,10 +191,12 @@ class ConversationBot(RoomListener):
         audio_chunk_ms: int = 100,
         recorder: Recorder | None = None,
         log_prefix: str | None = None,
+        gap_window: float = DEFAULT_WINDOW,
     ) -> None:
         """`absent_timeout`: leave when no human has joined this long after the join (None:
         wait for ever). `recorder`: share one recorder between bots (the bot then only flushes
-        it on stop); by default the bot owns one."""
+        it on stop); by default the bot owns one. `gap_window`: how long a hole in the `seq`
+        numbers may stay open (out-of-order arrival) before it is recorded as `bot.seq_gap`."""
         self.room = room
         self.conversation_id = conversation_id
         self.store = store
@@ -215,6 +223,7 @@ class ConversationBot(RoomListener):
         self._leave_timer: asyncio.TimerHandle | None = None
         self._tool_tasks: set[asyncio.Task[None]] = set()
         self._tool_keys: set[str] = set()
+        self.seq_gaps = SeqGaps(self._on_seq_gap, window=gap_window)
 
     # -- lifecycle --------------------------------------------------------------------------------
 
@@ -229,6 +238,7 @@ class ConversationBot(RoomListener):
         self.room.user_name = self.bot_name
         if self._owns_recorder:
             self.recorder.start()
+        await self._seq_baseline()
         try:
             await self.room.join(url, meeting_token)
         except BaseException as exc:
@@ -279,6 +289,7 @@ class ConversationBot(RoomListener):
 
     async def _stop(self, reason: str) -> None:
         self._cancel_timer()
+        self.seq_gaps.flush()  # nothing more will arrive: the holes left are losses
         for task in list(self._tool_tasks):
             task.cancel()
         if self._tool_tasks:
@@ -450,6 +461,8 @@ class ConversationBot(RoomListener):
             self._on_invalid(event, sender)
             return
         pending = Pending(self._room_record(event))
+        if pending.event.seq is not None and self._stop_task is None:
+            self.seq_gaps.see(pending.event.seq)
         if isinstance(event, Utterance):
             self.stats.utterances += 1
             pending.utterance = self._utterance(event, intended_text=event.speech)
@@ -508,6 +521,46 @@ class ConversationBot(RoomListener):
 
     def on_reconnected(self) -> None:
         self._record_bot("bot.reconnected", {})
+
+    # -- gaps in `seq` ------------------------------------------------------------------------------
+
+    async def _seq_baseline(self) -> None:
+        """A bot taking over a conversation continues from the highest `seq` already stored, so
+        what was sent while no bot was in the room shows up as a gap. Best effort: a database
+        that does not answer at once must not delay the join.
+
+        The query is never cancelled: cancelling a SQLAlchemy async connection in the middle of
+        a statement can leave it checked out of the pool for good (measured: 100 bots starting
+        at once on SQLite exhausted the pool and every recorder stalled). On timeout we stop
+        waiting; the query finishes on its own and its answer still counts if no event came."""
+        task = asyncio.ensure_future(self.store.max_seq(self.conversation_id, source="room"))
+
+        def apply(done: asyncio.Future[int | None]) -> None:
+            if done.cancelled():
+                return
+            exc = done.exception()
+            if exc is not None:
+                log.warning("%scould not read the last stored seq: %s", self._prefix, exc)
+                return
+            highest = done.result()
+            if highest is not None:
+                self.seq_gaps.start_after(highest)
+
+        task.add_done_callback(apply)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), 2.0)
+
+    def _on_seq_gap(self, gap: SeqGap) -> None:
+        self.stats.seq_gaps += 1
+        self.stats.seq_missing += gap.missing
+        log.warning(
+            "%s%d event(s) never received: seq %d..%d (a dropped connection or a handover)",
+            self._prefix,
+            gap.missing,
+            gap.after + 1,
+            gap.before - 1,
+        )
+        self._record_bot("bot.seq_gap", gap.as_dict())
 
     # -- helpers ----------------------------------------------------------------------------------
 

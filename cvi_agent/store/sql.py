@@ -197,6 +197,8 @@ class SqlStore:
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
         self.dialect = make_url(url).get_backend_name()
+        # Transactions committed through `_retrying` (a sign of life for waiting writers).
+        self.commits = 0
         kwargs: dict[str, Any] = {"echo": echo, "pool_pre_ping": self.dialect != "sqlite"}
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
@@ -267,9 +269,12 @@ class SqlStore:
             try:
                 if lock is None:
                     async with self.engine.begin() as conn:
-                        return await fn(conn)
-                async with lock, self.engine.begin() as conn:
-                    return await fn(conn)
+                        result = await fn(conn)
+                else:
+                    async with lock, self.engine.begin() as conn:
+                        result = await fn(conn)
+                self.commits += 1
+                return result
             except (OperationalError, DBAPIError) as exc:
                 if attempt == attempts - 1 or not _transient(exc):
                     raise
@@ -537,6 +542,15 @@ class SqlStore:
             query = query.where(events.c.source == source)
         async with self.engine.connect() as conn:
             return int((await conn.execute(query)).scalar() or 0)
+
+    async def max_seq(self, conversation_id: str, source: str = "room") -> int | None:
+        """The highest `seq` stored for the conversation (None: no numbered event yet)."""
+        query = sa.select(sa.func.max(events.c.seq)).where(
+            events.c.conversation_id == conversation_id, events.c.source == source
+        )
+        async with self.engine.connect() as conn:
+            value = (await conn.execute(query)).scalar()
+        return int(value) if value is not None else None
 
     # -- utterances and tool calls ----------------------------------------------------------------
 
