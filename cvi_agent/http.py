@@ -262,7 +262,11 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # The route's template, never the concrete path: a path can carry a secret (the
+        # Argil callback token sits in `/callbacks/argil/{token}`).
+        route = request.scope.get("route")
+        where = getattr(route, "path", None) or "an unmatched route"
+        log.exception("unhandled error on %s %s", request.method, where)
         return ApiError(
             500, "Internal server error.", "internal_error", type_="api_error"
         ).response()

@@ -405,3 +405,24 @@ def test_settings_parse_cors_and_limits(tmp_path: Path) -> None:
     assert not app.state.rate_limiter.enabled  # 0 turns the limit off
     defaults = make_settings(tmp_path)
     assert (defaults.rate_limit_rps, defaults.rate_limit_burst) == (100.0, 200)
+
+
+async def test_unexpected_error_logs_the_route_template_not_the_secret_in_the_path(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A crash on a route whose path carries a secret (like `/callbacks/argil/{path_token}`)
+    answers the OpenAI error shape and logs the route's template, never the concrete path."""
+    app = create_app(make_settings(tmp_path, callback_token=TOKEN))
+
+    @app.post("/callbacks/probe/{path_token}")
+    async def crash(path_token: str) -> None:
+        raise RuntimeError("boom")
+
+    secret = "s3cret-path-token-0123456789"
+    with LoopbackServer(app) as srv, caplog.at_level("ERROR"):
+        async with httpx.AsyncClient(base_url=srv.url) as http:
+            resp = await http.post(f"/callbacks/probe/{secret}", headers={"x-api-key": API_KEY})
+    assert resp.status_code == 500
+    assert resp.json()["error"]["code"] == "internal_error"
+    assert "/callbacks/probe/{path_token}" in caplog.text
+    assert secret not in caplog.text
