@@ -17,6 +17,7 @@ from cvi_agent.config import Settings
 from cvi_agent.http import install_error_handlers
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
+from cvi_agent.memdebug import start_from_env as start_memory_reporter
 from cvi_agent.metrics import router as metrics_router
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
@@ -45,6 +46,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        memory = start_memory_reporter()  # CVI_TRACEMALLOC: diagnostics, off by default
         runtime = await Runtime.start(settings, personas)
         app.state.runtime = runtime
         videos = await start_videos(runtime)
@@ -58,6 +60,8 @@ def create_app(
                 await simulations.aclose()
             await videos.aclose()
             await runtime.aclose()
+            if memory is not None:
+                await memory.aclose()
 
     app = FastAPI(
         title="cvi-agent",

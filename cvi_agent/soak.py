@@ -442,7 +442,11 @@ def run_soak(params: SoakParams, progress: bool = False) -> dict[str, Any]:
         shipped = Path(__file__).resolve().parent.parent / "personas" / "concierge.yaml"
         (personas / "concierge.yaml").write_text(shipped.read_text() if shipped.exists() else "")
         (personas / "soak.yaml").write_text(_persona_yaml(f"http://127.0.0.1:{upstream_port}"))
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith(("CVI_", "TAVUS_")) or k.startswith("CVI_TRACEMALLOC")
+        }
         env.update(
             CVI_API_KEYS=SOAK_KEY,
             CVI_CALLBACK_TOKEN=CALLBACK_TOKEN,

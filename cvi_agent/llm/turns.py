@@ -175,6 +175,11 @@ class Generation:
             )
         finally:
             await events.aclose()  # type: ignore[attr-defined]
+            # `ctx.tools.await_final` is our bound method: a reference cycle (generation → ctx →
+            # tools → generation) that only the cyclic GC would free, with the request, its
+            # messages and every event of the answer. Broken here, refcounting frees it all as
+            # soon as the tracker forgets the generation.
+            self.ctx.tools.await_final = None
             self.done = True
             self.finished_at = asyncio.get_running_loop().time()
             await self._deliver()
