@@ -359,6 +359,19 @@ def as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def list_items(body: Any, *keys: str) -> list[dict[str, Any]]:
+    """The objects of a list response: a bare array, or the first of `keys` that holds one
+    (providers wrap lists differently, and sometimes not at all)."""
+    if isinstance(body, dict):
+        for key in keys:
+            if isinstance(body.get(key), list):
+                body = body[key]
+                break
+    if not isinstance(body, list):
+        return []
+    return [dict(item) for item in body if isinstance(item, dict)]
+
+
 def text_or_none(value: Any) -> str | None:
     if value is None:
         return None

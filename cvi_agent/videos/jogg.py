@@ -31,6 +31,7 @@ from cvi_agent.videos.base import (
     content_key,
     default_should_retry,
     json_or_none,
+    list_items,
     parse_time,
     text_or_none,
 )
@@ -176,17 +177,6 @@ def parse_callback(payload: Mapping[str, Any]) -> Delivery:
     return Delivery(NAME, name, key, None)
 
 
-def _items(data: Any, *keys: str) -> list[dict[str, Any]]:
-    if isinstance(data, dict):
-        for key in keys:
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-    if not isinstance(data, list):
-        return []
-    return [dict(item) for item in data if isinstance(item, dict)]
-
-
 class JoggVideos:
     name = NAME
 
@@ -276,7 +266,7 @@ class JoggVideos:
         )
         return [
             Avatar(id=str(a.get("id", a.get("avatar_id"))), name=str(a.get("name") or ""), raw=a)
-            for a in _items(unwrap(response, "list avatars"), "avatars", "list")
+            for a in list_items(unwrap(response, "list avatars"), "avatars", "list")
             if a.get("id") is not None or a.get("avatar_id") is not None
         ]
 
@@ -284,7 +274,7 @@ class JoggVideos:
         response = await self.http.request("GET", "/voices")
         return [
             Voice(id=str(v.get("voice_id", v.get("id"))), name=str(v.get("name") or ""), raw=v)
-            for v in _items(unwrap(response, "list voices"), "voices", "list")
+            for v in list_items(unwrap(response, "list voices"), "voices", "list")
             if v.get("voice_id") is not None or v.get("id") is not None
         ]
 
@@ -295,7 +285,7 @@ class JoggVideos:
 
     async def list_endpoints(self) -> list[dict[str, Any]]:
         response = await self.http.request("GET", "/endpoints")
-        return _items(unwrap(response, "list webhook endpoints"), "endpoints", "list", "items")
+        return list_items(unwrap(response, "list webhook endpoints"), "endpoints", "list", "items")
 
     async def register_webhook(
         self, url: str, events: tuple[str, ...] = VIDEO_EVENTS, *, have_secret: bool = False
