@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import httpx
 
@@ -346,6 +346,46 @@ class ProviderHttp:
                 await asyncio.sleep(delay)
                 continue
             return response
+
+
+class ProviderClient:
+    """What every provider client shares: its `ProviderHttp` (key, timeouts, retries, an
+    optional rate limiter) and closing it. Subclasses set `name` and `default_url`, and may
+    override `default_limiter` and `retry_decision`."""
+
+    name: str
+    default_url: ClassVar[str]
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        timeout: float = 15.0,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.http = ProviderHttp(
+            self.name,
+            base_url or self.default_url,
+            api_key,
+            timeout=timeout,
+            retry=retry,
+            limiter=limiter or self.default_limiter(),
+            should_retry=self.retry_decision,
+            transport=transport,
+        )
+
+    def default_limiter(self) -> RateLimiter | None:
+        return None
+
+    @staticmethod
+    def retry_decision(response: httpx.Response, idempotent: bool) -> bool:
+        return default_should_retry(response, idempotent)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
 
 
 def json_or_none(response: httpx.Response) -> Any:

@@ -20,10 +20,9 @@ from cvi_agent.videos.base import (
     Avatar,
     CreateVideo,
     Delivery,
+    ProviderClient,
     ProviderError,
-    ProviderHttp,
     RateLimiter,
-    RetryPolicy,
     VideoEvent,
     VideoStatus,
     Voice,
@@ -177,32 +176,14 @@ def parse_callback(payload: Mapping[str, Any]) -> Delivery:
     return Delivery(NAME, name, key, None)
 
 
-class JoggVideos:
+class JoggVideos(ProviderClient):
     name = NAME
+    default_url = DEFAULT_URL
 
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str = DEFAULT_URL,
-        *,
-        timeout: float = 15.0,
-        retry: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.http = ProviderHttp(
-            NAME,
-            base_url,
-            api_key,
-            timeout=timeout,
-            retry=retry,
-            limiter=limiter or RateLimiter(POSTS_PER_MINUTE, 60.0),
-            should_retry=should_retry,
-            transport=transport,
-        )
+    def default_limiter(self) -> RateLimiter:
+        return RateLimiter(POSTS_PER_MINUTE, 60.0)
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    retry_decision = staticmethod(should_retry)
 
     def create_body(self, request: CreateVideo) -> dict[str, Any]:
         request.check()
