@@ -108,7 +108,9 @@ async def tavus_callback(request: Request, token: str | None = None) -> JSONResp
     except CallbackError as exc:
         raise ApiError(400, f"Unusable callback: {exc}.", "invalid_callback") from None
     except (SQLAlchemyError, OSError) as exc:
-        log.error("could not store a Tavus callback: %s", exc)
+        # Expected while the database restarts: one line, no traceback; Tavus gets a 503.
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        log.warning("could not store a Tavus callback (answered 503): %s", first)
         raise ApiError(
             503,
             "The callback could not be stored right now; retry.",

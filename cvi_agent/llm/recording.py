@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cvi_agent.store.base import EventRecord
+from cvi_agent.store.sql import is_transient
 
 if TYPE_CHECKING:
     from cvi_agent.llm.brains.base import TurnContext
@@ -113,12 +114,39 @@ class TurnRecorder:
             while len(batch) < 100 and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
-                await self.write(batch)
-            except Exception:
-                log.exception("could not record %d turn(s)", len(batch))
+                await self._write_patiently(batch)
             finally:
                 for _ in batch:
                     self.queue.task_done()
+
+    async def _write_patiently(self, batch: list[TurnSample]) -> None:
+        """Write a batch, waiting out a database that is away (restarting, unreachable) with
+        backoff; meanwhile new turns queue up to `maxsize`. Writes are idempotent, so a batch
+        retried after a half-done attempt is stored once. Other errors drop the batch."""
+        delay = 0.1
+        waiting_since: float | None = None
+        while True:
+            try:
+                await self.write(batch)
+            except Exception as exc:
+                if not is_transient(exc):
+                    log.exception("could not record %d turn(s)", len(batch))
+                    return
+                if waiting_since is None:
+                    waiting_since = time.monotonic()
+                    log.warning(
+                        "turn recorder: database unavailable (%s); %d turn(s) wait",
+                        type(exc).__name__,
+                        len(batch) + self.queue.qsize(),
+                    )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+                continue
+            if waiting_since is not None:
+                log.warning(
+                    "turn recorder: database back after %.1f s", time.monotonic() - waiting_since
+                )
+            return
 
     async def write(self, batch: list[TurnSample]) -> None:
         await self.store.ensure_conversations({s.conversation_id: s.persona for s in batch})

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from cvi_agent.store.base import (
@@ -174,6 +175,11 @@ async def _v1_initial(conn: AsyncConnection) -> None:
 # Append-only: a released migration is never edited; a schema change is a new entry.
 MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1_initial)]
 
+# Seconds a write keeps retrying while the database is away before its caller gets the error
+# (a callback then answers 503): long enough to ride out a PostgreSQL restart, short enough
+# that no request hangs.
+RETRY_BUDGET = 3.0
+
 _VIDEO_RANK = {"queued": 0, "rendering": 1, "ready": 2, "failed": 2}
 
 
@@ -203,7 +209,9 @@ class SqlStore:
         if self.dialect == "sqlite":
             kwargs["connect_args"] = {"timeout": 30}
         else:
-            kwargs.update(pool_size=10, max_overflow=20)
+            # asyncpg waits 60 s for a connection by default; a database that does not answer
+            # should fail the attempt (and let `_retrying` decide) well before a request times out.
+            kwargs.update(pool_size=10, max_overflow=20, connect_args={"timeout": 5})
         self.engine: AsyncEngine = create_async_engine(url, **kwargs)
         if self.dialect == "sqlite":
             sa.event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
@@ -260,12 +268,18 @@ class SqlStore:
         return self._write_lock
 
     async def _retrying(
-        self, fn: Callable[[AsyncConnection], Awaitable[Any]], attempts: int = 5
+        self, fn: Callable[[AsyncConnection], Awaitable[Any]], budget: float | None = None
     ) -> Any:
-        """Run `fn` in a transaction, retrying when the database is briefly unavailable."""
+        """Run `fn` in a transaction, retrying (in a new transaction) while the database is
+        briefly unavailable: locked, restarting, or the connection was lost. Gives up after
+        `budget` seconds (default `RETRY_BUDGET`) and raises the last error.
+
+        A retried `fn` may run again after a commit whose answer was lost with the connection;
+        every write here is idempotent (`ON CONFLICT`, conditional updates), so that is safe."""
         delay = 0.05
+        deadline = time.monotonic() + (RETRY_BUDGET if budget is None else budget)
         lock = self._writer_lock()
-        for attempt in range(attempts):
+        while True:
             try:
                 if lock is None:
                     async with self.engine.begin() as conn:
@@ -275,13 +289,13 @@ class SqlStore:
                         result = await fn(conn)
                 self.commits += 1
                 return result
-            except (OperationalError, DBAPIError) as exc:
-                if attempt == attempts - 1 or not _transient(exc):
+            except (DBAPIError, OSError) as exc:
+                # OSError: asyncpg's connect raises refused/reset/timeout unwrapped.
+                if not is_transient(exc) or time.monotonic() + delay > deadline:
                     raise
-                log.warning("database busy or unavailable (%s); retrying", type(exc.orig).__name__)
+                log.warning("database busy or unavailable (%s); retrying", _describe(exc))
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
-        raise AssertionError("unreachable")
+                delay = min(delay * 2, 0.5)
 
     # -- conversations -------------------------------------------------------------------------
 
@@ -836,20 +850,57 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.close()
 
 
-def _transient(exc: DBAPIError) -> bool:
-    text = str(exc.orig).lower() if exc.orig is not None else str(exc).lower()
+# PostgreSQL SQLSTATEs after which a new transaction may succeed: class 08 (connection
+# exception), 57P01 admin_shutdown (a fast shutdown or restart ended the session), 57P02
+# crash_shutdown, 57P03 cannot_connect_now ("the database system is starting up" / "shutting
+# down"), 53300 too_many_connections, 40001 serialization_failure, 40P01 deadlock_detected.
+_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    """The PostgreSQL error code, wherever the driver and SQLAlchemy's adapter put it."""
+    orig = getattr(exc, "orig", None)
+    for candidate in (exc, orig, getattr(orig, "__cause__", None)):
+        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
+        if isinstance(code, str) and code:
+            return code
+    return None
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying `exc` in a new transaction may succeed (the database is busy, starting,
+    stopping or was restarted), as opposed to an error the statement or the data caused."""
+    if isinstance(exc, OSError):  # connection refused, reset, connect timeout
+        return True
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    code = _sqlstate(exc)
+    if code is not None:
+        return code.startswith("08") or code in _TRANSIENT_SQLSTATES
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).lower()
     markers = (
         "locked",
         "busy",
         "connection",
         "terminat",
         "shutdown",
+        "shutting down",
+        "starting up",
+        "recovery mode",
         "closed",
         "timeout",
         "refused",
         "reset",
     )
-    return exc.connection_invalidated or any(m in text for m in markers)
+    return any(m in text for m in markers)
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for the log: the error's type and the first line of its message."""
+    orig = getattr(exc, "orig", None) or exc
+    first = (str(orig).strip().splitlines() or [""])[0][:160]
+    return f"{type(orig).__name__}: {first}" if first else type(orig).__name__
 
 
 def _conversation(row: Any) -> ConversationRecord:

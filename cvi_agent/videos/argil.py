@@ -19,15 +19,15 @@ from cvi_agent.videos.base import (
     Avatar,
     CreateVideo,
     Delivery,
+    ProviderClient,
     ProviderError,
-    ProviderHttp,
-    RetryPolicy,
     VideoEvent,
     VideoStatus,
     Voice,
     as_dict,
     content_key,
     json_or_none,
+    list_items,
     parse_time,
     text_or_none,
 )
@@ -178,36 +178,9 @@ def _error(response: httpx.Response, what: str, video_id: str | None = None) -> 
     )
 
 
-def _items(body: Any, *keys: str) -> list[dict[str, Any]]:
-    """A list from a bare array or from the first of `keys` that holds one."""
-    if isinstance(body, dict):
-        for key in keys:
-            if isinstance(body.get(key), list):
-                body = body[key]
-                break
-    if not isinstance(body, list):
-        return []
-    return [dict(item) for item in body if isinstance(item, dict)]
-
-
-class ArgilVideos:
+class ArgilVideos(ProviderClient):
     name = NAME
-
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str = DEFAULT_URL,
-        *,
-        timeout: float = 15.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.http = ProviderHttp(
-            NAME, base_url, api_key, timeout=timeout, retry=retry, transport=transport
-        )
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    default_url = DEFAULT_URL
 
     async def _json(self, response: httpx.Response, what: str, video_id: str | None = None) -> Any:
         if response.status_code >= 400:
@@ -255,7 +228,7 @@ class ArgilVideos:
         response = await self.http.request("GET", "/avatars")
         return [
             Avatar(id=str(a["id"]), name=str(a.get("name") or a["id"]), raw=a)
-            for a in _items(await self._json(response, "list avatars"), "avatars", "data")
+            for a in list_items(await self._json(response, "list avatars"), "avatars", "data")
             if a.get("id")
         ]
 
@@ -263,7 +236,7 @@ class ArgilVideos:
         response = await self.http.request("GET", "/voices")
         return [
             Voice(id=str(v["id"]), name=str(v.get("name") or v["id"]), raw=v)
-            for v in _items(await self._json(response, "list voices"), "voices", "data")
+            for v in list_items(await self._json(response, "list voices"), "voices", "data")
             if v.get("id")
         ]
 
@@ -274,7 +247,7 @@ class ArgilVideos:
 
     async def list_webhooks(self) -> list[dict[str, Any]]:
         response = await self.http.request("GET", "/webhooks")
-        return _items(await self._json(response, "list webhooks"), "webhooks", "data")
+        return list_items(await self._json(response, "list webhooks"), "webhooks", "data")
 
     async def register_webhook(
         self, callback_url: str, events: tuple[str, ...] = VIDEO_EVENTS

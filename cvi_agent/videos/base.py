@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 import httpx
 
@@ -348,6 +348,46 @@ class ProviderHttp:
             return response
 
 
+class ProviderClient:
+    """What every provider client shares: its `ProviderHttp` (key, timeouts, retries, an
+    optional rate limiter) and closing it. Subclasses set `name` and `default_url`, and may
+    override `default_limiter` and `retry_decision`."""
+
+    name: str
+    default_url: ClassVar[str]
+
+    def __init__(
+        self,
+        api_key: str,
+        base_url: str | None = None,
+        *,
+        timeout: float = 15.0,
+        retry: RetryPolicy | None = None,
+        limiter: RateLimiter | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.http = ProviderHttp(
+            self.name,
+            base_url or self.default_url,
+            api_key,
+            timeout=timeout,
+            retry=retry,
+            limiter=limiter or self.default_limiter(),
+            should_retry=self.retry_decision,
+            transport=transport,
+        )
+
+    def default_limiter(self) -> RateLimiter | None:
+        return None
+
+    @staticmethod
+    def retry_decision(response: httpx.Response, idempotent: bool) -> bool:
+        return default_should_retry(response, idempotent)
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+
 def json_or_none(response: httpx.Response) -> Any:
     try:
         return response.json()
@@ -357,6 +397,19 @@ def json_or_none(response: httpx.Response) -> Any:
 
 def as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
+
+
+def list_items(body: Any, *keys: str) -> list[dict[str, Any]]:
+    """The objects of a list response: a bare array, or the first of `keys` that holds one
+    (providers wrap lists differently, and sometimes not at all)."""
+    if isinstance(body, dict):
+        for key in keys:
+            if isinstance(body.get(key), list):
+                body = body[key]
+                break
+    if not isinstance(body, list):
+        return []
+    return [dict(item) for item in body if isinstance(item, dict)]
 
 
 def text_or_none(value: Any) -> str | None:

@@ -20,10 +20,9 @@ from cvi_agent.videos.base import (
     Avatar,
     CreateVideo,
     Delivery,
+    ProviderClient,
     ProviderError,
-    ProviderHttp,
     RateLimiter,
-    RetryPolicy,
     VideoEvent,
     VideoStatus,
     Voice,
@@ -31,6 +30,7 @@ from cvi_agent.videos.base import (
     content_key,
     default_should_retry,
     json_or_none,
+    list_items,
     parse_time,
     text_or_none,
 )
@@ -176,43 +176,14 @@ def parse_callback(payload: Mapping[str, Any]) -> Delivery:
     return Delivery(NAME, name, key, None)
 
 
-def _items(data: Any, *keys: str) -> list[dict[str, Any]]:
-    if isinstance(data, dict):
-        for key in keys:
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-    if not isinstance(data, list):
-        return []
-    return [dict(item) for item in data if isinstance(item, dict)]
-
-
-class JoggVideos:
+class JoggVideos(ProviderClient):
     name = NAME
+    default_url = DEFAULT_URL
 
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str = DEFAULT_URL,
-        *,
-        timeout: float = 15.0,
-        retry: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.http = ProviderHttp(
-            NAME,
-            base_url,
-            api_key,
-            timeout=timeout,
-            retry=retry,
-            limiter=limiter or RateLimiter(POSTS_PER_MINUTE, 60.0),
-            should_retry=should_retry,
-            transport=transport,
-        )
+    def default_limiter(self) -> RateLimiter:
+        return RateLimiter(POSTS_PER_MINUTE, 60.0)
 
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    retry_decision = staticmethod(should_retry)
 
     def create_body(self, request: CreateVideo) -> dict[str, Any]:
         request.check()
@@ -276,7 +247,7 @@ class JoggVideos:
         )
         return [
             Avatar(id=str(a.get("id", a.get("avatar_id"))), name=str(a.get("name") or ""), raw=a)
-            for a in _items(unwrap(response, "list avatars"), "avatars", "list")
+            for a in list_items(unwrap(response, "list avatars"), "avatars", "list")
             if a.get("id") is not None or a.get("avatar_id") is not None
         ]
 
@@ -284,7 +255,7 @@ class JoggVideos:
         response = await self.http.request("GET", "/voices")
         return [
             Voice(id=str(v.get("voice_id", v.get("id"))), name=str(v.get("name") or ""), raw=v)
-            for v in _items(unwrap(response, "list voices"), "voices", "list")
+            for v in list_items(unwrap(response, "list voices"), "voices", "list")
             if v.get("voice_id") is not None or v.get("id") is not None
         ]
 
@@ -295,7 +266,7 @@ class JoggVideos:
 
     async def list_endpoints(self) -> list[dict[str, Any]]:
         response = await self.http.request("GET", "/endpoints")
-        return _items(unwrap(response, "list webhook endpoints"), "endpoints", "list", "items")
+        return list_items(unwrap(response, "list webhook endpoints"), "endpoints", "list", "items")
 
     async def register_webhook(
         self, url: str, events: tuple[str, ...] = VIDEO_EVENTS, *, have_secret: bool = False

@@ -16,9 +16,8 @@ from cvi_agent.videos.base import (
     Avatar,
     CreateVideo,
     Delivery,
+    ProviderClient,
     ProviderError,
-    ProviderHttp,
-    RetryPolicy,
     VideoEvent,
     VideoStatus,
     Voice,
@@ -108,24 +107,9 @@ def _error(response: httpx.Response, what: str) -> ProviderError:
     )
 
 
-class TavusVideos:
+class TavusVideos(ProviderClient):
     name = NAME
-
-    def __init__(
-        self,
-        api_key: str,
-        base_url: str = DEFAULT_URL,
-        *,
-        timeout: float = 15.0,
-        retry: RetryPolicy | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.http = ProviderHttp(
-            NAME, base_url, api_key, timeout=timeout, retry=retry, transport=transport
-        )
-
-    async def aclose(self) -> None:
-        await self.http.aclose()
+    default_url = DEFAULT_URL
 
     async def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
         if response.status_code >= 400:
