@@ -7,6 +7,7 @@ processes each worker reports its own numbers (no multiprocess mode yet).
 
 from __future__ import annotations
 
+from collections.abc import Container
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
@@ -56,9 +57,16 @@ CANCELLED = Counter(
 )
 TOOL_CALLS = Counter(
     "cvi_tool_calls",
-    "Tool calls by name: `server` ones run here, `client` ones streamed back to Tavus.",
+    "Tool calls by name: `server` ones run here, `client` ones streamed back to Tavus. The name "
+    "is one the persona or the request declares; any other name the model made up is `other`.",
     ["name", "execution", "outcome"],
 )
+# Tool names come from model output: only declared ones become label values, and those
+# declared by requests (not by a persona) at most this many per process, so no model or client
+# can grow the registry without bound. (A label child lives as long as the process.)
+MAX_REQUEST_TOOL_LABELS = 100
+OTHER_TOOL = "other"
+_request_tool_labels: set[str] = set()
 
 UPSTREAM_FAILURES = Counter(
     "cvi_upstream_failures",
@@ -87,6 +95,23 @@ def first_token(persona: str, seconds: float, upstream_seconds: float | None) ->
     if upstream_seconds is not None:
         _child(UPSTREAM_TTFT, persona).observe(upstream_seconds)
         _child(OVERHEAD, persona).observe(max(0.0, seconds - upstream_seconds))
+
+
+def tool_label(
+    name: str | None, persona_tools: Container[str], request_tools: Container[str]
+) -> str:
+    """The `name` label for a tool call: declared names as they are, anything else `other`."""
+    if not name:
+        return OTHER_TOOL
+    if name in persona_tools:
+        return name
+    if name not in request_tools:
+        return OTHER_TOOL
+    if name not in _request_tool_labels:
+        if len(_request_tool_labels) >= MAX_REQUEST_TOOL_LABELS:
+            return OTHER_TOOL
+        _request_tool_labels.add(name)
+    return name
 
 
 def tool_call(name: str, execution: str, outcome: str) -> None:

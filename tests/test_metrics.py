@@ -7,6 +7,7 @@ import asyncio
 import httpx
 import openai
 
+from cvi_agent import metrics
 from cvi_agent.fakes.server import LoopbackServer
 from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
 from tests.conftest import API_KEY
@@ -122,3 +123,49 @@ async def test_turn_and_tool_counters(
         )
         == 1
     )
+
+
+def tool_label_values(text: str) -> set[str]:
+    names = set()
+    for line in text.splitlines():
+        if line.startswith("cvi_tool_calls_total{"):
+            labels = line.split("{", 1)[1].split("}", 1)[0]
+            for pair in labels.split(","):
+                key, _, value = pair.partition("=")
+                if key == "name":
+                    names.add(value.strip('"'))
+    return names
+
+
+async def test_tool_names_made_up_by_the_model_do_not_grow_the_metrics(
+    server: LoopbackServer, upstream: FakeUpstream
+) -> None:
+    """`cvi_tool_calls`' name label comes from model output: 1,000 distinct made-up names
+    (and 150 names declared by requests) give a bounded set of label values."""
+    bogus = [Step(tool_name=f"bogus_{i}", tool_id=f"call_{i}") for i in range(1000)]
+    declared = [Step(tool_name=f"declared_{i}", tool_id=f"call_{i}") for i in range(150)]
+    upstream.push(Plan(steps=bogus), Plan(steps=declared))
+    request_tools = [
+        {"type": "function", "function": {"name": f"declared_{i}", "parameters": {}}}
+        for i in range(150)
+    ]
+    async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=30) as http:
+        before = tool_label_values(await scrape(http))
+        for tools in (None, request_tools):
+            body = {
+                "model": "weather",
+                "stream": True,
+                "messages": [{"role": "user", "content": "call everything"}],
+                **({"tools": tools} if tools else {}),
+            }
+            async with http.stream("POST", "/v1/chat/completions", json=body) as resp:
+                assert resp.status_code == 200
+                lines = [line async for line in resp.aiter_lines()]
+            assert lines[-2:] == ["data: [DONE]", ""] or lines[-1] == "data: [DONE]"
+        after = tool_label_values(await scrape(http))
+    new = after - before
+    assert "other" in after
+    assert not any(name.startswith("bogus_") for name in after)
+    assert len(new) <= metrics.MAX_REQUEST_TOOL_LABELS + 1, len(new)
+    assert len([n for n in after if n.startswith("declared_")]) <= metrics.MAX_REQUEST_TOOL_LABELS
+    assert "declared_0" in after  # a name the request declared is counted as itself

@@ -187,6 +187,10 @@ class ToolRunner:
         else:
             self.client_names = tools.client
 
+    def metric_label(self, name: str | None) -> str:
+        """`name` as the `cvi_tool_calls` label: bounded, since a model can call anything."""
+        return metrics.tool_label(name, _persona_tools(self.persona).names, self.client_names)
+
     def is_server(self, name: str | None) -> bool:
         return name is not None and name in self.server
 

@@ -277,7 +277,9 @@ class UpstreamBrain:
                                     if call.client_index is None:
                                         call.client_index = next_client_index
                                         next_client_index += 1
-                                        metrics.tool_call(call.name or "?", "client", "streamed")
+                                        metrics.tool_call(
+                                            ctx.tools.metric_label(call.name), "client", "streamed"
+                                        )
                                         yield ToolCallDelta(
                                             call.client_index,
                                             call.id or None,
