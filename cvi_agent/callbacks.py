@@ -25,6 +25,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cvi_agent.bus import commands_channel
 from cvi_agent.config import Settings
@@ -147,10 +148,21 @@ async def ingest_tavus_callback(
         return IngestResult(f"video.{video.status}", video.conversation_id or "", None, None)
     cb = parse_tavus_callback(raw)
     event = _event(cb)
-    new = bool(await record.add_events([event]))
-    if cb.category == "conversation" and cb.conversation_id:
-        await _apply(record, cb)
-    return IngestResult(cb.kind, cb.conversation_id, new, event.id)
+    effects = cb.category == "conversation" and bool(cb.conversation_id)
+
+    async def store(conn: AsyncConnection) -> list[EventRecord]:
+        # The delivery and its effects in one transaction: one turn of the SQLite write lock,
+        # one commit (under load a callback queued for the lock three or four times).
+        stored = await record.store.add_events([event], conn=conn)
+        if effects:
+            await _apply(record, cb, conn)
+        return stored
+
+    stored: list[EventRecord] = await record.store.transaction(store)
+    await record.publish_many(stored)
+    if effects and cb.kind == "system.shutdown":
+        await tell_bot_to_stop(record, cb.conversation_id, "shutdown")
+    return IngestResult(cb.kind, cb.conversation_id, bool(stored), event.id)
 
 
 def _event(cb: TavusCallback) -> EventRecord:
@@ -164,8 +176,9 @@ def _event(cb: TavusCallback) -> EventRecord:
     )
 
 
-async def _apply(record: Record, cb: TavusCallback) -> None:
-    """The callback's effect on the conversation; idempotent, order-independent."""
+async def _apply(record: Record, cb: TavusCallback, conn: AsyncConnection) -> None:
+    """The callback's effect on the conversation, in the delivery's transaction; idempotent,
+    order-independent. (A shutdown's bus message to the bot goes out after the commit.)"""
     store = record.store
     cid = cb.conversation_id
     props = cb.properties
@@ -177,29 +190,38 @@ async def _apply(record: Record, cb: TavusCallback) -> None:
             shutdown_reason=shutdown_code(reason),
             ended_at=cb.occurred_at or now(),
             meta={"shutdown_detail": str(reason) if reason is not None else None},
+            conn=conn,
         )
-        await stop_bot(record, cid, "shutdown")
+        await record.leases.finish(cid, conn=conn)
     elif cb.kind == "system.replica_joined":
         await store.set_conversation_status(
-            cid, "live", unless=("ended",), meta={"replica_id": props.get("replica_id")}
+            cid, "live", unless=("ended",), meta={"replica_id": props.get("replica_id")}, conn=conn
         )
     elif cb.kind == "application.transcription_ready":
         transcript = props.get("transcript")
         if isinstance(transcript, list):
-            await store.set_transcript(cid, [t for t in transcript if isinstance(t, dict)])
-        await store.upsert_conversation(cid)
+            entries = [t for t in transcript if isinstance(t, dict)]
+            await store.set_transcript(cid, entries, conn=conn)
+        await store.upsert_conversation(cid, conn=conn)
     elif cb.kind == "application.recording_ready":
-        await store.upsert_conversation(cid, meta={"recording": props})
+        await store.upsert_conversation(cid, meta={"recording": props}, conn=conn)
     elif cb.kind in ("application.perception_analysis", "application.perception-analysis"):
-        await store.upsert_conversation(cid, meta={"perception_analysis": props.get("analysis")})
+        analysis = props.get("analysis")
+        await store.upsert_conversation(cid, meta={"perception_analysis": analysis}, conn=conn)
     else:
-        await store.upsert_conversation(cid)
+        await store.upsert_conversation(cid, conn=conn)
 
 
 async def stop_bot(record: Record, conversation_id: str, reason: str) -> bool:
     """No bot is wanted any more: drop the lease (the owning worker notices at its next
     heartbeat) and tell the bot at once over the bus. Returns whether a lease existed."""
     existed = await record.leases.finish(conversation_id)
+    await tell_bot_to_stop(record, conversation_id, reason)
+    return existed
+
+
+async def tell_bot_to_stop(record: Record, conversation_id: str, reason: str) -> None:
+    """Best effort: the bot's worker also notices the missing lease at its next heartbeat."""
     try:
         await record.bus.publish(
             commands_channel(conversation_id), {"op": "stop", "reason": reason}
@@ -208,4 +230,3 @@ async def stop_bot(record: Record, conversation_id: str, reason: str) -> bool:
         log.warning(
             "could not tell the bot of %s to stop (%s); its worker will", conversation_id, exc
         )
-    return existed

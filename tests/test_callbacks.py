@@ -17,7 +17,7 @@ from cvi_agent.protocol.callbacks import (
     shutdown_code,
     stable_hash,
 )
-from cvi_agent.store import UtteranceRecord, open_store
+from cvi_agent.store import Leases, UtteranceRecord, open_store
 from tests.conftest import (
     API_KEY,
     FIXTURES,
@@ -258,3 +258,33 @@ def test_timestamps() -> None:
     assert parse_timestamp(1739222109000) == pytest.approx(1739222109.0)
     assert parse_timestamp("garbage") is None
     assert parse_timestamp(True) is None
+
+
+async def test_a_callback_and_its_effects_are_one_transaction(
+    cb_server: LoopbackServer, database_url: str
+) -> None:
+    """Under load every write transaction queues for the database's write lock (SQLite: one
+    writer at a time), so a callback costs one: the delivery, the conversation's status or
+    transcript, and a shutdown's lease, committed together."""
+    app: Any = cb_server.server.config.app
+    server_store = app.state.runtime.record.store  # counted here, used on the server's loop
+    payloads = fixtures()
+    store = await open_store(database_url)
+    try:
+        await Leases(store).offer(CONVERSATION, {})
+        async with httpx.AsyncClient(base_url=cb_server.url, timeout=10) as http:
+            for name in (
+                "callback_replica_joined",
+                "callback_transcription_ready",
+                "callback_shutdown",
+            ):
+                before = server_store.commits
+                resp = await post(http, payloads[name])
+                assert resp.status_code == 200 and resp.json()["status"] == "stored", resp.text
+                assert server_store.commits - before == 1, name
+            body = (await http.get(f"/api/conversations/{CONVERSATION}", headers=AUTH)).json()
+        assert body["conversation"]["status"] == "ended", body
+        assert body["transcript"]["entries"]
+        assert await Leases(store).get(CONVERSATION) is None
+    finally:
+        await store.aclose()

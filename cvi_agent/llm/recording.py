@@ -23,6 +23,8 @@ from cvi_agent.store.base import EventRecord
 from cvi_agent.store.sql import is_transient
 
 if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection
+
     from cvi_agent.llm.brains.base import TurnContext
     from cvi_agent.runtime import Runtime
     from cvi_agent.store import SqlStore
@@ -149,14 +151,21 @@ class TurnRecorder:
             return
 
     async def write(self, batch: list[TurnSample]) -> None:
-        await self.store.ensure_conversations({s.conversation_id: s.persona for s in batch})
+        personas: dict[str, str | None] = {s.conversation_id: s.persona for s in batch}
         answers: dict[str, dict[str, str]] = {}
         for sample in batch:
             if sample.answers and sample.completed:
                 answers.setdefault(sample.conversation_id, {}).update(sample.answers)
-        for conversation_id, values in answers.items():
-            await self.store.set_answers(conversation_id, values)
-        new = await self.store.add_events([s.record() for s in batch])
+        records = [s.record() for s in batch]
+        store = self.store
+
+        async def run(conn: AsyncConnection) -> list[EventRecord]:  # one transaction
+            await store.ensure_conversations(personas, conn=conn)
+            for conversation_id, values in answers.items():
+                await store.set_answers(conversation_id, values, conn=conn)
+            return await store.add_events(records, conn=conn)
+
+        new: list[EventRecord] = await store.transaction(run)
         if new and self.publish is not None:
             await self.publish(new)
 

@@ -146,7 +146,13 @@ class Leases:
         released: bool = await self.store._retrying(run)
         return released
 
-    async def finish(self, conversation_id: str, owner: str | None = None) -> bool:
+    async def finish(
+        self,
+        conversation_id: str,
+        owner: str | None = None,
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> bool:
         """Remove the lease: no bot is wanted any more. With `owner`, only if still held by it."""
 
         async def run(conn: AsyncConnection) -> bool:
@@ -155,7 +161,7 @@ class Leases:
                 stmt = stmt.where(leases.c.owner == owner)
             return bool((await conn.execute(stmt)).rowcount)
 
-        finished: bool = await self.store._retrying(run)
+        finished: bool = await self.store._write(run, conn)
         return finished
 
     async def get(self, conversation_id: str) -> Lease | None:

@@ -297,9 +297,26 @@ class SqlStore:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
+    async def _write(
+        self, fn: Callable[[AsyncConnection], Awaitable[Any]], conn: AsyncConnection | None
+    ) -> Any:
+        """`fn` in its own retried transaction, or inside the caller's (`conn`, see
+        `transaction`): several writes then cost one lock hand-over and one commit."""
+        if conn is not None:
+            return await fn(conn)
+        return await self._retrying(fn)
+
+    async def transaction(self, fn: Callable[[AsyncConnection], Awaitable[Any]]) -> Any:
+        """Run `fn(conn)` in one write transaction, retried as a whole while the database is
+        briefly unavailable (so everything `fn` writes must be idempotent). Pass `conn` on to
+        the write methods that take it to make them part of it."""
+        return await self._retrying(fn)
+
     # -- conversations -------------------------------------------------------------------------
 
-    async def upsert_conversation(self, conversation_id: str, **fields: Any) -> None:
+    async def upsert_conversation(
+        self, conversation_id: str, *, conn: AsyncConnection | None = None, **fields: Any
+    ) -> None:
         """Create the conversation if new; otherwise update the given non-None fields."""
         values = {k: v for k, v in fields.items() if v is not None}
         meta = values.pop("meta", None)
@@ -330,9 +347,11 @@ class SqlStore:
                 conversations.update().where(conversations.c.id == conversation_id).values(**update)
             )
 
-        await self._retrying(run)
+        await self._write(run, conn)
 
-    async def ensure_conversations(self, personas: dict[str, str | None]) -> None:
+    async def ensure_conversations(
+        self, personas: dict[str, str | None], *, conn: AsyncConnection | None = None
+    ) -> None:
         """Create the conversations not known yet ({id: persona}); never touches existing ones."""
         if not personas:
             return
@@ -353,7 +372,7 @@ class SqlStore:
                     .on_conflict_do_nothing(index_elements=["id"])
                 )
 
-        await self._retrying(run)
+        await self._write(run, conn)
 
     async def set_conversation_status(
         self,
@@ -364,6 +383,7 @@ class SqlStore:
         shutdown_reason: str | None = None,
         ended_at: float | None = None,
         meta: dict[str, Any] | None = None,
+        conn: AsyncConnection | None = None,
     ) -> bool:
         """Set the status (creating the conversation if new) unless it is one of `unless`.
 
@@ -403,7 +423,7 @@ class SqlStore:
                 )
             return changed
 
-        changed: bool = await self._retrying(run)
+        changed: bool = await self._write(run, conn)
         return changed
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
@@ -435,7 +455,9 @@ class SqlStore:
 
     # -- events --------------------------------------------------------------------------------
 
-    async def add_events(self, records: Sequence[EventRecord]) -> list[EventRecord]:
+    async def add_events(
+        self, records: Sequence[EventRecord], *, conn: AsyncConnection | None = None
+    ) -> list[EventRecord]:
         """Store a batch; returns the records that were new (duplicates are absorbed)."""
         if not records:
             return []
@@ -467,7 +489,7 @@ class SqlStore:
                     inserted.append(record)
             return inserted
 
-        result: list[EventRecord] = await self._retrying(run)
+        result: list[EventRecord] = await self._write(run, conn)
         return result
 
     async def add_events_bulk(self, records: Sequence[EventRecord]) -> list[EventRecord]:
@@ -691,7 +713,13 @@ class SqlStore:
 
     # -- transcripts and answers ---------------------------------------------------------------
 
-    async def set_transcript(self, conversation_id: str, entries: list[dict[str, Any]]) -> None:
+    async def set_transcript(
+        self,
+        conversation_id: str,
+        entries: list[dict[str, Any]],
+        *,
+        conn: AsyncConnection | None = None,
+    ) -> None:
         async def run(conn: AsyncConnection) -> None:
             stmt = self._insert(transcripts).values(
                 conversation_id=conversation_id, entries=entries, received_at=now()
@@ -706,7 +734,7 @@ class SqlStore:
                 )
             )
 
-        await self._retrying(run)
+        await self._write(run, conn)
 
     async def get_transcript(self, conversation_id: str) -> list[dict[str, Any]] | None:
         async with self.engine.connect() as conn:
@@ -719,7 +747,9 @@ class SqlStore:
             ).scalar()
         return list(value) if value is not None else None
 
-    async def set_answers(self, conversation_id: str, values: dict[str, str]) -> None:
+    async def set_answers(
+        self, conversation_id: str, values: dict[str, str], *, conn: AsyncConnection | None = None
+    ) -> None:
         if not values:
             return
 
@@ -741,7 +771,7 @@ class SqlStore:
                     )
                 )
 
-        await self._retrying(run)
+        await self._write(run, conn)
 
     async def get_answers(self, conversation_id: str) -> dict[str, str]:
         async with self.engine.connect() as conn:
