@@ -355,11 +355,16 @@ def memory_verdict(
     early = sum(second_quarter) / len(second_quarter) if second_quarter else 0.0
     late = sum(last_quarter) / len(last_quarter) if last_quarter else 0.0
     slope = _slope_per_min(rss[n // 2 :])
+    middle = samples[n // 2] if samples else 0.0
     return {
         "first": samples[0] if samples else None,
         "early_mean": round(early, 1),
         "late_mean": round(late, 1),
         "growth": round(late - early, 1),
+        # From the start to the middle sample (warm-up and any leak), and from the middle sample
+        # to the highest one after it (a leak only, once warm-up is over).
+        "first_half_growth": round(middle - samples[0], 1) if samples else 0.0,
+        "second_half_growth": round(max(samples[n // 2 :]) - middle, 1) if samples else 0.0,
         "second_half_slope_mb_per_min": round(slope, 2),
         "leak": n >= 8 and slope > max_slope,
         "peak": max(samples) if samples else None,
@@ -402,6 +407,10 @@ def render(summary: dict[str, Any]) -> str:
         (
             "server RSS early → late (growth)",
             f"{rss['early_mean']} → {rss['late_mean']} MB ({rss['growth']:+} MB), peak {rss['peak']} MB",
+        ),
+        (
+            "server RSS growth, first half / second half",
+            f"{rss['first_half_growth']:+} / {rss['second_half_growth']:+} MB",
         ),
         (
             "server RSS slope over the second half",

@@ -16,7 +16,13 @@ def test_one_minute_soak() -> None:
     assert summary["ttft"]["upstream"]["n"] > 100 and summary["ttft"]["direct"]["n"] > 10
     rss = summary["server_rss_mb"]
     assert rss["samples"] >= 20
-    # One minute is too short for the slope verdict (`rss["leak"]`, meant for `make soak`):
-    # warm-up (allocator arenas, per-connection SQLite page caches) is still going on. Only a
-    # gross per-conversation leak is caught here.
-    assert rss["growth"] < 40, f"server memory grew {rss['growth']} MB during the soak"
+    # One minute is too short for the slope verdict (`rss["leak"]`, meant for `make soak`).
+    # Warm-up (allocator arenas, SQLite page caches, pools, 200 conversations' first requests)
+    # is over within ~30 s: the second half grows by a few MB at most, whatever the machine's
+    # speed. A per-request leak grows it steadily: before generations were freed without the
+    # cyclic GC (llm/turns.py) this soak's server grew ~25 MB in the first half and ~20 MB more
+    # in the second.
+    assert rss["second_half_growth"] < 10, (
+        f"server memory still grew {rss['second_half_growth']} MB in the second half "
+        f"(first half: {rss['first_half_growth']} MB): {rss['series']}"
+    )

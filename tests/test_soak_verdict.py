@@ -46,3 +46,12 @@ def test_summary_fields() -> None:
     assert verdict["samples"] == len(verdict["series"]) == 31
     assert verdict["peak"] >= verdict["late_mean"] >= verdict["first"]
     assert memory_verdict([])["leak"] is False
+
+
+def test_half_growths_tell_warm_up_from_a_leak() -> None:
+    # What tests/test_soak.py asserts on its one-minute run (warm-up there is ~30 s at most).
+    for seed in range(5):
+        warm = memory_verdict(_series(60.0, 0.0, seed))
+        leak = memory_verdict(_series(60.0, 25.0, seed))
+        assert warm["second_half_growth"] < 10 < leak["second_half_growth"], (warm, leak)
+        assert leak["first_half_growth"] > warm["second_half_growth"]
