@@ -18,7 +18,6 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-import sys
 import tempfile
 import time
 import uuid
@@ -33,93 +32,13 @@ import pytest
 from cvi_agent.fakes.server import free_port
 from cvi_agent.protocol.callbacks import parse_tavus_callback
 from cvi_agent.store.sql import RETRY_BUDGET
-from tests.conftest import API_KEY, FIXTURES, PERSONAS, create_pg_database, drop_pg_database
+from tests.conftest import API_KEY, FIXTURES, create_pg_database, drop_pg_database
+from tests.procs import TOKEN, ServerProcess
 
-TOKEN = "callback-token-faults-0123456789"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
 # -- the server as a process -------------------------------------------------------------------
-
-
-class ServerProcess:
-    """`python -m cvi_agent serve` on a free loopback port; `proc.pid` is the server itself
-    (no shell in between), so SIGKILL hits the process that holds the database."""
-
-    def __init__(self, workdir: Path, database_url: str, name: str = "server") -> None:
-        self.workdir = workdir
-        self.database_url = database_url
-        self.name = name
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.logs: list[Path] = []
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("CVI_", "TAVUS_", "ARGIL_", "JOGG_")) and k not in ("HOST", "PORT")
-        }
-        env.update(
-            CVI_API_KEYS=API_KEY,
-            CVI_CALLBACK_TOKEN=TOKEN,
-            CVI_DATABASE_URL=self.database_url,
-            CVI_VAR_DIR=str(self.workdir / "var"),
-            CVI_PERSONAS_DIR=str(PERSONAS),
-            CVI_RATE_LIMIT_RPS="0",
-            CVI_VIDEO_POLL_INTERVAL="0",
-            CVI_UPSTREAM_BASE_URL="http://127.0.0.1:9/v1",
-            PORT=str(self.port),
-            PYTHONUNBUFFERED="1",
-        )
-        return env
-
-    def start(self) -> ServerProcess:
-        log_path = self.workdir / f"{self.name}-{len(self.logs)}.log"
-        self.logs.append(log_path)
-        with log_path.open("wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cvi_agent", "serve"],
-                cwd=self.workdir,
-                env=self.env(),
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-        deadline = time.monotonic() + 30
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"{self.name} exited at start:\n{self.log_text()[-3000:]}")
-            try:
-                if httpx.get(self.url + "/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise AssertionError(f"{self.name} not up in 30 s:\n{self.log_text()[-3000:]}")
-            time.sleep(0.05)
-
-    def kill(self) -> None:
-        """SIGKILL: no shutdown code runs, nothing is flushed."""
-        if self.proc is not None and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        self.proc.send_signal(signal.SIGINT)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def log_text(self) -> str:
-        return "\n".join(p.read_text(errors="replace") for p in self.logs if p.exists())
 
 
 @pytest.fixture

@@ -3,12 +3,14 @@
 Targets: `/v1/chat/completions`, `/callbacks/tavus`, `/api/conversations…` (list, get, events,
 create, interactions, end), `/api/simulations`, the live websocket, and the room events a
 `ConversationBot` receives. Properties: never a 5xx, every error in the OpenAI shape with a 4xx
-we document, every 200 stream ends with `[DONE]`, the process's memory stays bounded, and a
+we document, every 200 stream ends with `[DONE]`, the server's memory stays bounded, and a
 bot fed garbage keeps running and still records the next valid utterance.
 
 The bulk runs in process (`httpx.ASGITransport` on one event loop, the app's lifespan driven
-by hand) for speed; a smaller set goes over real uvicorn on loopback, and the websocket fuzz
-needs a real server anyway. Hypothesis is derandomized with no example database, so a CI run
+by hand) for speed; a smaller set (chat completions with callbacks, the live websocket) goes
+to `cvi-agent serve` run as its own process on loopback, whose memory is measured apart from
+this process's (hypothesis keeps much of what it generates, so this process's RSS says little
+about ours). Hypothesis is derandomized with no example database, so a CI run
 is reproducible; the case counts are the `max_examples` below.
 """
 
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import gc
 import json
 import logging
 import string
@@ -48,11 +49,12 @@ from tests.conftest import (
     drop_pg_database,
     make_settings,
 )
+from tests.procs import ServerProcess
 
 TOKEN = "cb-token-fuzz-0123456789"
 AUTH = {"x-api-key": API_KEY}
 TARGET = "fuzz-target-1"  # a conversation that exists (created in the harness, no bot)
-RSS_BOUND = 100 * 1024 * 1024
+SERVER_RSS_BOUND = 40 * 1024 * 1024  # the server process, once warm
 TARGET_BODY = {
     "persona": "echo",
     "conversation_url": "ws://127.0.0.1:9/r",
@@ -71,16 +73,6 @@ FUZZ = settings(
         HealthCheck.filter_too_much,
     ],
 )
-
-
-def rss() -> int:
-    """Resident set size of this process, in bytes (Linux)."""
-    gc.collect()
-    with open("/proc/self/statm") as f:
-        pages = int(f.read().split()[1])
-    import resource
-
-    return pages * resource.getpagesize()
 
 
 # -- strategies ----------------------------------------------------------------------------------
@@ -514,21 +506,16 @@ def check_chat(resp: httpx.Response, stream: bool) -> None:
 
 
 @pytest.fixture(scope="module")
-def memory(harness: Harness) -> Iterator[None]:
-    """The whole fuzz module's memory growth, measured once the harness is warm.
-
-    Warnings are silenced meanwhile: pytest keeps every captured log record (tracebacks and
-    their frames included) until the test ends, which would be measured as our memory."""
-    quiet = [logging.getLogger(name) for name in ("cvi_agent", "httpx", "uvicorn")]
-    levels = [logger.level for logger in quiet]
-    for logger in quiet:
+def quiet(harness: Harness) -> Iterator[None]:
+    """Warnings silenced while fuzzing: thousands of expected rejections would fill the log,
+    and pytest keeps every captured record (tracebacks and their frames included)."""
+    loggers = [logging.getLogger(name) for name in ("cvi_agent", "httpx", "uvicorn")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
         logger.setLevel(logging.ERROR)
-    before = rss()
     yield
-    for logger, level in zip(quiet, levels, strict=True):
+    for logger, level in zip(loggers, levels, strict=True):
         logger.setLevel(level)
-    grown = rss() - before
-    assert grown < RSS_BOUND, f"RSS grew by {grown / 2**20:.0f} MiB during the fuzz run"
 
 
 # -- the LLM endpoint ----------------------------------------------------------------------------
@@ -537,7 +524,7 @@ def memory(harness: Harness) -> Iterator[None]:
 @settings(FUZZ, max_examples=1500)
 @given(body=bodies(chat_requests), hdrs=headers(), path=st.sampled_from(["/v1", ""]))
 def test_fuzz_chat_completions(
-    harness: Harness, memory: None, body: bytes, hdrs: dict[str, str], path: str
+    harness: Harness, quiet: None, body: bytes, hdrs: dict[str, str], path: str
 ) -> None:
     try:
         stream = json.loads(body).get("stream") is True
@@ -547,7 +534,7 @@ def test_fuzz_chat_completions(
     check_chat(resp, stream)
 
 
-def test_chat_completions_edge_cases(harness: Harness, memory: None) -> None:
+def test_chat_completions_edge_cases(harness: Harness, quiet: None) -> None:
     """The inputs a fuzzer finds slowly: limits, nesting, encodings, content types."""
     valid = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
     raw = json.dumps(valid).encode()
@@ -634,7 +621,7 @@ def test_chat_completions_edge_cases(harness: Harness, memory: None) -> None:
 @settings(FUZZ, max_examples=500)
 @given(body=bodies(callbacks), content_type=st.sampled_from(CONTENT_TYPES))
 def test_fuzz_tavus_callbacks(
-    harness: Harness, memory: None, body: bytes, content_type: str | None
+    harness: Harness, quiet: None, body: bytes, content_type: str | None
 ) -> None:
     hdrs = {"content-type": content_type} if content_type is not None else {}
     resp = harness.request(
@@ -652,7 +639,7 @@ def test_fuzz_tavus_callbacks(
     cursor=st.one_of(st.none(), query_values, json_values.map(cursor_of)),
 )
 def test_fuzz_list_conversations(
-    harness: Harness, memory: None, limit: str | None, cursor: str | None
+    harness: Harness, quiet: None, limit: str | None, cursor: str | None
 ) -> None:
     params = {k: v for k, v in (("limit", limit), ("cursor", cursor)) if v is not None}
     resp = harness.request("GET", "/api/conversations", params=params, headers=AUTH)
@@ -667,7 +654,7 @@ def test_fuzz_list_conversations(
     events=st.booleans(),
 )
 def test_fuzz_get_conversation_and_events(
-    harness: Harness, memory: None, cid: str, after: str | None, limit: str | None, events: bool
+    harness: Harness, quiet: None, cid: str, after: str | None, limit: str | None, events: bool
 ) -> None:
     path = f"/api/conversations/{quote(cid, safe='')}"
     params = {k: v for k, v in (("after", after), ("limit", limit)) if v is not None}
@@ -679,7 +666,7 @@ def test_fuzz_get_conversation_and_events(
 @settings(FUZZ, max_examples=300)
 @given(body=bodies(create_requests), hdrs=headers())
 def test_fuzz_create_conversation(
-    harness: Harness, memory: None, body: bytes, hdrs: dict[str, str]
+    harness: Harness, quiet: None, body: bytes, hdrs: dict[str, str]
 ) -> None:
     resp = harness.request("POST", "/api/conversations", content=body, headers=hdrs)
     check_error(resp, {201, 400, 404, 413, 415})
@@ -688,7 +675,7 @@ def test_fuzz_create_conversation(
 @settings(FUZZ, max_examples=300)
 @given(cid=conversation_ids, body=bodies(interactions), hdrs=headers())
 def test_fuzz_interactions(
-    harness: Harness, memory: None, cid: str, body: bytes, hdrs: dict[str, str]
+    harness: Harness, quiet: None, cid: str, body: bytes, hdrs: dict[str, str]
 ) -> None:
     resp = harness.request(
         "POST", f"/api/conversations/{quote(cid, safe='')}/interactions", content=body, headers=hdrs
@@ -698,7 +685,7 @@ def test_fuzz_interactions(
 
 @settings(FUZZ, max_examples=200)
 @given(cid=conversation_ids, body=st.one_of(st.just(b""), bodies(json_values)))
-def test_fuzz_end_conversation(harness: Harness, memory: None, cid: str, body: bytes) -> None:
+def test_fuzz_end_conversation(harness: Harness, quiet: None, cid: str, body: bytes) -> None:
     resp = harness.request(
         "POST", f"/api/conversations/{quote(cid, safe='')}/end", content=body, headers=AUTH
     )
@@ -707,9 +694,7 @@ def test_fuzz_end_conversation(harness: Harness, memory: None, cid: str, body: b
 
 @settings(FUZZ, max_examples=200)
 @given(body=st.one_of(st.just(b""), bodies(simulations)), hdrs=headers())
-def test_fuzz_simulations(
-    harness: Harness, memory: None, body: bytes, hdrs: dict[str, str]
-) -> None:
+def test_fuzz_simulations(harness: Harness, quiet: None, body: bytes, hdrs: dict[str, str]) -> None:
     resp = harness.request("POST", "/api/simulations", content=body, headers=hdrs)
     check_error(resp, {202, 400, 404, 413, 415, 429})
 
@@ -753,7 +738,7 @@ def pg_harness(
 )
 def test_fuzz_storage_on_postgresql(
     pg_harness: Harness,
-    memory: None,
+    quiet: None,
     target: str,
     callback: bytes,
     create: bytes,
@@ -788,25 +773,48 @@ def test_fuzz_storage_on_postgresql(
 
 
 @pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoopbackServer]:
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`cvi-agent serve` as its own process (SQLite, no worker), so its memory is measured
+    apart from this test process's (hypothesis keeps what it generated)."""
     tmp = tmp_path_factory.mktemp("fuzz-real")
-    settings_ = make_settings(
-        tmp, callback_token=TOKEN, run_worker=False, rate_limit_rps=0, side_effect_settle=0
+    server = ServerProcess(
+        tmp,
+        f"sqlite+aiosqlite:///{tmp / 'cvi.db'}",
+        name="fuzz-server",
+        token=TOKEN,
+        env={"CVI_RUN_WORKER": "false", "CVI_SIDE_EFFECT_SETTLE": "0"},
     )
-    with (
-        LoopbackServer(create_app(settings_)) as server,
-        httpx.Client(base_url=server.url, timeout=30) as http,
-    ):
-        resp = http.post("/api/conversations", json=TARGET_BODY, headers=AUTH)
-        assert resp.status_code == 201, resp.text
-        server.http = http  # type: ignore[attr-defined]  # one keep-alive client for the fuzz
-        yield server
+    try:
+        server.start()
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            resp = http.post("/api/conversations", json=TARGET_BODY, headers=AUTH)
+            assert resp.status_code == 201, resp.text
+            server.http = http  # type: ignore[attr-defined]  # one keep-alive client for the fuzz
+            yield server
+        assert server.proc is not None and server.proc.poll() is None, "the server died"
+        assert "Traceback" not in server.log_text(), server.log_text()[-3000:]
+    finally:
+        server.stop()
 
 
-@settings(FUZZ, max_examples=200)
+@pytest.fixture(scope="module")
+def server_memory(real_server: ServerProcess) -> Iterator[None]:
+    """The server process's memory over everything fuzzed at it over HTTP and websockets,
+    measured once it is warm (a few valid requests first)."""
+    http = real_server.http  # type: ignore[attr-defined]
+    for _ in range(20):
+        body = {"model": "echo", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        assert http.post("/v1/chat/completions", json=body, headers=AUTH).status_code == 200
+    before = real_server.rss()
+    yield
+    grown = real_server.rss() - before
+    assert grown < SERVER_RSS_BOUND, f"server RSS grew by {grown / 2**20:.0f} MiB"
+
+
+@settings(FUZZ, max_examples=500)
 @given(body=bodies(chat_requests), hdrs=headers())
-def test_fuzz_chat_over_uvicorn(
-    real_server: LoopbackServer, memory: None, body: bytes, hdrs: dict[str, str]
+def test_fuzz_chat_over_a_server_process(
+    real_server: ServerProcess, server_memory: None, body: bytes, hdrs: dict[str, str]
 ) -> None:
     try:
         stream = json.loads(body).get("stream") is True
@@ -840,8 +848,8 @@ ws_messages = st.lists(
     send=ws_messages,
 )
 def test_fuzz_live_websocket(
-    real_server: LoopbackServer,
-    memory: None,
+    real_server: ServerProcess,
+    server_memory: None,
     cid: str,
     after: str | None,
     auth: str,
