@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any, cast
 
 import httpx
-import openai
 import yaml
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
@@ -249,6 +248,8 @@ class Simulation:
         self.http = httpx.AsyncClient(
             base_url=self.server_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=15
         )
+        import openai  # here, not at the top: the server imports this module's router
+
         self.llm = openai.AsyncOpenAI(
             base_url=self.server_url + "/v1",
             api_key=api_key,
@@ -375,6 +376,8 @@ class Simulation:
 
     async def _speculative(self, messages: list[dict[str, Any]]) -> None:
         """A request that is abandoned after its first chunk, as a speculative one is."""
+        import openai
+
         try:
             stream = await self.llm.chat.completions.create(
                 model=self.script.persona, stream=True, messages=cast(Any, messages)
@@ -565,6 +568,8 @@ class Simulation:
             self._echo_spoken.notify_all()
 
     async def _locked_turn(self, kind: str, text: str, interrupt_after: int | None = None) -> None:
+        import openai
+
         async with self._speech:
             try:
                 await self._turn(kind, text, interrupt_after)
