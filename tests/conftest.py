@@ -113,6 +113,26 @@ async def drop_pg_database(name: str) -> None:
         await admin.close()
 
 
+async def fresh_database_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
+    """A fresh database URL: SQLite under tmp_path, or a new PostgreSQL database (dropped
+    afterwards, even when the test failed)."""
+    if kind == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'cvi.db'}"
+        return
+    name, url = await create_pg_database()
+    try:
+        yield url
+    finally:
+        await drop_pg_database(name)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
+    """The test runs once on SQLite and once on PostgreSQL."""
+    async for url in fresh_database_url(request.param, tmp_path):
+        yield url
+
+
 @pytest.fixture
 async def pg_url() -> AsyncIterator[str]:
     """A fresh PostgreSQL database URL for one test (dropped afterwards)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -22,8 +21,6 @@ from tests.conftest import (
     API_KEY,
     FIXTURES,
     ServerFactory,
-    create_pg_database,
-    drop_pg_database,
 )
 
 TOKEN = "cb-token-0123456789"
@@ -37,16 +34,6 @@ def fixtures() -> dict[str, dict[str, Any]]:
     }
     assert len(found) >= 6, f"expected the callback fixtures in {FIXTURES}"
     return found
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'callbacks.db'}"
-        return
-    name, url = await create_pg_database()
-    yield url
-    await drop_pg_database(name)
 
 
 @pytest.fixture

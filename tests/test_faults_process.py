@@ -21,7 +21,7 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +32,7 @@ import pytest
 from cvi_agent.fakes.server import free_port
 from cvi_agent.protocol.callbacks import parse_tavus_callback
 from cvi_agent.store.sql import RETRY_BUDGET
-from tests.conftest import API_KEY, FIXTURES, create_pg_database, drop_pg_database
+from tests.conftest import API_KEY, FIXTURES
 from tests.procs import TOKEN, ServerProcess
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -160,18 +160,6 @@ def sqlite_integrity(path: Path) -> str:
 
 
 # -- 1. SIGKILL in the middle of a burst -----------------------------------------------------
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    if request.param == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'cvi.db'}"
-        return
-    name, url = await create_pg_database()
-    try:
-        yield url
-    finally:
-        await drop_pg_database(name)
 
 
 N_DELIVERIES = 500

@@ -17,10 +17,9 @@ from cvi_agent.store import SqlStore, open_store
 from cvi_agent.videos import webhooks
 from cvi_agent.videos.jogg import signature
 from cvi_agent.videos.service import write_secret
-from tests.conftest import ServerFactory
+from tests.conftest import ServerFactory, fresh_database_url
 from tests.videos_support import (
     CALLBACK_TOKEN,
-    database_url,
     fake_providers,
     fixture,
     provider_settings,
@@ -34,7 +33,7 @@ CONVERSATION = "c0a1b2c3d4"
 
 @pytest.fixture(params=["sqlite", "postgresql"])
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
-    async for url in database_url(request.param, tmp_path):
+    async for url in fresh_database_url(request.param, tmp_path):
         yield url
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from cvi_agent.config import Settings
 from cvi_agent.fakes.server import LoopbackServer
 from cvi_agent.fakes.videos import DEFAULT_KEY, FakeVideoProviders
 from cvi_agent.videos.base import RetryPolicy, VideoEvent
-from tests.conftest import FIXTURES, create_pg_database, drop_pg_database, make_settings
+from tests.conftest import FIXTURES, make_settings
 
 # Fast, still bounded, backoff so retry tests take milliseconds.
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -84,15 +84,3 @@ async def poll_video(
 
     await wait_until(reached, within=within)
     return seen
-
-
-async def database_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
-    """A fresh database URL: SQLite under tmp_path, or a new PostgreSQL database."""
-    if kind == "sqlite":
-        yield f"sqlite+aiosqlite:///{tmp_path / 'videos.db'}"
-        return
-    name, url = await create_pg_database()
-    try:
-        yield url
-    finally:
-        await drop_pg_database(name)
