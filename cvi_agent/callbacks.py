@@ -41,6 +41,7 @@ from cvi_agent.record import Record
 from cvi_agent.runtime import get_runtime
 from cvi_agent.store import EventRecord
 from cvi_agent.store.base import now
+from cvi_agent.store.sql import describe_error
 from cvi_agent.videos import tavus as tavus_videos
 from cvi_agent.videos.base import ProviderError
 from cvi_agent.videos.service import VideoService
@@ -110,8 +111,7 @@ async def tavus_callback(request: Request, token: str | None = None) -> JSONResp
         raise ApiError(400, f"Unusable callback: {exc}.", "invalid_callback") from None
     except (SQLAlchemyError, OSError) as exc:
         # Expected while the database restarts: one line, no traceback; Tavus gets a 503.
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        log.warning("could not store a Tavus callback (answered 503): %s", first)
+        log.warning("could not store a Tavus callback (answered 503): %s", describe_error(exc))
         raise ApiError(
             503,
             "The callback could not be stored right now; retry.",

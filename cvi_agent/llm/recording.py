@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cvi_agent.store.base import EventRecord
-from cvi_agent.store.sql import is_transient
+from cvi_agent.store.sql import describe_error, is_transient
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
@@ -138,7 +138,7 @@ class TurnRecorder:
                     waiting_since = time.monotonic()
                     log.warning(
                         "turn recorder: database unavailable (%s); %d turn(s) wait",
-                        type(exc).__name__,
+                        describe_error(exc),
                         len(batch) + self.queue.qsize(),
                     )
                 await asyncio.sleep(delay)

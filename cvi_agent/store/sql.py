@@ -293,7 +293,7 @@ class SqlStore:
                 # OSError: asyncpg's connect raises refused/reset/timeout unwrapped.
                 if not is_transient(exc) or time.monotonic() + delay > deadline:
                     raise
-                log.warning("database busy or unavailable (%s); retrying", _describe(exc))
+                log.warning("database busy or unavailable (%s); retrying", describe_error(exc))
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 0.5)
 
@@ -926,7 +926,7 @@ def is_transient(exc: BaseException) -> bool:
     return any(m in text for m in markers)
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One line for the log: the error's type and the first line of its message."""
     orig = getattr(exc, "orig", None) or exc
     first = (str(orig).strip().splitlines() or [""])[0][:160]
