@@ -8,11 +8,12 @@ on startup, serialized across processes (PostgreSQL advisory lock; SQLite's writ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects import postgresql, sqlite
@@ -433,7 +434,7 @@ class SqlStore:
                     sa.select(conversations).where(conversations.c.id == conversation_id)
                 )
             ).first()
-        return _conversation(row) if row is not None else None
+        return _from_row(ConversationRecord, row) if row is not None else None
 
     async def list_conversations(
         self, limit: int = 50, before: float | None = None, before_id: str | None = None
@@ -451,7 +452,7 @@ class SqlStore:
             query = query.where(conversations.c.created_at < before)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.limit(limit))).all()
-        return [_conversation(r) for r in rows]
+        return [_from_row(ConversationRecord, r) for r in rows]
 
     # -- events --------------------------------------------------------------------------------
 
@@ -566,7 +567,7 @@ class SqlStore:
             query = query.order_by(events.c.id)
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query.limit(limit))).all()
-        return [_event(r) for r in rows]
+        return [_from_row(EventRecord, r) for r in rows]
 
     async def count_events(
         self, conversation_id: str | None = None, source: str | None = None
@@ -643,21 +644,7 @@ class SqlStore:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            UtteranceRecord(
-                conversation_id=r.conversation_id,
-                role=r.role,
-                key=r.key,
-                intended_text=r.intended_text,
-                spoken_text=r.spoken_text,
-                is_interrupted=r.is_interrupted,
-                inference_id=r.inference_id,
-                turn_idx=r.turn_idx,
-                seq=r.seq,
-                occurred_at=r.occurred_at,
-            )
-            for r in rows
-        ]
+        return [_from_row(UtteranceRecord, r) for r in rows]
 
     async def upsert_tool_call(self, record: ToolCallRecord) -> None:
         async def run(conn: AsyncConnection) -> None:
@@ -696,20 +683,7 @@ class SqlStore:
         )
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [
-            ToolCallRecord(
-                conversation_id=r.conversation_id,
-                key=r.key,
-                name=r.name,
-                arguments=r.arguments,
-                tool_call_id=r.tool_call_id,
-                inference_id=r.inference_id,
-                status=r.status,
-                output=r.output,
-                occurred_at=r.occurred_at,
-            )
-            for r in rows
-        ]
+        return [_from_row(ToolCallRecord, r) for r in rows]
 
     # -- transcripts and answers ---------------------------------------------------------------
 
@@ -807,7 +781,7 @@ class SqlStore:
                     stmt.on_conflict_do_nothing(index_elements=["provider", "video_id"])
                 )
                 return record
-            current = _video(row)
+            current = _from_row(VideoRecord, row)
             incoming = record
             if _VIDEO_RANK.get(incoming.status, 0) < _VIDEO_RANK.get(current.status, 0):
                 incoming = current
@@ -850,7 +824,7 @@ class SqlStore:
                     )
                 )
             ).first()
-        return _video(row) if row is not None else None
+        return _from_row(VideoRecord, row) if row is not None else None
 
     async def list_videos(
         self,
@@ -869,7 +843,7 @@ class SqlStore:
             query = query.where(videos.c.status.in_(list(statuses)))
         async with self.engine.connect() as conn:
             rows = (await conn.execute(query)).all()
-        return [_video(r) for r in rows]
+        return [_from_row(VideoRecord, r) for r in rows]
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -933,50 +907,26 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(orig).__name__}: {first}" if first else type(orig).__name__
 
 
-def _conversation(row: Any) -> ConversationRecord:
-    return ConversationRecord(
-        id=row.id,
-        persona=row.persona,
-        status=row.status,
-        conversation_url=row.conversation_url,
-        shutdown_reason=row.shutdown_reason,
-        meta=dict(row.meta or {}),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        ended_at=row.ended_at,
-    )
+_Record = TypeVar(
+    "_Record", ConversationRecord, EventRecord, UtteranceRecord, ToolCallRecord, VideoRecord
+)
 
 
-def _event(row: Any) -> EventRecord:
-    return EventRecord(
-        id=row.id,
-        conversation_id=row.conversation_id,
-        source=row.source,
-        kind=row.kind,
-        dedupe_key=row.dedupe_key,
-        seq=row.seq,
-        inference_id=row.inference_id,
-        turn_idx=row.turn_idx,
-        role=row.role,
-        occurred_at=row.occurred_at,
-        received_at=row.received_at,
-        payload=dict(row.payload or {}),
-    )
+# (name, is a JSON object) of each field of each record dataclass: the fields name the columns.
+_RECORD_FIELDS: dict[type, tuple[tuple[str, bool], ...]] = {
+    cls: tuple((f.name, f.default_factory is dict) for f in dataclasses.fields(cls))
+    for cls in (ConversationRecord, EventRecord, UtteranceRecord, ToolCallRecord, VideoRecord)
+}
 
 
-def _video(row: Any) -> VideoRecord:
-    return VideoRecord(
-        provider=row.provider,
-        video_id=row.video_id,
-        conversation_id=row.conversation_id,
-        status=row.status,
-        url=row.url,
-        error=row.error,
-        script=row.script,
-        raw=dict(row.raw or {}),
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-    )
+def _from_row(cls: type[_Record], row: Any) -> _Record:
+    """A record from a row of its table; JSON objects are copied, and a NULL one is empty."""
+    values = row._mapping
+    kwargs: dict[str, Any] = {
+        name: dict(values[name] or {}) if is_object else values[name]
+        for name, is_object in _RECORD_FIELDS[cls]
+    }
+    return cls(**kwargs)
 
 
 async def open_store(url: str) -> SqlStore:
