@@ -26,6 +26,7 @@ from cvi_agent.videos.base import (
     Voice,
     as_dict,
     content_key,
+    http_error,
     json_or_none,
     list_items,
     parse_time,
@@ -160,31 +161,15 @@ def parse_callback(payload: Mapping[str, Any]) -> Delivery:
     return Delivery(NAME, name, f"argil:{name}:{subject}", None, conversation_id)
 
 
-def _error(response: httpx.Response, what: str, video_id: str | None = None) -> ProviderError:
-    body = as_dict(json_or_none(response))
-    message = (
-        text_or_none(body.get("message"))
-        or text_or_none(body.get("error"))
-        or response.reason_phrase
-        or "error"
-    )
-    return ProviderError(
-        NAME,
-        f"{what}: {message}",
-        status=response.status_code,
-        code=body.get("code") if isinstance(body.get("code"), int) else None,
-        retryable=response.status_code == 429 or response.status_code >= 500,
-        video_id=video_id,
-    )
-
-
 class ArgilVideos(ProviderClient):
     name = NAME
     default_url = DEFAULT_URL
 
     async def _json(self, response: httpx.Response, what: str, video_id: str | None = None) -> Any:
         if response.status_code >= 400:
-            raise _error(response, what, video_id)
+            raise http_error(
+                NAME, response, what, ("message", "error"), numeric_code=True, video_id=video_id
+            )
         body = json_or_none(response)
         if body is None:
             raise ProviderError(NAME, f"{what}: response is not JSON", video_id=video_id)

@@ -399,6 +399,32 @@ def as_dict(value: Any) -> dict[str, Any]:
     return dict(value) if isinstance(value, Mapping) else {}
 
 
+def http_error(
+    provider: str,
+    response: httpx.Response,
+    what: str,
+    message_keys: tuple[str, ...],
+    *,
+    numeric_code: bool = False,
+    video_id: str | None = None,
+) -> ProviderError:
+    """The `ProviderError` for an HTTP error answer: the first of `message_keys` the body
+    carries (else the reason phrase), the body's integer `code` when `numeric_code`, and
+    retryable for 429 and 5xx."""
+    body = as_dict(json_or_none(response))
+    texts = (text_or_none(body.get(key)) for key in message_keys)
+    message = next((t for t in texts if t), None) or response.reason_phrase or "error"
+    code = body.get("code")
+    return ProviderError(
+        provider,
+        f"{what}: {message}",
+        status=response.status_code,
+        code=code if numeric_code and isinstance(code, int) else None,
+        retryable=response.status_code == 429 or response.status_code >= 500,
+        video_id=video_id,
+    )
+
+
 def list_items(body: Any, *keys: str) -> list[dict[str, Any]]:
     """The objects of a list response: a bare array, or the first of `keys` that holds one
     (providers wrap lists differently, and sometimes not at all)."""

@@ -21,7 +21,7 @@ from cvi_agent.videos.base import (
     VideoEvent,
     VideoStatus,
     Voice,
-    as_dict,
+    http_error,
     json_or_none,
     parse_time,
     text_or_none,
@@ -91,29 +91,13 @@ def parse_callback(payload: Mapping[str, Any]) -> Delivery:
     )
 
 
-def _error(response: httpx.Response, what: str) -> ProviderError:
-    body = as_dict(json_or_none(response))
-    message = (
-        text_or_none(body.get("error"))
-        or text_or_none(body.get("message"))
-        or response.reason_phrase
-        or "error"
-    )
-    return ProviderError(
-        NAME,
-        f"{what}: {message}",
-        status=response.status_code,
-        retryable=response.status_code == 429 or response.status_code >= 500,
-    )
-
-
 class TavusVideos(ProviderClient):
     name = NAME
     default_url = DEFAULT_URL
 
     async def _json(self, response: httpx.Response, what: str) -> dict[str, Any]:
         if response.status_code >= 400:
-            raise _error(response, what)
+            raise http_error(NAME, response, what, ("error", "message"))
         body = json_or_none(response)
         if not isinstance(body, dict):
             raise ProviderError(NAME, f"{what}: response is not a JSON object")
