@@ -1,3 +1,3 @@
-from cvi_agent.cli import main
+from cvi_agent.cli.main import main
 
 raise SystemExit(main())

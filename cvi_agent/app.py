@@ -11,21 +11,21 @@ from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from cvi_agent import __version__
-from cvi_agent.api import router as api_router
-from cvi_agent.callbacks import router as callbacks_router
 from cvi_agent.config import Settings
-from cvi_agent.http import install_error_handlers
+from cvi_agent.conversations.api import router as api_router
+from cvi_agent.conversations.callbacks import router as callbacks_router
+from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
+from cvi_agent.devtools.simulate import router as simulations_router
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
-from cvi_agent.memdebug import start_from_env as start_memory_reporter
 from cvi_agent.metrics import router as metrics_router
 from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.runtime import Runtime
-from cvi_agent.security import install_security
-from cvi_agent.simulate import router as simulations_router
 from cvi_agent.videos.lifespan import start_videos
 from cvi_agent.videos.tool import validate_video_tools
 from cvi_agent.videos.webhooks import router as videos_router
+from cvi_agent.web.http import install_error_handlers
+from cvi_agent.web.security import install_security
 
 
 def load_checked_personas(settings: Settings) -> dict[str, Persona]:
@@ -78,7 +78,7 @@ def create_app(
     app.include_router(simulations_router)
     app.include_router(metrics_router)
 
-    console_dir = Path(__file__).parent / "console"
+    console_dir = Path(__file__).parent / "web" / "console"
     app.mount("/console", StaticFiles(directory=console_dir), name="console")
 
     @app.get("/", include_in_schema=False)

@@ -10,11 +10,11 @@ from typing import Any
 from fastapi import Request
 
 from cvi_agent.config import Settings
+from cvi_agent.conversations.service import Record
 from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
 from cvi_agent.llm.brains.base import TurnContext
 from cvi_agent.llm.turns import TurnTracker
 from cvi_agent.personas import Persona
-from cvi_agent.record import Record
 from cvi_agent.store import SqlStore
 
 

@@ -13,8 +13,8 @@ import pytest
 
 from cvi_agent.app import create_app
 from cvi_agent.config import Settings
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.upstream import FakeUpstream
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.upstream import FakeUpstream
 from cvi_agent.store import SqlStore, open_store
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -161,8 +161,8 @@ TAVUS_KEY = "tavus-test-key-0123456789"
 
 @pytest.fixture
 def fake_tavus() -> Iterator[Any]:
-    """The fake Tavus REST API on loopback (`cvi_agent.fakes.tavus.FakeTavus`), `.url` set."""
-    from cvi_agent.fakes.tavus import FakeTavus
+    """The fake Tavus REST API on loopback (`cvi_agent.devtools.fakes.tavus.FakeTavus`), `.url` set."""
+    from cvi_agent.devtools.fakes.tavus import FakeTavus
 
     fake = FakeTavus(api_key=TAVUS_KEY)
     with LoopbackServer(fake.app) as server:

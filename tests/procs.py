@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from cvi_agent.fakes.server import free_port
+from cvi_agent.devtools.fakes.server import free_port
 from tests.conftest import API_KEY, PERSONAS
 
 TOKEN = "callback-token-faults-0123456789"

@@ -16,8 +16,8 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
 from cvi_agent.app import create_app
-from cvi_agent.fakes.server import LoopbackServer, free_port
-from cvi_agent.fakes.tavus import FakeTavus
+from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
+from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import VideoRecord, open_store
 from tests.bots import BOTS, RecordingBot

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from cvi_agent.cli import main
+from cvi_agent.cli.main import main
 
 
 def test_bench_json_report(capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from cvi_agent.bot.room import LocalRoom, LocalRoomServer
-from cvi_agent.fakes.replica import ScriptedPeer, event_type_is
-from cvi_agent.fakes.server import free_port
+from cvi_agent.devtools.fakes.replica import ScriptedPeer, event_type_is
+from cvi_agent.devtools.fakes.server import free_port
+from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
 from tests.conftest import PERSONAS
 
 CLI = [sys.executable, "-m", "cvi_agent"]

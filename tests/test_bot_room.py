@@ -14,7 +14,8 @@ from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 
-from cvi_agent.bot.room import (
+from cvi_agent.devtools.fakes.server import free_port
+from cvi_agent.rooms.room import (
     DailyRoom,
     LocalRoom,
     LocalRoomServer,
@@ -28,7 +29,6 @@ from cvi_agent.bot.room import (
     RoomSendError,
     describe_daily_error,
 )
-from cvi_agent.fakes.server import free_port
 
 
 class Recorder(RoomListener):

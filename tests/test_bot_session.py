@@ -15,10 +15,10 @@ import pytest
 
 from cvi_agent.bot.handlers import demo_weather
 from cvi_agent.bot.recorder import Recorder
-from cvi_agent.bot.room import LocalRoom, LocalRoomServer, RoomClosed
 from cvi_agent.bot.session import ConversationBot
-from cvi_agent.fakes.replica import ScriptedPeer, event_type_is
+from cvi_agent.devtools.fakes.replica import ScriptedPeer, event_type_is
 from cvi_agent.personas import Persona, load_persona
+from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, RoomClosed
 from cvi_agent.store import EventRecord, SqlStore, open_store
 from tests.conftest import PERSONAS
 

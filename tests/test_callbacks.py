@@ -9,7 +9,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cvi_agent.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.protocol.callbacks import (
     parse_tavus_callback,
     parse_timestamp,

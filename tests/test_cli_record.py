@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from cvi_agent.app import create_app
-from cvi_agent.cli import main
-from cvi_agent.fakes.server import LoopbackServer, free_port
-from cvi_agent.fakes.tavus import FakeTavus
+from cvi_agent.cli.main import main
+from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
+from cvi_agent.devtools.fakes.tavus import FakeTavus
 from tests.conftest import API_KEY, PERSONAS, TAVUS_KEY, make_settings
 
 

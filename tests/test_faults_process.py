@@ -29,7 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
-from cvi_agent.fakes.server import free_port
+from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.protocol.callbacks import parse_tavus_callback
 from cvi_agent.store.sql import RETRY_BUDGET
 from tests.conftest import API_KEY, FIXTURES

@@ -12,11 +12,11 @@ from typing import Any
 
 import pytest
 
-from cvi_agent.bot.room import LocalRoom, LocalRoomServer
 from cvi_agent.bot.seqgaps import SeqGap, SeqGaps
 from cvi_agent.bot.session import ConversationBot
-from cvi_agent.fakes.replica import ScriptedPeer
+from cvi_agent.devtools.fakes.replica import ScriptedPeer
 from cvi_agent.personas import load_persona
+from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
 from cvi_agent.store import EventRecord, SqlStore
 from tests.conftest import PERSONAS
 

@@ -34,12 +34,12 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
 
 from cvi_agent.app import create_app
-from cvi_agent.bot.room import LocalRoom, LocalRoomServer
 from cvi_agent.bot.session import ConversationBot
-from cvi_agent.fakes.replica import ScriptedPeer
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.tavus import FakeTavus
+from cvi_agent.devtools.fakes.replica import ScriptedPeer
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.personas import load_persona
+from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
 from cvi_agent.store import SqlStore
 from tests.conftest import (
     API_KEY,

@@ -9,8 +9,8 @@ import time
 import httpx
 import openai
 
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
 from tests.conftest import API_KEY, ServerFactory
 
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import openai
 import pytest
 
-from cvi_agent.fakes.server import LoopbackServer, free_port
-from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
 from tests.conftest import API_KEY, ServerFactory
 
 FALLBACK_LINE = "Sorry, give me one second."

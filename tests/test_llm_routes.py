@@ -9,8 +9,8 @@ import httpx
 import openai
 import pytest
 
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
 from cvi_agent.protocol.chat import ChatCompletionChunk
 from tests.conftest import API_KEY, FIXTURES, ServerFactory
 

@@ -16,8 +16,8 @@ import openai
 import pytest
 from prometheus_client import REGISTRY
 
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
 from cvi_agent.llm.brains.base import TurnContext
 from cvi_agent.llm.tools import ToolCallContext
 from cvi_agent.llm.turns import Generation, Subscription

@@ -13,9 +13,9 @@ from typing import Any
 
 import pytest
 
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.upstream import FakeUpstream, Plan, Step
-from cvi_agent.llm.upstream_http import (
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.llm.upstream.http import (
     ChatStreamClient,
     UpstreamConnectionError,
     UpstreamHTTPError,

@@ -19,8 +19,8 @@ from websockets.asyncio.client import connect
 from websockets.exceptions import InvalidStatus
 
 from cvi_agent.app import create_app
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.security import RateLimiter
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.web.security import RateLimiter
 from tests.conftest import API_KEY, ServerFactory, make_settings
 
 TOKEN = "cb-token-security-0123456789"

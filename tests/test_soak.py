@@ -4,7 +4,7 @@ reported, not asserted: timings on a shared machine are noisy; `make soak` runs 
 
 from __future__ import annotations
 
-from cvi_agent.soak import SoakParams, render, run_soak
+from cvi_agent.devtools.soak import SoakParams, render, run_soak
 
 
 def test_one_minute_soak() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import random
 
-from cvi_agent.soak import memory_verdict
+from cvi_agent.devtools.soak import memory_verdict
 
 
 def _series(

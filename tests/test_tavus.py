@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from cvi_agent.fakes.server import LoopbackServer, free_port
-from cvi_agent.fakes.tavus import FakeTavus, JsonPatchError, apply_json_patch
+from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
+from cvi_agent.devtools.fakes.tavus import FakeTavus, JsonPatchError, apply_json_patch
 from cvi_agent.personas import load_personas
-from cvi_agent.tavus import (
+from cvi_agent.tavus.client import (
     TavusAuthError,
     TavusBadRequest,
     TavusClient,

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cvi_agent.fakes.videos import FakeVideoProviders
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.videos.argil import MOMENT_LIMIT, ArgilVideos, parse_callback, split_script
 from cvi_agent.videos.base import CreateVideo, ProviderError
 from tests.videos_support import FAST_RETRY, fake_providers, fake_url, fixture, poll_video

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cvi_agent.cli import main
-from cvi_agent.fakes.videos import FakeVideoProviders, env
+from cvi_agent.cli.main import main
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders, env
 from tests.videos_support import fake_providers, fake_url
 
 

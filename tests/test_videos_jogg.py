@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from cvi_agent.fakes.videos import FakeVideoProviders
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.videos.base import CreateVideo, RateLimiter, RetryPolicy
 from cvi_agent.videos.jogg import (
     JoggError,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cvi_agent.fakes.videos import FakeVideoProviders
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.store import SqlStore, VideoRecord, open_store
 from cvi_agent.videos.base import VideoEvent
 from cvi_agent.videos.poller import VideoPoller

@@ -12,8 +12,8 @@ import httpx
 import pytest
 from fastapi import FastAPI, Request
 
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.videos import FakeVideoProviders
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.store import SqlStore, VideoRecord, open_store
 from cvi_agent.videos.base import CreateVideo, ProviderError, parse_time
 from cvi_agent.videos.tavus import TavusVideos, is_video_callback, parse_callback

@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from cvi_agent.fakes.videos import FakeVideoProviders
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.llm.tools import SideEffectsNotAllowed, ToolRunner
 from cvi_agent.personas import Persona, load_personas
 from cvi_agent.protocol.interactions import AppendContext, Echo, Interaction

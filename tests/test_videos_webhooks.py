@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.videos import FakeVideoProviders
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.store import SqlStore, open_store
 from cvi_agent.videos import webhooks
 from cvi_agent.videos.jogg import signature

@@ -24,7 +24,7 @@ from websockets.asyncio.client import connect
 
 from cvi_agent.bot.worker import BotSpec, Worker
 from cvi_agent.bus import InProcessBus, commands_channel, request
-from cvi_agent.fakes.server import free_port
+from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import EventRecord, Leases, SqlStore, open_store
 from tests.bots import RecordingBot
@@ -291,8 +291,8 @@ async def test_scale_out_two_web_processes_and_workers(
     """Web A and web B and worker W1 as real processes on PostgreSQL and Redis: a live feed on A
     sees a callback posted to B; an echo posted to B reaches W1's bot in the room; W1 is killed
     (SIGKILL) and W2 takes the conversation over once the lease expires."""
-    from cvi_agent.bot.room import LocalRoomServer
-    from cvi_agent.fakes.replica import ScriptedPeer
+    from cvi_agent.devtools.fakes.replica import ScriptedPeer
+    from cvi_agent.rooms.room import LocalRoomServer
 
     await _require_redis()
     port_a, port_b = free_port(), free_port()
@@ -449,9 +449,9 @@ async def test_single_process_default_mode(tmp_path: Path, fake_tavus: Any) -> N
     """`cvi-agent serve` alone (SQLite, in-process bus, in-process worker, the real bot):
     create → the bot joins the room → an interaction reaches the replica → end."""
     from cvi_agent.app import create_app
-    from cvi_agent.bot.room import LocalRoomServer
-    from cvi_agent.fakes.replica import ScriptedPeer
-    from cvi_agent.fakes.server import LoopbackServer
+    from cvi_agent.devtools.fakes.replica import ScriptedPeer
+    from cvi_agent.devtools.fakes.server import LoopbackServer
+    from cvi_agent.rooms.room import LocalRoomServer
     from tests.conftest import make_settings
 
     async with asyncio.timeout(60), LocalRoomServer() as rooms:

@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from cvi_agent.config import Settings
-from cvi_agent.fakes.server import LoopbackServer
-from cvi_agent.fakes.videos import DEFAULT_KEY, FakeVideoProviders
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.videos import DEFAULT_KEY, FakeVideoProviders
 from cvi_agent.videos.base import RetryPolicy, VideoEvent
 from tests.conftest import FIXTURES, make_settings
 

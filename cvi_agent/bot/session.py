@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from cvi_agent.bot.recorder import Pending, Recorder
-from cvi_agent.bot.room import Participant, Room, RoomClosed, RoomError, RoomListener
 from cvi_agent.bot.seqgaps import DEFAULT_WINDOW, SeqGap, SeqGaps
 from cvi_agent.llm.tools import ToolCallContext, ToolError, resolve_handler
 from cvi_agent.personas import Persona, ToolSpec
@@ -51,6 +50,7 @@ from cvi_agent.protocol.interactions import (
     SetSensitivity,
     ToolResult,
 )
+from cvi_agent.rooms.room import Participant, Room, RoomClosed, RoomError, RoomListener
 from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord
 
 log = logging.getLogger("cvi_agent.bot")

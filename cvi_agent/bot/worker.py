@@ -41,7 +41,7 @@ from cvi_agent.protocol.interactions import Interaction, InteractionRequest
 from cvi_agent.store import EventRecord, Lease, Leases, SqlStore
 
 if TYPE_CHECKING:
-    from cvi_agent.record import Record
+    from cvi_agent.conversations.service import Record
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,8 @@ BotFactory = Callable[[BotSpec], Bot]
 
 def default_bot_factory(spec: BotSpec) -> Bot:
     """The real bot: a LocalRoom for `ws://`/`wss://` URLs (simulator, tests), else Daily."""
-    from cvi_agent.bot.room import BaseRoom, DailyRoom, LocalRoom
     from cvi_agent.bot.session import ConversationBot
+    from cvi_agent.rooms.room import BaseRoom, DailyRoom, LocalRoom
 
     local = spec.conversation_url.startswith(("ws://", "wss://"))
     room: BaseRoom = LocalRoom() if local else DailyRoom()

@@ -19,13 +19,6 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from cvi_agent import metrics
-from cvi_agent.http import (
-    ApiError,
-    check_api_key,
-    conversation_id_from,
-    read_json_object,
-    validation_message,
-)
 from cvi_agent.llm.brains.base import (
     Brain,
     Finish,
@@ -39,6 +32,13 @@ from cvi_agent.llm.sse import ChunkEncoder, EventStreamResponse
 from cvi_agent.llm.tools import ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
 from cvi_agent.runtime import Runtime, get_runtime
+from cvi_agent.web.http import (
+    ApiError,
+    check_api_key,
+    conversation_id_from,
+    read_json_object,
+    validation_message,
+)
 
 log = logging.getLogger(__name__)
 

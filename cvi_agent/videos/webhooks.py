@@ -8,7 +8,7 @@
   under the endpoint secret (`JOGG_WEBHOOK_SECRET` or `var/jogg-webhook-secret`). Per-request
   `webhook_url` deliveries carry `?token=T` instead.
 - Tavus video callbacks arrive on the Tavus callback route (`POST /callbacks/tavus`, built in
-  `cvi_agent/callbacks.py`), which hands video payloads to `ingest_tavus_video_callback`.
+  `cvi_agent/conversations/callbacks.py`), which hands video payloads to `ingest_tavus_video_callback`.
 
 Every delivery is stored (an `events` row, source `video`) before the 200, deduplicated per
 provider (Tavus (video_id, status), Argil (event, videoId), JoggAI event_id); unknown events are
@@ -24,13 +24,13 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from cvi_agent.http import ApiError, constant_time_in, parse_json_object, read_body
 from cvi_agent.runtime import get_runtime
 from cvi_agent.store import SqlStore
 from cvi_agent.videos import argil, jogg, tavus
 from cvi_agent.videos.announce import announce_video_ready
 from cvi_agent.videos.base import Delivery, ProviderError, VideoEvent
 from cvi_agent.videos.service import VideoService, apply_video_event, event_row
+from cvi_agent.web.http import ApiError, constant_time_in, parse_json_object, read_body
 
 log = logging.getLogger(__name__)
 

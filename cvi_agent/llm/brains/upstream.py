@@ -19,7 +19,7 @@ from cvi_agent import metrics
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains.base import BrainEvent, Finish, TextDelta, ToolCallDelta, TurnContext
 from cvi_agent.llm.breaker import CircuitBreaker
-from cvi_agent.llm.upstream_http import (
+from cvi_agent.llm.upstream.http import (
     ChatStreamClient,
     UpstreamConnectionError,
     UpstreamHTTPError,

@@ -29,27 +29,27 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from cvi_agent.bus import BusUnavailable, events_channel
-from cvi_agent.callbacks import callback_url, stop_bot
-from cvi_agent.http import (
-    ApiError,
-    check_api_key,
-    constant_time_in,
-    read_json_object,
-    validation_message,
-)
+from cvi_agent.conversations.callbacks import callback_url, stop_bot
+from cvi_agent.conversations.service import DeliveryError, Record, conversation_record
 from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
-from cvi_agent.record import DeliveryError, Record, conversation_record
 from cvi_agent.runtime import Runtime, get_runtime
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
-from cvi_agent.tavus import (
+from cvi_agent.tavus.client import (
     TavusAuthError,
     TavusBadRequest,
     TavusError,
     TavusNotConfigured,
     TavusNotFound,
     TavusRateLimited,
+)
+from cvi_agent.web.http import (
+    ApiError,
+    check_api_key,
+    constant_time_in,
+    read_json_object,
+    validation_message,
 )
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@ Tavus event format (TAVUS_PROTOCOL §3) and keeps every app-message it receives,
 
 Used by the bot tests and for local demos:
 
-    python -m cvi_agent.fakes.replica ws://127.0.0.1:8765/demo [--script events.jsonl]
+    python -m cvi_agent.devtools.fakes.replica ws://127.0.0.1:8765/demo [--script events.jsonl]
 
 With no script it plays a short built-in conversation as the replica, with a human ("Alice")
 who leaves at the end.
@@ -20,7 +20,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cvi_agent.bot.room import LocalRoom, Participant, RoomListener
+from cvi_agent.rooms.room import LocalRoom, Participant, RoomListener
 
 Predicate = Callable[[Any], bool]
 
@@ -248,7 +248,9 @@ async def demo(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cvi_agent.fakes.replica", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m cvi_agent.devtools.fakes.replica", description=__doc__
+    )
     parser.add_argument("url", help="ws:// LocalRoom URL (see `cvi-agent room serve`)")
     parser.add_argument("--script", type=Path, help="JSON lines: one Tavus event per line")
     parser.add_argument("--persona-name", default="Cora the Concierge")

@@ -30,7 +30,7 @@ from cvi_agent.llm.recording import TurnRecorder
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.interactions import Interaction
 from cvi_agent.store import EventRecord, Leases, SqlStore, UtteranceRecord
-from cvi_agent.tavus import TavusClient
+from cvi_agent.tavus.client import TavusClient
 
 if TYPE_CHECKING:
     from cvi_agent.bot.worker import Worker

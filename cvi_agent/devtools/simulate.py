@@ -40,15 +40,15 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cvi_agent.bot.room import LocalRoom, LocalRoomServer, Participant, RoomListener
-from cvi_agent.http import (
+from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, Participant, RoomListener
+from cvi_agent.runtime import get_runtime
+from cvi_agent.web.http import (
     ApiError,
     check_api_key,
     presented_key,
     read_json_object,
     validation_message,
 )
-from cvi_agent.runtime import get_runtime
 
 log = logging.getLogger(__name__)
 
@@ -971,7 +971,7 @@ def cmd_simulate(args: Any) -> int:
     server_url = args.server
     if server_url is None:
         from cvi_agent.app import create_app
-        from cvi_agent.fakes.server import LoopbackServer
+        from cvi_agent.devtools.fakes.server import LoopbackServer
 
         server = LoopbackServer(create_app(settings, personas)).start()
         server_url = server.url

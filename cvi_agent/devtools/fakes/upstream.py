@@ -3,7 +3,7 @@
 Raw ASGI so that it costs as little CPU as possible when it shares the machine with the
 server under test (bench). It records every request, and when each client disconnected;
 `GET /_fake/records?since=N` hands those records to another process (bench runs it as its own
-process: `python -m cvi_agent.fakes.upstream --port P --ttft 0.3 --tps 50`).
+process: `python -m cvi_agent.devtools.fakes.upstream --port P --ttft 0.3 --tps 50`).
 """
 
 from __future__ import annotations
@@ -336,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Serve a fake upstream on its own (bench runs it as a separate process)."""
     import uvicorn
 
-    parser = argparse.ArgumentParser(prog="python -m cvi_agent.fakes.upstream")
+    parser = argparse.ArgumentParser(prog="python -m cvi_agent.devtools.fakes.upstream")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--ttft", type=float, default=0.0, help="seconds to the first chunk")

@@ -202,7 +202,7 @@ def cmd_webhooks(args: argparse.Namespace) -> int:
 def cmd_fake_server(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cvi_agent.fakes.videos import FakeVideoProviders, env
+    from cvi_agent.devtools.fakes.videos import FakeVideoProviders, env
 
     fake = FakeVideoProviders(args.key, stage_seconds=args.stage_seconds)
     url = f"http://{args.host}:{args.port}"

@@ -1,7 +1,7 @@
 """`cvi-agent bench`: what cvi-agent adds to a live call, measured on the machine it runs on.
 
 Three processes, so the numbers stay honest on a small machine: the fake OpenAI-compatible
-upstream (`python -m cvi_agent.fakes.upstream`), the server under test (`cvi-agent serve`,
+upstream (`python -m cvi_agent.devtools.fakes.upstream`), the server under test (`cvi-agent serve`,
 optionally with `--workers N`), and this process, which generates Tavus-like load with a lean
 HTTP/1.1 client (httptools) so the load generator costs little.
 
@@ -43,7 +43,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvi_agent.fakes.server import free_port
+from cvi_agent.devtools.fakes.server import free_port
 
 BENCH_KEY = "bench-key-0123456789"
 PERSONA = "bench"  # with a client tool: the overhead scenario relays tool calls too
@@ -943,7 +943,7 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child, Child]]:
             [
                 sys.executable,
                 "-m",
-                "cvi_agent.fakes.upstream",
+                "cvi_agent.devtools.fakes.upstream",
                 "--port",
                 str(upstream_port),
                 "--ttft",
@@ -1001,7 +1001,7 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child, Child]]:
             [
                 sys.executable,
                 "-m",
-                "cvi_agent.fakes.relay",
+                "cvi_agent.devtools.fakes.relay",
                 "--port",
                 str(relay_port),
                 "--to",

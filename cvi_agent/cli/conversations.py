@@ -91,7 +91,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def _run_worker(settings: Settings, personas: dict[str, Any], worker_id: str | None) -> int:
     from cvi_agent.bot.worker import Worker
-    from cvi_agent.record import Record
+    from cvi_agent.conversations.service import Record
     from cvi_agent.store import SqlStore
 
     store = SqlStore(settings.database_url)
@@ -128,7 +128,7 @@ def _safe_url(url: str) -> str:
 def cmd_personas_push(
     args: argparse.Namespace, personas: dict[str, Any], settings: Settings
 ) -> int:
-    from cvi_agent.tavus import TavusClient, TavusError
+    from cvi_agent.tavus.client import TavusClient, TavusError
 
     if not settings.tavus_api_key:
         print("cvi-agent: set TAVUS_API_KEY to push personas to Tavus", file=sys.stderr)

@@ -100,7 +100,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
-    from cvi_agent.bot.room import route_native_logs
+    from cvi_agent.rooms.room import route_native_logs
 
     settings = Settings()
     kind = args.room or (
@@ -131,8 +131,8 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 
 async def _run_bot(args: argparse.Namespace, kind: str, settings: Settings, persona: Any) -> int:
-    from cvi_agent.bot.room import BaseRoom, DailyRoom, LocalRoom, RoomJoinError
     from cvi_agent.bot.session import ConversationBot
+    from cvi_agent.rooms.room import BaseRoom, DailyRoom, LocalRoom, RoomJoinError
     from cvi_agent.store import open_store
 
     try:
@@ -201,8 +201,8 @@ async def _feed_stdin(bot: Any) -> None:
 
     from pydantic import ValidationError
 
-    from cvi_agent.bot.room import RoomError
     from cvi_agent.protocol.interactions import InteractionRequest
+    from cvi_agent.rooms.room import RoomError
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -235,7 +235,7 @@ def cmd_room_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_room(args: argparse.Namespace) -> int:
-    from cvi_agent.bot.room import LocalRoomServer
+    from cvi_agent.rooms.room import LocalRoomServer
 
     server = LocalRoomServer(args.host, args.port, max_message_bytes=args.max_message_bytes)
     try:

@@ -30,8 +30,8 @@ from typing import Any
 
 import httpx
 
-from cvi_agent.bench import Child, percentile, process_tree
-from cvi_agent.fakes.server import free_port
+from cvi_agent.devtools.bench import Child, percentile, process_tree
+from cvi_agent.devtools.fakes.server import free_port
 
 SOAK_KEY = "soak-key-0123456789"
 CALLBACK_TOKEN = "soak-callback-token"
@@ -434,7 +434,7 @@ def run_soak(params: SoakParams, progress: bool = False) -> dict[str, Any]:
             [
                 sys.executable,
                 "-m",
-                "cvi_agent.fakes.upstream",
+                "cvi_agent.devtools.fakes.upstream",
                 "--port",
                 str(upstream_port),
                 "--ttft",
@@ -448,7 +448,7 @@ def run_soak(params: SoakParams, progress: bool = False) -> dict[str, Any]:
         )
         personas = work / "personas"
         personas.mkdir()
-        shipped = Path(__file__).resolve().parent.parent / "personas" / "concierge.yaml"
+        shipped = Path(__file__).resolve().parents[2] / "personas" / "concierge.yaml"
         (personas / "concierge.yaml").write_text(shipped.read_text() if shipped.exists() else "")
         (personas / "soak.yaml").write_text(_persona_yaml(f"http://127.0.0.1:{upstream_port}"))
         env = {

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from cvi_agent.cli_record import add_push_arguments, add_record_commands, cmd_personas_push
+from cvi_agent.cli.conversations import add_push_arguments, add_record_commands, cmd_personas_push
 from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key, mask_key
 from cvi_agent.personas import PersonaError
 
@@ -116,7 +116,7 @@ def cmd_personas(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cvi_agent.bench import run_cli
+    from cvi_agent.devtools.bench import run_cli
 
     return run_cli(args)
 
@@ -138,19 +138,19 @@ def build_parser() -> argparse.ArgumentParser:
     personas.set_defaults(func=cmd_personas)
     add_record_commands(sub)
 
-    from cvi_agent.videos.cli import add_videos_parser
+    from cvi_agent.cli.videos import add_videos_parser
 
     add_videos_parser(sub)
 
-    from cvi_agent.simulate import add_simulate_parser
+    from cvi_agent.devtools.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
 
-    from cvi_agent.soak import add_soak_parser
+    from cvi_agent.devtools.soak import add_soak_parser
 
     add_soak_parser(sub)
 
-    from cvi_agent.bench import add_arguments as add_bench_arguments
+    from cvi_agent.devtools.bench import add_arguments as add_bench_arguments
 
     bench = sub.add_parser(
         "bench",
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_bench_arguments(bench)
     bench.set_defaults(func=cmd_bench)
 
-    from cvi_agent.bot.commands import add_parsers as add_bot_parsers
+    from cvi_agent.cli.bot import add_parsers as add_bot_parsers
 
     add_bot_parsers(sub)  # bot, room serve
     return parser

@@ -29,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cvi_agent.bus import commands_channel
 from cvi_agent.config import Settings
-from cvi_agent.http import ApiError, constant_time_in, read_json_object
+from cvi_agent.conversations.service import Record
 from cvi_agent.protocol.callbacks import (
     MAX_ID_LENGTH,
     CallbackError,
@@ -37,7 +37,6 @@ from cvi_agent.protocol.callbacks import (
     parse_tavus_callback,
     shutdown_code,
 )
-from cvi_agent.record import Record
 from cvi_agent.runtime import get_runtime
 from cvi_agent.store import EventRecord
 from cvi_agent.store.base import now
@@ -46,6 +45,7 @@ from cvi_agent.videos import tavus as tavus_videos
 from cvi_agent.videos.base import ProviderError
 from cvi_agent.videos.service import VideoService
 from cvi_agent.videos.webhooks import ingest_tavus_video_callback
+from cvi_agent.web.http import ApiError, constant_time_in, read_json_object
 
 log = logging.getLogger(__name__)
 

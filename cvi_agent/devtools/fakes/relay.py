@@ -2,7 +2,7 @@
 process between the client and the upstream", so what cvi-agent adds can be told apart from
 what any extra hop costs on the machine (scheduling, loopback, wake-ups).
 
-`python -m cvi_agent.fakes.relay --port P --to 127.0.0.1:UPSTREAM_PORT`
+`python -m cvi_agent.devtools.fakes.relay --port P --to 127.0.0.1:UPSTREAM_PORT`
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ async def serve(host: str, port: int, target_host: str, target_port: int) -> Non
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cvi_agent.fakes.relay")
+    parser = argparse.ArgumentParser(prog="python -m cvi_agent.devtools.fakes.relay")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--to", required=True, help="HOST:PORT to relay to")
