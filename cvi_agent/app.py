@@ -15,31 +15,29 @@ from cvi_agent.config import Settings
 from cvi_agent.conversations.api import router as api_router
 from cvi_agent.conversations.callbacks import router as callbacks_router
 from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
+from cvi_agent.devtools.simulate import RoomHost
 from cvi_agent.devtools.simulate import router as simulations_router
 from cvi_agent.llm.routes import router as llm_router
-from cvi_agent.llm.tools import validate_persona_tools
-from cvi_agent.metrics import router as metrics_router
-from cvi_agent.personas import Persona, PersonaError, load_personas
-from cvi_agent.runtime import Runtime
-from cvi_agent.videos.lifespan import start_videos
-from cvi_agent.videos.tool import validate_video_tools
+from cvi_agent.personas import Persona
+from cvi_agent.runtime import Runtime, load_checked_personas
 from cvi_agent.videos.webhooks import router as videos_router
-from cvi_agent.web.http import install_error_handlers
+from cvi_agent.web.errors import install_error_handlers
+from cvi_agent.web.metrics import router as metrics_router
 from cvi_agent.web.security import install_security
 
-
-def load_checked_personas(settings: Settings) -> dict[str, Persona]:
-    personas = load_personas(settings.personas_dir)
-    problems = [p for persona in personas.values() for p in validate_persona_tools(persona)]
-    problems += [p for persona in personas.values() for p in validate_video_tools(persona)]
-    if problems:
-        raise PersonaError("\n".join(problems))
-    return personas
+CONSOLE_DIR = Path(__file__).parent / "web" / "console"
 
 
 def create_app(
     settings: Settings | None = None, personas: dict[str, Persona] | None = None
 ) -> FastAPI:
+    """The whole server: every router, the console, and a lifespan that starts the `Runtime`.
+
+    `settings` default to the environment; `personas` default to the checked persona files of
+    `settings.personas_dir`. `app.state` carries `settings` and `personas` from here on, and
+    the runtime's services (`runtime`, `chat`, `conversations`, `videos`, `simulations`) while
+    the app runs.
+    """
     settings = settings or Settings()
     if personas is None:
         personas = load_checked_personas(settings)
@@ -48,17 +46,12 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         memory = start_memory_reporter()  # CVI_TRACEMALLOC: diagnostics, off by default
         runtime = await Runtime.start(settings, personas)
-        app.state.runtime = runtime
-        videos = await start_videos(runtime)
-        if runtime.record is not None:  # ready videos reach the conversation's bot via the bus
-            videos.service.publish = runtime.record.announce
+        runtime.install(app.state)
+        simulations = app.state.simulations = RoomHost()
         try:
             yield
         finally:
-            simulations = runtime.extras.get("simulations")
-            if simulations is not None:
-                await simulations.aclose()
-            await videos.aclose()
+            await simulations.aclose()
             await runtime.aclose()
             if memory is not None:
                 await memory.aclose()
@@ -69,8 +62,10 @@ def create_app(
         summary="Custom LLM backend, live orchestration and callback ingestion for Tavus CVI.",
         lifespan=lifespan,
     )
+    app.state.settings = settings
+    app.state.personas = personas
     install_error_handlers(app)
-    install_security(app, settings)  # API keys, per-key rate limit, CORS (security.py)
+    install_security(app, settings)  # API keys, per-key rate limit, CORS (web/security.py)
     app.include_router(llm_router)
     app.include_router(callbacks_router)
     app.include_router(api_router)
@@ -78,12 +73,11 @@ def create_app(
     app.include_router(simulations_router)
     app.include_router(metrics_router)
 
-    console_dir = Path(__file__).parent / "web" / "console"
-    app.mount("/console", StaticFiles(directory=console_dir), name="console")
+    app.mount("/console", StaticFiles(directory=CONSOLE_DIR), name="console")
 
     @app.get("/", include_in_schema=False)
     async def console() -> FileResponse:
-        return FileResponse(console_dir / "index.html", headers={"Cache-Control": "no-cache"})
+        return FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""Prometheus metrics, served at `GET /metrics` (text format; the same API keys as the LLM routes).
+"""Prometheus metrics: the counters and histograms every layer records into (served by
+`cvi_agent.web.metrics` at `GET /metrics`).
 
 Recording is per request or per event, never per relayed chunk, and every labelled child is
 resolved once and cached, so the hot path pays a dict lookup and an add. With several worker
@@ -10,11 +11,8 @@ from __future__ import annotations
 from collections.abc import Container
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client import generate_latest as _generate_latest
-
-from cvi_agent.web.http import check_api_key
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -132,15 +130,3 @@ def upstream_failed(upstream: str) -> None:
 
 def render() -> bytes:
     return _generate_latest(REGISTRY)
-
-
-async def _require_key(request: Request) -> None:
-    check_api_key(request.headers, request.app.state.runtime.settings.api_keys)
-
-
-router = APIRouter(dependencies=[Depends(_require_key)])
-
-
-@router.get("/metrics", summary="Prometheus metrics (text format)", tags=["ops"])
-async def metrics() -> Response:
-    return Response(render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,59 +1,81 @@
-"""The long-lived objects one server process shares, built once in the app's lifespan."""
+"""The long-lived services one server process shares, built once in the app's lifespan."""
 
 from __future__ import annotations
 
-import functools
 import gc
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
-from fastapi import Request
+from starlette.datastructures import State
 
 from cvi_agent.config import Settings
-from cvi_agent.conversations.service import Record
-from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
-from cvi_agent.llm.brains.base import TurnContext
-from cvi_agent.llm.turns import TurnTracker
-from cvi_agent.personas import Persona
+from cvi_agent.conversations.service import ConversationService
+from cvi_agent.llm.service import ChatService
+from cvi_agent.llm.tools import validate_persona_tools
+from cvi_agent.personas import Persona, PersonaError, load_personas
 from cvi_agent.store import SqlStore
+from cvi_agent.videos.lifespan import start_videos
+from cvi_agent.videos.poller import VideoPoller
+from cvi_agent.videos.service import VideoService
+from cvi_agent.videos.tool import validate_video_tools
+
+
+def load_checked_personas(settings: Settings) -> dict[str, Persona]:
+    """The persona files of `settings.personas_dir`, with every tool they declare checked
+    (server-tool handlers importable, video tools configured); `PersonaError` lists every
+    problem at once."""
+    personas = load_personas(settings.personas_dir)
+    problems = [p for persona in personas.values() for p in validate_persona_tools(persona)]
+    problems += [p for persona in personas.values() for p in validate_video_tools(persona)]
+    if problems:
+        raise PersonaError("\n".join(problems))
+    return personas
 
 
 @dataclass
 class Runtime:
+    """Every service of one server process, each a typed field.
+
+    Built by `Runtime.start` in the app's lifespan and closed by `aclose`; `install` puts the
+    services the routers use on `app.state` (`chat`, `conversations`, `videos`), so no router
+    needs to know this class.
+    """
+
     settings: Settings
     personas: dict[str, Persona]
-    upstreams: UpstreamClients
     store: SqlStore
-    brains: dict[str, Brain] = field(default_factory=dict)
-    extras: dict[str, Any] = field(default_factory=dict)
-    # Callbacks, API, live feed, worker (record.py); None only before `start`.
-    record: Record | None = None
-    turns: TurnTracker = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.turns = TurnTracker(self.settings)
+    conversations: ConversationService
+    chat: ChatService
+    videos: VideoService
+    video_poller: VideoPoller | None = None
 
     @classmethod
     async def start(cls, settings: Settings, personas: dict[str, Persona]) -> Runtime:
         """Open every shared resource (the store runs its migrations here)."""
         store = SqlStore(settings.database_url)
         await store.init()
-        upstreams = UpstreamClients(settings)
-        runtime = cls(settings=settings, personas=personas, upstreams=upstreams, store=store)
-        for persona in personas.values():
-            runtime.brains[persona.name] = make_brain(persona, upstreams)
-        runtime.record = await Record.start(settings, store, personas)
-        runtime.turns.observer = functools.partial(_note_turn, runtime)
+        conversations = await ConversationService.start(settings, store, personas)
+        chat = ChatService.start(settings, personas, recorder=conversations.turns)
+        videos, poller = await start_videos(settings, store)
+        videos.publish = conversations.announce  # ready videos reach the conversation's bot
+        chat.tool_services = {"videos": videos}  # for the video tools' handlers
         tune_gc()
-        return runtime
+        return cls(settings, personas, store, conversations, chat, videos, poller)
+
+    def install(self, state: State) -> None:
+        """Expose the services the routers use on the app's state."""
+        state.runtime = self
+        state.chat = self.chat
+        state.conversations = self.conversations
+        state.videos = self.videos
 
     async def aclose(self) -> None:
-        await self.turns.aclose()
-        if self.record is not None:
-            await self.record.aclose()
-        for brain in self.brains.values():
-            await brain.aclose()
-        await self.upstreams.aclose()
+        """Stop in dependency order: videos, open turns (which still record), the conversation
+        service (worker, turn recorder, bus), then the database."""
+        if self.video_poller is not None:
+            await self.video_poller.aclose()
+        await self.videos.aclose()
+        await self.chat.aclose()
+        await self.conversations.aclose()
         await self.store.aclose()
 
 
@@ -77,30 +99,3 @@ def tune_gc() -> None:
     gc.freeze()
     gen0, gen1, gen2 = gc.get_threshold()
     gc.set_threshold(max(gen0, 10_000), max(gen1, 20), gen2)
-
-
-def get_runtime(request: Request) -> Runtime:
-    runtime: Runtime = request.app.state.runtime
-    return runtime
-
-
-def _note_turn(
-    runtime: Runtime,
-    ctx: TurnContext,
-    completion_id: str,
-    started: float,
-    first: float | None,
-    completed: bool,
-    chunks: int,
-) -> None:
-    from cvi_agent.llm.recording import note_turn
-
-    note_turn(
-        runtime,
-        ctx,
-        completion_id,
-        started=started,
-        first=first,
-        completed=completed,
-        chunks=chunks,
-    )

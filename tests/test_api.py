@@ -370,13 +370,13 @@ async def test_turns_recorded_off_the_hot_path(app_server: AppFactory) -> None:
     assert 0 <= streamed["payload"]["ttft_ms"] <= streamed["payload"]["total_ms"]
     assert streamed["payload"]["answers"] == {"name": "Maya"}
     app: Any = server.server.config.app
-    assert app.state.runtime.record.turns.dropped == 0
+    assert app.state.runtime.conversations.turns.dropped == 0
 
 
 async def test_ready_video_is_announced_through_the_bot(
     app_server: AppFactory, tmp_path: Path
 ) -> None:
-    """A Tavus video callback on /callbacks/tavus → the videos module → `Record.announce` →
+    """A Tavus video callback on /callbacks/tavus → the videos module → `ConversationService.announce` →
     the bus → the conversation's bot, which says it in the room."""
     server = app_server()
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:

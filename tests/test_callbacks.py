@@ -254,7 +254,7 @@ async def test_a_callback_and_its_effects_are_one_transaction(
     writer at a time), so a callback costs one: the delivery, the conversation's status or
     transcript, and a shutdown's lease, committed together."""
     app: Any = cb_server.server.config.app
-    server_store = app.state.runtime.record.store  # counted here, used on the server's loop
+    server_store = app.state.runtime.store  # counted here, used on the server's loop
     payloads = fixtures()
     store = await open_store(database_url)
     try:

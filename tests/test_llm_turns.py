@@ -359,7 +359,7 @@ async def test_turn_state_is_freed_by_refcounting_once_forgotten(
     cycle here let ~100 MB of answered requests wait for a full collection."""
     srv = serve(upstream, replay_window=0.2)
     app: Any = srv.server.config.app
-    tracker = app.state.runtime.turns
+    tracker = app.state.runtime.chat.turns
     kinds = (Generation, TurnContext, ChatCompletionRequest, Subscription)
     gc.collect()
     gc.disable()

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from cvi_agent.app import load_checked_personas
 from cvi_agent.config import Settings
 from cvi_agent.personas import PersonaError, load_personas, tavus_persona_payload
+from cvi_agent.runtime import load_checked_personas
 from tests.conftest import PERSONAS, ROOT
 
 

@@ -220,7 +220,7 @@ async def test_callback_tokens_rotate_on_every_provider(
             assert resp.status_code == 200, resp.text
         both = await http.post("/callbacks/argil", params={"token": f"{TOKEN},{OLD_TOKEN}"})
         assert both.status_code == 401  # the raw comma list is not itself a token
-    videos = app.state.runtime.extras["videos"]
+    videos = app.state.runtime.videos
     assert videos.callback_url("tavus").endswith(f"token={TOKEN}")
     assert videos.account_webhook_url("argil").endswith(f"token={TOKEN}")
 

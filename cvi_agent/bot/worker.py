@@ -31,17 +31,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 
+from cvi_agent.bot.session import ConversationBot
 from cvi_agent.bus import WORK_CHANNEL, Bus, Subscription, commands_channel
+from cvi_agent.config import Settings
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.interactions import Interaction, InteractionRequest
 from cvi_agent.store import EventRecord, Lease, Leases, SqlStore
-
-if TYPE_CHECKING:
-    from cvi_agent.conversations.service import Record
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +76,6 @@ BotFactory = Callable[[BotSpec], Bot]
 
 def default_bot_factory(spec: BotSpec) -> Bot:
     """The real bot: a LocalRoom for `ws://`/`wss://` URLs (simulator, tests), else Daily."""
-    from cvi_agent.bot.session import ConversationBot
     from cvi_agent.rooms.room import BaseRoom, DailyRoom, LocalRoom
 
     local = spec.conversation_url.startswith(("ws://", "wss://"))
@@ -159,13 +157,22 @@ class Worker:
         self._background: set[asyncio.Task[None]] = set()
 
     @classmethod
-    def from_record(cls, record: Record, factory: BotFactory | None = None) -> Worker:
-        s = record.settings
+    def from_settings(
+        cls,
+        s: Settings,
+        *,
+        store: SqlStore,
+        bus: Bus,
+        personas: dict[str, Persona],
+        publish: OnRecord,
+        factory: BotFactory | None = None,
+    ) -> Worker:
+        """A worker sized and named by the settings (`CVI_BOT_FACTORY`, capacity, leases)."""
         return cls(
-            store=record.store,
-            bus=record.bus,
-            personas=record.personas,
-            publish=record.publish,
+            store=store,
+            bus=bus,
+            personas=personas,
+            publish=publish,
             factory=factory or load_factory(s.bot_factory),
             capacity=s.worker_capacity,
             lease_seconds=s.lease_seconds,

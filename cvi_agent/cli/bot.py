@@ -113,8 +113,8 @@ def cmd_bot(args: argparse.Namespace) -> int:
         return _fail("--join-timeout must be positive", EXIT_USAGE)
     persona = None
     if args.persona:
-        from cvi_agent.app import load_checked_personas
         from cvi_agent.personas import PersonaError
+        from cvi_agent.runtime import load_checked_personas
 
         try:
             personas = load_checked_personas(settings)

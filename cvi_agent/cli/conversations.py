@@ -68,7 +68,7 @@ def add_push_arguments(personas_parser: argparse.ArgumentParser) -> None:
 def cmd_worker(args: argparse.Namespace) -> int:
     import logging
 
-    from cvi_agent.app import load_checked_personas
+    from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
     logging.basicConfig(
@@ -91,13 +91,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 async def _run_worker(settings: Settings, personas: dict[str, Any], worker_id: str | None) -> int:
     from cvi_agent.bot.worker import Worker
-    from cvi_agent.conversations.service import Record
+    from cvi_agent.conversations.service import ConversationService
     from cvi_agent.store import SqlStore
 
     store = SqlStore(settings.database_url)
     await store.init()
-    record = await Record.start(settings, store, personas, run_worker=False)
-    worker = Worker.from_record(record)
+    record = await ConversationService.start(settings, store, personas, run_worker=False)
+    worker = Worker.from_settings(
+        settings, store=store, bus=record.bus, personas=personas, publish=record.publish
+    )
     if worker_id:
         worker.worker_id = worker_id
     record.worker = worker

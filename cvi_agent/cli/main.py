@@ -26,7 +26,8 @@ def _setup_logging(level: str) -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from cvi_agent.app import create_app, load_checked_personas
+    from cvi_agent.app import create_app
+    from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
     host = args.host or settings.host
@@ -91,7 +92,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_personas(args: argparse.Namespace) -> int:
-    from cvi_agent.app import load_checked_personas
+    from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
     if args.dir:

@@ -29,11 +29,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
 from cvi_agent.bus import BusUnavailable, events_channel
+from cvi_agent.config import Settings
 from cvi_agent.conversations.callbacks import callback_url, stop_bot
-from cvi_agent.conversations.service import DeliveryError, Record, conversation_record
+from cvi_agent.conversations.deps import conversations_of, require_conversations
+from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
 from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
-from cvi_agent.runtime import Runtime, get_runtime
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.tavus.client import (
@@ -44,13 +45,9 @@ from cvi_agent.tavus.client import (
     TavusNotFound,
     TavusRateLimited,
 )
-from cvi_agent.web.http import (
-    ApiError,
-    check_api_key,
-    constant_time_in,
-    read_json_object,
-    validation_message,
-)
+from cvi_agent.web.auth import constant_time_in, require_key
+from cvi_agent.web.body import read_json_object
+from cvi_agent.web.errors import ApiError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -59,22 +56,15 @@ MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parame
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
-async def require_key(request: Request) -> None:
-    # async: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
-    check_api_key(request.headers, get_runtime(request).settings.api_keys)
-
-
 router = APIRouter(prefix="/api/conversations", tags=["conversations"])
 _auth = [Depends(require_key)]
 
 
-def _record(runtime: Runtime) -> Record:
-    if runtime.record is None:
-        raise ApiError(503, "The conversation record is not running.", "not_ready")
-    return runtime.record
+def _record(request: Request) -> ConversationService:
+    return require_conversations(request.app.state)
 
 
-async def _conversation(record: Record, conversation_id: str) -> ConversationRecord:
+async def _conversation(record: ConversationService, conversation_id: str) -> ConversationRecord:
     conversation = await record.store.get_conversation(conversation_id)
     if conversation is None:
         raise ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found", "id")
@@ -125,7 +115,7 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
 async def list_conversations(
     request: Request, limit: int = 50, cursor: str | None = None
 ) -> dict[str, Any]:
-    record = _record(get_runtime(request))
+    record = _record(request)
     if not 1 <= limit <= 200:
         raise ApiError(400, "limit must be between 1 and 200.", "invalid_limit", "limit")
     before, before_id = _decode_cursor(cursor) if cursor else (None, None)
@@ -142,7 +132,7 @@ async def list_conversations(
 
 @router.get("/{conversation_id}", dependencies=_auth, summary="One conversation's whole record")
 async def get_conversation(request: Request, conversation_id: str) -> dict[str, Any]:
-    record = _record(get_runtime(request))
+    record = _record(request)
     body = await conversation_record(record, conversation_id)
     if body is None:
         raise ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found", "id")
@@ -153,7 +143,7 @@ async def get_conversation(request: Request, conversation_id: str) -> dict[str, 
 async def list_events(
     request: Request, conversation_id: str, after: int = 0, limit: int = 500
 ) -> dict[str, Any]:
-    record = _record(get_runtime(request))
+    record = _record(request)
     await _conversation(record, conversation_id)
     if not 1 <= limit <= 1000:
         raise ApiError(400, "limit must be between 1 and 1000.", "invalid_limit", "limit")
@@ -206,8 +196,8 @@ class CreateConversation(BaseModel):
     meeting_token: str | None = Field(default=None, max_length=4096)
 
 
-async def _tavus_persona_id(record: Record, runtime: Runtime, name: str) -> str:
-    persona = runtime.personas[name]
+async def _tavus_persona_id(record: ConversationService, name: str) -> str:
+    persona = record.personas[name]
     known = record.tavus_persona_ids.get(persona.persona_name)
     if known:
         return known
@@ -216,10 +206,10 @@ async def _tavus_persona_id(record: Record, runtime: Runtime, name: str) -> str:
     if found is not None and found.get("persona_id"):
         persona_id = str(found["persona_id"])
     else:
-        if not runtime.settings.api_keys:
+        if not record.settings.api_keys:
             raise ApiError(503, "No API key to give Tavus: set CVI_API_KEYS.", "no_api_key")
         pushed = await tavus.push_persona(
-            persona, runtime.settings.public_url, runtime.settings.api_keys[0]
+            persona, record.settings.public_url, record.settings.api_keys[0]
         )
         persona_id = pushed.persona_id
         log.info("pushed persona %s to Tavus as %s", name, persona_id)
@@ -229,9 +219,8 @@ async def _tavus_persona_id(record: Record, runtime: Runtime, name: str) -> str:
 
 @router.post("", dependencies=_auth, status_code=201, summary="Create on Tavus and start a bot")
 async def create_conversation(request: Request) -> JSONResponse:
-    runtime = get_runtime(request)
-    record = _record(runtime)
-    raw = await read_json_object(request, runtime.settings.max_body_bytes)
+    record = _record(request)
+    raw = await read_json_object(request, record.settings.max_body_bytes)
     try:
         body = CreateConversation.model_validate(raw)
     except ValidationError as exc:
@@ -239,10 +228,10 @@ async def create_conversation(request: Request) -> JSONResponse:
         raise ApiError(400, message, "invalid_request", param) from None
     if not body.persona and not body.persona_id:
         raise ApiError(400, "Give `persona` (one of ours) or `persona_id`.", "missing_persona")
-    if body.persona is not None and body.persona not in runtime.personas:
+    if body.persona is not None and body.persona not in record.personas:
         raise ApiError(
             404,
-            f"No persona {body.persona!r} ({', '.join(sorted(runtime.personas))}).",
+            f"No persona {body.persona!r} ({', '.join(sorted(record.personas))}).",
             "persona_not_found",
             "persona",
         )
@@ -256,9 +245,9 @@ async def create_conversation(request: Request) -> JSONResponse:
         )
     if body.conversation_url is not None:
         return await _attach_conversation(record, body)
-    cb_url = callback_url(runtime.settings)
+    cb_url = callback_url(record.settings)
     try:
-        persona_id = body.persona_id or await _tavus_persona_id(record, runtime, body.persona or "")
+        persona_id = body.persona_id or await _tavus_persona_id(record, body.persona or "")
         tavus_body: dict[str, Any] = body.model_dump(exclude_none=True, exclude={"persona", "bot"})
         tavus_body["persona_id"] = persona_id
         tavus_body["callback_url"] = cb_url
@@ -314,7 +303,9 @@ async def create_conversation(request: Request) -> JSONResponse:
     )
 
 
-async def _attach_conversation(record: Record, body: CreateConversation) -> JSONResponse:
+async def _attach_conversation(
+    record: ConversationService, body: CreateConversation
+) -> JSONResponse:
     """A conversation that already exists (created on Tavus by someone else, or a local room):
     record it and start a bot in its room, without calling Tavus."""
     url = body.conversation_url or ""
@@ -371,9 +362,8 @@ async def _attach_conversation(record: Record, body: CreateConversation) -> JSON
     summary="Send an interaction (echo, respond, interrupt, context, sensitivity, tool result)",
 )
 async def send_interaction(request: Request, conversation_id: str) -> dict[str, Any]:
-    runtime = get_runtime(request)
-    record = _record(runtime)
-    raw = await read_json_object(request, runtime.settings.max_body_bytes)
+    record = _record(request)
+    raw = await read_json_object(request, record.settings.max_body_bytes)
     conversation = await _conversation(record, conversation_id)
     try:
         interaction = InteractionRequest.parse(raw)
@@ -398,12 +388,11 @@ async def send_interaction(request: Request, conversation_id: str) -> dict[str, 
 
 @router.post("/{conversation_id}/end", dependencies=_auth, summary="End on Tavus, stop the bot")
 async def end_conversation(request: Request, conversation_id: str) -> dict[str, Any]:
-    runtime = get_runtime(request)
-    record = _record(runtime)
+    record = _record(request)
     await _conversation(record, conversation_id)
     tavus_ended: bool | None = None
     note = None
-    if runtime.settings.tavus_api_key:
+    if record.settings.tavus_api_key:
         try:
             await record.tavus.end_conversation(conversation_id)
             tavus_ended = True
@@ -482,9 +471,9 @@ async def live(ws: WebSocket, conversation_id: str) -> None:
     A consumer that cannot keep up is caught up from the store instead of losing events; a
     client that reconnects passes the last event id it saw as `?after=`.
     """
-    runtime: Runtime = ws.app.state.runtime
+    settings: Settings = ws.app.state.settings
     key, subprotocol = _ws_key(ws)
-    if not key or not constant_time_in(key, runtime.settings.api_keys):
+    if not key or not constant_time_in(key, settings.api_keys):
         await _deny(
             ws,
             ApiError(401, "Missing or invalid API key.", "invalid_api_key"),
@@ -499,7 +488,7 @@ async def live(ws: WebSocket, conversation_id: str) -> None:
             4400,
         )
         return
-    record = runtime.record
+    record = conversations_of(ws.app.state)
     if record is None or await record.store.get_conversation(conversation_id) is None:
         await _deny(
             ws,
@@ -535,7 +524,9 @@ def _ws_after(value: str | None) -> int | None:
     return max(after, 0) if after <= MAX_EVENT_ID else None
 
 
-async def _stream(ws: WebSocket, record: Record, conversation_id: str, after: int) -> None:
+async def _stream(
+    ws: WebSocket, record: ConversationService, conversation_id: str, after: int
+) -> None:
     sent: set[int] = set()
 
     async def catch_up() -> None:

@@ -29,7 +29,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cvi_agent.bus import commands_channel
 from cvi_agent.config import Settings
-from cvi_agent.conversations.service import Record
+from cvi_agent.conversations.deps import require_conversations, videos_of
+from cvi_agent.conversations.service import ConversationService
 from cvi_agent.protocol.callbacks import (
     MAX_ID_LENGTH,
     CallbackError,
@@ -37,7 +38,6 @@ from cvi_agent.protocol.callbacks import (
     parse_tavus_callback,
     shutdown_code,
 )
-from cvi_agent.runtime import get_runtime
 from cvi_agent.store import EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.store.sql import describe_error
@@ -45,7 +45,9 @@ from cvi_agent.videos import tavus as tavus_videos
 from cvi_agent.videos.base import ProviderError
 from cvi_agent.videos.service import VideoService
 from cvi_agent.videos.webhooks import ingest_tavus_video_callback
-from cvi_agent.web.http import ApiError, constant_time_in, read_json_object
+from cvi_agent.web.auth import constant_time_in
+from cvi_agent.web.body import read_json_object
+from cvi_agent.web.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -98,13 +100,11 @@ def callback_url(settings: Settings) -> str:
     },
 )
 async def tavus_callback(request: Request, token: str | None = None) -> JSONResponse:
-    runtime = get_runtime(request)
-    check_callback_token(runtime.settings, token)
-    raw = await read_json_object(request, runtime.settings.callback_max_bytes)
-    record = runtime.record
-    if record is None:
-        raise ApiError(503, "The conversation record is not running.", "not_ready")
-    videos = runtime.extras.get("videos")
+    settings: Settings = request.app.state.settings
+    check_callback_token(settings, token)
+    raw = await read_json_object(request, settings.callback_max_bytes)
+    record = require_conversations(request.app.state)
+    videos = videos_of(request.app.state)
     try:
         result = await ingest_tavus_callback(record, raw, videos)
     except CallbackError as exc:
@@ -133,7 +133,7 @@ async def tavus_callback(request: Request, token: str | None = None) -> JSONResp
 
 
 async def ingest_tavus_callback(
-    record: Record, raw: dict[str, Any], videos: VideoService | None = None
+    record: ConversationService, raw: dict[str, Any], videos: VideoService | None = None
 ) -> IngestResult:
     """Store one Tavus webhook (any kind) and apply its effects. Raises `CallbackError`."""
     if tavus_videos.is_video_callback(raw):
@@ -176,7 +176,7 @@ def _event(cb: TavusCallback) -> EventRecord:
     )
 
 
-async def _apply(record: Record, cb: TavusCallback, conn: AsyncConnection) -> None:
+async def _apply(record: ConversationService, cb: TavusCallback, conn: AsyncConnection) -> None:
     """The callback's effect on the conversation, in the delivery's transaction; idempotent,
     order-independent. (A shutdown's bus message to the bot goes out after the commit.)"""
     store = record.store
@@ -212,7 +212,7 @@ async def _apply(record: Record, cb: TavusCallback, conn: AsyncConnection) -> No
         await store.upsert_conversation(cid, conn=conn)
 
 
-async def stop_bot(record: Record, conversation_id: str, reason: str) -> bool:
+async def stop_bot(record: ConversationService, conversation_id: str, reason: str) -> bool:
     """No bot is wanted any more: drop the lease (the owning worker notices at its next
     heartbeat) and tell the bot at once over the bus. Returns whether a lease existed."""
     existed = await record.leases.finish(conversation_id)
@@ -220,7 +220,7 @@ async def stop_bot(record: Record, conversation_id: str, reason: str) -> bool:
     return existed
 
 
-async def tell_bot_to_stop(record: Record, conversation_id: str, reason: str) -> None:
+async def tell_bot_to_stop(record: ConversationService, conversation_id: str, reason: str) -> None:
     """Best effort: the bot's worker also notices the missing lease at its next heartbeat."""
     try:
         await record.bus.publish(

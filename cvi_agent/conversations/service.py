@@ -2,8 +2,8 @@
 
 Everything that happens in a conversation is an `EventRecord` in the events table — sources
 `callback` (Tavus webhooks), `room` (what the bot saw), `bot` (interactions it sent), `llm`
-(turns and their latency), `api` (what API clients asked for). `Record.add_events` is the one
-way in: it stores, and publishes each *newly* stored record's `as_dict()` on the conversation's
+(turns and their latency), `api` (what API clients asked for).
+`ConversationService.add_events` is the one way in: it stores, and publishes each *newly* stored record's `as_dict()` on the conversation's
 bus channel, which is what live-feed websockets stream.
 """
 
@@ -13,8 +13,9 @@ import logging
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from cvi_agent.bot.worker import Worker
 from cvi_agent.bus import (
     WORK_CHANNEL,
     Bus,
@@ -32,9 +33,6 @@ from cvi_agent.protocol.interactions import Interaction
 from cvi_agent.store import EventRecord, Leases, SqlStore, UtteranceRecord
 from cvi_agent.tavus.client import TavusClient
 
-if TYPE_CHECKING:
-    from cvi_agent.bot.worker import Worker
-
 log = logging.getLogger(__name__)
 
 
@@ -50,7 +48,15 @@ class DeliveryError(Exception):
 
 
 @dataclass
-class Record:
+class ConversationService:
+    """The conversation record's per-process service: the one way events get in (stored once,
+    then published on the conversation's bus channel), interactions delivered to whichever
+    worker runs the conversation's bot, and the Tavus client.
+
+    Built by `ConversationService.start` in the app's lifespan (routes reach it as
+    `request.app.state.conversations`); `turns` records LLM turns off the hot path.
+    """
+
     settings: Settings
     store: SqlStore
     bus: Bus
@@ -74,15 +80,15 @@ class Record:
         personas: dict[str, Persona],
         *,
         run_worker: bool | None = None,
-    ) -> Record:
+    ) -> ConversationService:
         bus = make_bus(settings.redis_url)
         await bus.start()
         record = cls(settings=settings, store=store, bus=bus, personas=personas)
         record.turns.start()
         if settings.run_worker if run_worker is None else run_worker:
-            from cvi_agent.bot.worker import Worker
-
-            record.worker = Worker.from_record(record)
+            record.worker = Worker.from_settings(
+                settings, store=store, bus=bus, personas=personas, publish=record.publish
+            )
             await record.worker.start()
         return record
 
@@ -284,7 +290,7 @@ def _match_by_text(text: str, candidates: list[UtteranceRecord]) -> UtteranceRec
 
 
 async def conversation_record(
-    record: Record, conversation_id: str, events_limit: int = 1000
+    record: ConversationService, conversation_id: str, events_limit: int = 1000
 ) -> dict[str, Any] | None:
     """Everything about one conversation: record, transcript (joined), utterances, tool calls,
     answers, events, videos, and whether a bot is attached."""

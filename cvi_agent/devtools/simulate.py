@@ -40,15 +40,12 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cvi_agent.config import Settings
+from cvi_agent.personas import Persona
 from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, Participant, RoomListener
-from cvi_agent.runtime import get_runtime
-from cvi_agent.web.http import (
-    ApiError,
-    check_api_key,
-    presented_key,
-    read_json_object,
-    validation_message,
-)
+from cvi_agent.web.auth import presented_key, require_key
+from cvi_agent.web.body import read_json_object
+from cvi_agent.web.errors import ApiError, validation_message
 
 log = logging.getLogger(__name__)
 
@@ -822,19 +819,15 @@ class StartSimulation(BaseModel):
     words_per_second: float | None = Field(default=None, gt=0, le=1000)
 
 
-async def _require_key(request: Request) -> None:
-    # async: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
-    check_api_key(request.headers, get_runtime(request).settings.api_keys)
-
-
 @router.post(
     "",
     status_code=202,
-    dependencies=[Depends(_require_key)],
+    dependencies=[Depends(require_key)],
     summary="Start a simulated conversation",
 )
 async def start_simulation(request: Request) -> JSONResponse:
-    runtime = get_runtime(request)
+    settings: Settings = request.app.state.settings
+    personas: dict[str, Persona] = request.app.state.personas
     raw = (
         await read_json_object(request, 64 * 1024)
         if request.headers.get("content-length") not in (None, "0")
@@ -852,10 +845,10 @@ async def start_simulation(request: Request) -> JSONResponse:
     if body.words_per_second is not None:
         updates["words_per_second"] = body.words_per_second
     script = script.model_copy(update=updates)
-    persona = runtime.personas.get(script.persona)
+    persona = personas.get(script.persona)
     if persona is None:
         raise ApiError(404, f"No persona {script.persona!r}.", "persona_not_found", "persona")
-    host: RoomHost = runtime.extras.setdefault("simulations", RoomHost())
+    host: RoomHost = request.app.state.simulations
     if len(host.tasks) >= MAX_SIMULATIONS:
         raise ApiError(
             429,
@@ -864,10 +857,10 @@ async def start_simulation(request: Request) -> JSONResponse:
             headers={"Retry-After": "30"},
         )
     rooms = await host.get()
-    server = request.scope.get("server") or ("127.0.0.1", runtime.settings.port)
+    server = request.scope.get("server") or ("127.0.0.1", settings.port)
     bind = server[0] if server[0] not in ("0.0.0.0", "::", "") else "127.0.0.1"
     key = presented_key(request.headers) or ""
-    tokens = runtime.settings.callback_tokens
+    tokens = settings.callback_tokens
     conversation_id = "sim-" + secrets.token_hex(5)
     simulation = Simulation(
         server_url=f"http://{bind}:{server[1]}",
@@ -952,7 +945,7 @@ def cmd_simulate(args: Any) -> int:
         print("cvi-agent simulate: no API key: pass --key or set CVI_API_KEYS", file=sys.stderr)
         return 2
     try:
-        from cvi_agent.app import load_checked_personas
+        from cvi_agent.runtime import load_checked_personas
 
         personas = load_checked_personas(settings)
     except Exception as exc:

@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection
 
     from cvi_agent.llm.brains.base import TurnContext
-    from cvi_agent.runtime import Runtime
     from cvi_agent.store import SqlStore
 
 log = logging.getLogger(__name__)
@@ -73,6 +72,14 @@ Publish = Callable[[list[EventRecord]], Awaitable[None]]
 
 
 class TurnRecorder:
+    """Turn events into the store in batches, from one background task (see the module doc).
+
+    Args:
+        store: where the `llm` events and questionnaire answers go.
+        publish: called with the newly stored events (the live feed), if given.
+        maxsize: samples queued before new ones are dropped (and counted in `dropped`).
+    """
+
     def __init__(
         self, store: SqlStore, publish: Publish | None = None, maxsize: int = 2000
     ) -> None:
@@ -93,6 +100,26 @@ class TurnRecorder:
             if ts - self._last_drop_log > 60:
                 self._last_drop_log = ts
                 log.warning("turn recorder overloaded: %d turn event(s) dropped", self.dropped)
+
+    def observe(
+        self,
+        ctx: TurnContext,
+        completion_id: str,
+        started: float,
+        first: float | None,
+        completed: bool,
+        chunks: int,
+    ) -> None:
+        """The turn tracker's observer: record one finished turn (see `note_turn`)."""
+        note_turn(
+            self,
+            ctx,
+            completion_id,
+            started=started,
+            first=first,
+            completed=completed,
+            chunks=chunks,
+        )
 
     def start(self) -> None:
         if self._task is None:
@@ -178,7 +205,7 @@ def _last_user_text(ctx: TurnContext) -> str:
 
 
 def note_turn(
-    runtime: Runtime,
+    recorder: TurnRecorder,
     ctx: TurnContext,
     completion_id: str,
     *,
@@ -191,11 +218,9 @@ def note_turn(
 
     `started` and `first` are `time.perf_counter()` readings (request parsed, first chunk
     sent; `first` None when nothing was sent); `completed` False when the client went away
-    first. Cheap and non-blocking; does nothing without a conversation id.
+    first. Cheap and non-blocking; does nothing without a conversation id. The turn tracker's
+    observer is this function bound to the process's recorder.
     """
-    recorder = _recorder(runtime)
-    if recorder is None:
-        return
     sample = _sample(ctx, completion_id, started, first, completed, chunks)
     if sample is not None:
         recorder.submit(sample)
@@ -228,16 +253,13 @@ def _sample(
     )
 
 
-def _recorder(runtime: Runtime) -> TurnRecorder | None:
-    record = getattr(runtime, "record", None)
-    return record.turns if record is not None else None
-
-
 def observe_stream(
-    runtime: Runtime, ctx: TurnContext, completion_id: str, stream: AsyncIterator[bytes]
+    recorder: TurnRecorder | None,
+    ctx: TurnContext,
+    completion_id: str,
+    stream: AsyncIterator[bytes],
 ) -> AsyncIterator[bytes]:
     """The route's SSE byte stream, unchanged, with the turn recorded once it ends."""
-    recorder = _recorder(runtime)
     if recorder is None or not ctx.conversation_id:
         return stream
     # Timed from here (the request is parsed), not from when the server starts iterating.
@@ -271,7 +293,7 @@ async def _observed(
 
 
 async def observe_completion(
-    runtime: Runtime,
+    recorder: TurnRecorder | None,
     ctx: TurnContext,
     completion_id: str,
     result: Coroutine[Any, Any, dict[str, Any]],
@@ -279,8 +301,10 @@ async def observe_completion(
     """A non-streamed turn: awaited as is, then recorded (time to first token = total)."""
     started = time.perf_counter()
     body = await result
+    if recorder is None:
+        return body
     note_turn(
-        runtime,
+        recorder,
         ctx,
         completion_id,
         started=started,

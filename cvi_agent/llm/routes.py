@@ -28,31 +28,42 @@ from cvi_agent.llm.brains.base import (
     usage_of,
 )
 from cvi_agent.llm.recording import observe_completion
+from cvi_agent.llm.service import ChatService
 from cvi_agent.llm.sse import ChunkEncoder, EventStreamResponse
 from cvi_agent.llm.tools import ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
-from cvi_agent.runtime import Runtime, get_runtime
-from cvi_agent.web.http import (
-    ApiError,
-    check_api_key,
-    conversation_id_from,
-    read_json_object,
-    validation_message,
-)
+from cvi_agent.web.auth import key_dependency
+from cvi_agent.web.body import read_json_object
+from cvi_agent.web.errors import ApiError, validation_message
 
 log = logging.getLogger(__name__)
 
 
-async def require_key(request: Request) -> None:
-    # async on purpose: FastAPI runs sync dependencies in a thread pool (a thread hop per request)
-    try:
-        check_api_key(request.headers, get_runtime(request).settings.api_keys)
-    except ApiError as exc:
-        metrics.request_done("unknown", exc.status)
-        raise
+def _count_refusal(error: ApiError) -> None:
+    metrics.request_done("unknown", error.status)
 
 
-router = APIRouter(dependencies=[Depends(require_key)])
+router = APIRouter(dependencies=[Depends(key_dependency(on_refused=_count_refusal))])
+
+CONVERSATION_HEADERS = ("conversation_id", "conversation-id", "x-conversation-id")
+
+
+def conversation_id_from(request_headers: Any) -> str | None:
+    """The conversation id Tavus sends as a header; its spelling is undocumented (any case)."""
+    for name in CONVERSATION_HEADERS:
+        value = request_headers.get(name)
+        if value:
+            value = str(value).strip()
+            if value and len(value) <= 256:
+                return value
+    return None
+
+
+def get_chat(request: Request) -> ChatService:
+    """The process's chat service (set on `app.state.chat` by the app's lifespan)."""
+    chat: ChatService = request.app.state.chat
+    return chat
+
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413)
@@ -65,29 +76,30 @@ _BODY_DOC: dict[str, Any] = {
 }
 
 
-def build_turn(runtime: Runtime, request: Request, raw: dict[str, Any]) -> TurnContext:
+def build_turn(chat: ChatService, request: Request, raw: dict[str, Any]) -> TurnContext:
+    """Validate a request into the context every brain answers from (400/404 otherwise)."""
     try:
         req = ChatCompletionRequest.model_validate(raw)
     except ValidationError as exc:
         message, param = validation_message(list(exc.errors()))
         raise ApiError(400, message, "invalid_request", param) from None
-    persona = runtime.personas.get(req.model)
+    persona = chat.personas.get(req.model)
     if persona is None:
         raise ApiError(
             404,
             f"The model {req.model!r} does not exist: it must name a persona "
-            f"({', '.join(sorted(runtime.personas)) or 'none loaded'}).",
+            f"({', '.join(sorted(chat.personas)) or 'none loaded'}).",
             "model_not_found",
             "model",
         )
     request_tools = [t.function.name for t in req.tools or ()]
     tools = ToolRunner(
-        persona, request_tools, runtime.settings.tool_timeout, services=runtime.extras
+        persona, request_tools, chat.settings.tool_timeout, services=chat.tool_services
     )
     ctx = TurnContext(
         request=req,
         persona=persona,
-        settings=runtime.settings,
+        settings=chat.settings,
         tools=tools,
         conversation_id=conversation_id_from(request.headers),
     )
@@ -195,20 +207,20 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
 
 async def chat_completions(request: Request) -> Response:
     started = time.perf_counter()
-    runtime = get_runtime(request)
+    chat = get_chat(request)
     raw: dict[str, Any] = {}
     try:
-        raw = await read_json_object(request, runtime.settings.max_body_bytes)
-        ctx = build_turn(runtime, request, raw)
+        raw = await read_json_object(request, chat.settings.max_body_bytes)
+        ctx = build_turn(chat, request, raw)
     except ApiError as exc:
         model = raw.get("model")
         metrics.request_done(
-            model if isinstance(model, str) and model in runtime.personas else "unknown",
+            model if isinstance(model, str) and model in chat.personas else "unknown",
             exc.status,
         )
         raise
     ctx.state["started"] = started
-    brain = runtime.brains[ctx.persona.name]
+    brain = chat.brains[ctx.persona.name]
     enc = ChunkEncoder(ctx.request.model)
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
@@ -221,9 +233,11 @@ async def chat_completions(request: Request) -> Response:
     if ctx.request.stream:
         if ctx.conversation_id is not None:
             # Recorded by the turn tracker's observer when the subscription closes.
-            return EventStreamResponse(runtime.turns.open(brain, ctx, enc, started))
+            return EventStreamResponse(chat.turns.open(brain, ctx, enc, started))
         return EventStreamResponse(sse_stream(brain, ctx, enc))
-    return JSONResponse(await observe_completion(runtime, ctx, enc.id, complete(brain, ctx, enc)))
+    return JSONResponse(
+        await observe_completion(chat.recorder, ctx, enc.id, complete(brain, ctx, enc))
+    )
 
 
 for _path in ("/v1/chat/completions", "/chat/completions"):
@@ -240,11 +254,11 @@ for _path in ("/v1/chat/completions", "/chat/completions"):
 
 @router.get("/v1/models", summary="The personas, as OpenAI models")
 async def list_models(request: Request) -> dict[str, Any]:
-    runtime = get_runtime(request)
+    chat = get_chat(request)
     return {
         "object": "list",
         "data": [
             {"id": name, "object": "model", "created": 0, "owned_by": "cvi-agent"}
-            for name in sorted(runtime.personas)
+            for name in sorted(chat.personas)
         ],
     }

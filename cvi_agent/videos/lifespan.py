@@ -4,35 +4,20 @@ from __future__ import annotations
 
 import logging
 
-from cvi_agent.config import mask_key
-from cvi_agent.runtime import Runtime
+from cvi_agent.config import Settings, mask_key
+from cvi_agent.store import SqlStore
 from cvi_agent.videos.poller import VideoPoller
 from cvi_agent.videos.service import VideoService, provider_key
 
 log = logging.getLogger(__name__)
 
 
-class VideosRunning:
-    """What `start_videos` started; `aclose()` stops the poller and closes the clients."""
-
-    def __init__(self, service: VideoService, poller: VideoPoller | None) -> None:
-        self.service = service
-        self.poller = poller
-
-    async def aclose(self) -> None:
-        if self.poller is not None:
-            await self.poller.aclose()
-        await self.service.aclose()
-
-
-async def start_videos(runtime: Runtime) -> VideosRunning:
-    """Build the service (kept in `runtime.extras["videos"]`) and start the poller.
-
-    `CVI_VIDEO_POLL_INTERVAL=0` turns the poller off (e.g. when a separate process polls).
-    """
-    settings = runtime.settings
-    service = VideoService(settings, runtime.store)
-    runtime.extras["videos"] = service
+async def start_videos(
+    settings: Settings, store: SqlStore
+) -> tuple[VideoService, VideoPoller | None]:
+    """Build the service and start its poller (None when `CVI_VIDEO_POLL_INTERVAL=0`, e.g.
+    when a separate process polls). The caller closes both: the poller first."""
+    service = VideoService(settings, store)
     poller = None
     if settings.video_poll_interval > 0:
         poller = VideoPoller(
@@ -43,4 +28,4 @@ async def start_videos(runtime: Runtime) -> VideosRunning:
         f"{name} (key {mask_key(provider_key(settings, name)[0])})" for name in service.configured()
     ]
     log.info("video providers: %s", ", ".join(configured) if configured else "none configured")
-    return VideosRunning(service, poller)
+    return service, poller

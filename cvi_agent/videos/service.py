@@ -1,6 +1,6 @@
 """The video service: provider clients from settings, and recording what they say.
 
-One `VideoService` per process (built in the app lifespan, kept in `runtime.extras["videos"]`;
+One `VideoService` per process (built in the app lifespan, kept as `Runtime.videos` and `app.state.videos`;
 the CLI builds its own). Every path that learns something about a video — creation, a webhook,
 the poller, the CLI — goes through `record_video_event`: an `events` row (source `video`,
 deduplicated per delivery) and a monotonic `upsert_video`, then at most one announcement when

@@ -24,13 +24,14 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from cvi_agent.runtime import get_runtime
 from cvi_agent.store import SqlStore
 from cvi_agent.videos import argil, jogg, tavus
 from cvi_agent.videos.announce import announce_video_ready
 from cvi_agent.videos.base import Delivery, ProviderError, VideoEvent
 from cvi_agent.videos.service import VideoService, apply_video_event, event_row
-from cvi_agent.web.http import ApiError, constant_time_in, parse_json_object, read_body
+from cvi_agent.web.auth import constant_time_in
+from cvi_agent.web.body import parse_json_object, read_body
+from cvi_agent.web.errors import ApiError
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ async def ingest_tavus_video_callback(
 
     For the Tavus callback route: call it when `tavus.is_video_callback(payload)`, after the
     token check, before answering 200. Raises NotAVideoCallback for other payloads. Pass the
-    process's VideoService (`runtime.extras["videos"]`) so announcements reach its publisher.
+    process's VideoService (`app.state.videos`) so announcements reach its publisher.
     """
     if not tavus.is_video_callback(payload):
         raise NotAVideoCallback("not a Tavus video callback")
@@ -150,8 +151,9 @@ async def ingest_jogg_callback(service: VideoService, payload: Mapping[str, Any]
 
 
 def video_service(request: Request) -> VideoService:
-    service = get_runtime(request).extras.get("videos")
-    if not isinstance(service, VideoService):
+    """The process's video service (`app.state.videos`), or a 503 while it is not running."""
+    service: VideoService | None = getattr(request.app.state, "videos", None)
+    if service is None:
         raise ApiError(503, "The video service is not running.", "videos_unavailable")
     return service
 

@@ -32,7 +32,8 @@ from starlette.websockets import WebSocket
 
 from cvi_agent import metrics
 from cvi_agent.config import Settings
-from cvi_agent.web.http import ApiError, constant_time_in, presented_key
+from cvi_agent.web.auth import constant_time_in, presented_key
+from cvi_agent.web.errors import ApiError
 
 #: Paths whose callers authenticate otherwise (a URL token or an HMAC signature).
 CALLBACK_PREFIX = "/callbacks/"

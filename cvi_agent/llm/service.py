@@ -1,0 +1,55 @@
+"""The chat-completions service: everything the LLM routes need, built once per process."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from cvi_agent.config import Settings
+from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
+from cvi_agent.llm.recording import TurnRecorder
+from cvi_agent.llm.turns import TurnTracker
+from cvi_agent.personas import Persona
+
+
+@dataclass
+class ChatService:
+    """One brain per persona, the upstream clients they share, and the turn tracker.
+
+    Built by `ChatService.start` in the app's lifespan; the routes reach it as
+    `request.app.state.chat`. `recorder` (the conversation service's turn recorder) is where
+    finished turns go, off the hot path; without it turns are not recorded.
+    `tool_services` are the process-wide services a persona's server-tool handler may look up
+    by name in `ToolCallContext.services` (e.g. `"videos"`): an extension point for handlers
+    written outside this package, so it is a read-only mapping rather than typed fields.
+    """
+
+    settings: Settings
+    personas: dict[str, Persona]
+    upstreams: UpstreamClients
+    brains: dict[str, Brain]
+    turns: TurnTracker
+    recorder: TurnRecorder | None = None
+    tool_services: Mapping[str, object] = field(default_factory=dict)
+
+    @classmethod
+    def start(
+        cls,
+        settings: Settings,
+        personas: dict[str, Persona],
+        recorder: TurnRecorder | None = None,
+    ) -> ChatService:
+        """Build the brains and the turn tracker; finished turns go to `recorder`."""
+        upstreams = UpstreamClients(settings)
+        brains = {p.name: make_brain(p, upstreams) for p in personas.values()}
+        turns = TurnTracker(settings)
+        if recorder is not None:
+            turns.observer = recorder.observe
+        return cls(settings, personas, upstreams, brains, turns, recorder)
+
+    async def aclose(self) -> None:
+        """Cancel open generations, then close the brains and their upstream connections."""
+        await self.turns.aclose()
+        for brain in self.brains.values():
+            await brain.aclose()
+        await self.upstreams.aclose()
