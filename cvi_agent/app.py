@@ -15,7 +15,7 @@ from cvi_agent.config import Settings
 from cvi_agent.conversations.api import router as api_router
 from cvi_agent.conversations.callbacks import router as callbacks_router
 from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
-from cvi_agent.devtools.simulate import router as simulations_router
+from cvi_agent.devtools.simulate.routes import router as simulations_router
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.llm.tools import validate_persona_tools
 from cvi_agent.metrics import router as metrics_router
