@@ -15,8 +15,8 @@ from cvi_agent.config import Settings
 from cvi_agent.conversations.api import router as api_router
 from cvi_agent.conversations.callbacks import router as callbacks_router
 from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
-from cvi_agent.devtools.simulate import RoomHost
-from cvi_agent.devtools.simulate import router as simulations_router
+from cvi_agent.devtools.simulate.routes import RoomHost
+from cvi_agent.devtools.simulate.routes import router as simulations_router
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.personas import Persona
 from cvi_agent.runtime import Runtime, load_checked_personas

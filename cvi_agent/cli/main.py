@@ -143,7 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_videos_parser(sub)
 
-    from cvi_agent.devtools.simulate import add_simulate_parser
+    from cvi_agent.cli.simulate import add_simulate_parser
 
     add_simulate_parser(sub)
 

@@ -1,23 +1,19 @@
-"""`cvi-agent simulate` end to end against the real server: every turn answered, a tool call
-round trip, an interruption recorded, callbacks stored, all visible through the API."""
+"""A simulation end to end against the real server: every turn answered, a tool call round trip,
+an interruption recorded, callbacks stored, all visible through the API."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 import time
-from pathlib import Path
 from typing import Any
 
 import httpx
-import pytest
 
-from cvi_agent.devtools.simulate import Simulation, load_script, render_table
+from cvi_agent.devtools.simulate.engine import Simulation
+from cvi_agent.devtools.simulate.report import render_table
+from cvi_agent.devtools.simulate.script import load_script
 from cvi_agent.personas import load_personas
 from cvi_agent.rooms.room import LocalRoomServer
-from tests.conftest import API_KEY, PERSONAS, ROOT, ServerFactory
+from tests.conftest import API_KEY, PERSONAS, ServerFactory
 
 TOKEN = "cb-token-for-tests"
 
@@ -94,65 +90,3 @@ async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
     } <= kinds
     # the echo sent through the API was spoken by the replica
     assert any("breakfast buffet" in (u["text"] or "") for u in record["utterances"])
-
-
-async def test_console_button_starts_a_simulation(serve: ServerFactory) -> None:
-    server = serve(None, callback_token=TOKEN)
-    async with httpx.AsyncClient(
-        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
-    ) as http:
-        resp = await http.post("/api/simulations", json={"linger": 0, "words_per_second": 80})
-        assert resp.status_code == 202, resp.text
-        cid = resp.json()["conversation_id"]
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline:
-            got = await http.get(f"/api/conversations/{cid}")
-            if got.status_code == 200:
-                status = got.json()["conversation"]["status"]
-                if status == "ended":
-                    break
-            await _sleep(0.2)
-        assert status == "ended"
-        bad = await http.post("/api/simulations", json={"persona": "nobody"})
-        assert bad.status_code == 404 and bad.json()["error"]["code"] == "persona_not_found"
-        assert (
-            await http.post("/api/simulations", json={}, headers={"Authorization": "Bearer x"})
-        ).status_code == 401
-
-
-async def _sleep(seconds: float) -> None:
-    import asyncio
-
-    await asyncio.sleep(seconds)
-
-
-def test_cli_simulate_json(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
-    env.update(
-        CVI_VAR_DIR=str(tmp_path / "var"),
-        CVI_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'sim.db'}",
-        CVI_PERSONAS_DIR=str(PERSONAS),
-    )
-    out = subprocess.run(
-        [sys.executable, "-m", "cvi_agent", "simulate", "--json", "--words-per-second", "80"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert out.returncode == 0, out.stderr[-2000:]
-    report = json.loads(out.stdout)
-    assert report["summary"]["errors"] == 0
-    assert report["summary"]["interruptions"] == 1
-    assert report["recorded"]["status"] == "ended"
-    assert report["recorded"]["events_by_source"]["room"] > 10
-
-
-@pytest.mark.parametrize("text", ["persona: x\nturns: []\n", "turns: [{user: hi, echo: ho}]\n"])
-def test_bad_scripts_are_named(tmp_path: Path, text: str) -> None:
-    path = tmp_path / "s.yaml"
-    path.write_text(text)
-    with pytest.raises(ValueError, match=r"s\.yaml: turns"):
-        load_script(path)

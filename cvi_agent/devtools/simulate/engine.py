@@ -1,5 +1,5 @@
-"""An offline stand-in for Tavus: a simulated user and replica in a `LocalRoom`, against the real
-server (its LLM endpoint, its bot, its callback endpoint).
+"""`Simulation`: a simulated user and replica in a `LocalRoom`, against the real server (its LLM
+endpoint, its bot, its callback endpoint), playing Tavus's part of a conversation.
 
 What it does, per user turn of the script:
 
@@ -16,6 +16,9 @@ What it does, per user turn of the script:
 The server's bot joins the same room (attached through `POST /api/conversations`) and records
 everything; at the end the simulator posts `system.shutdown` and `application.transcription_ready`
 to the callback endpoint, so the conversation reads like a real one in the API and the console.
+
+`openai` is imported where it is used, not at the top: it is heavy (about 0.3 s to import) and
+the server imports this module through `/api/simulations`; only a simulation should pay for it.
 """
 
 from __future__ import annotations
@@ -25,157 +28,29 @@ import contextlib
 import json
 import logging
 import secrets
-import statistics
-import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any, cast
 
 import httpx
-import yaml
-from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cvi_agent.config import Settings
-from cvi_agent.personas import Persona
-from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, Participant, RoomListener
-from cvi_agent.web.auth import presented_key, require_key
-from cvi_agent.web.body import read_json_object
-from cvi_agent.web.errors import ApiError, validation_message
+from cvi_agent.devtools.simulate.report import SimulationReport, TurnReport
+from cvi_agent.devtools.simulate.script import Script, Step
+from cvi_agent.rooms.room import LocalRoom, Participant, RoomListener
 
 log = logging.getLogger(__name__)
 
-DEFAULT_SCRIPT = Path(__file__).parent / "data" / "simulation.yaml"
-
-
-class Step(BaseModel):
-    """One step of a script: exactly one of user / echo / respond / overwrite / append."""
-
-    model_config = ConfigDict(extra="forbid")
-    user: str | None = Field(default=None, min_length=1, max_length=2000)
-    echo: str | None = Field(default=None, min_length=1, max_length=2000)
-    respond: str | None = Field(default=None, min_length=1, max_length=2000)
-    overwrite_context: str | None = Field(default=None, max_length=20_000)
-    append_context: str | None = Field(default=None, min_length=1, max_length=20_000)
-    interrupt_after_words: int | None = Field(default=None, ge=1, le=1000)
-    pause: float = Field(default=0.0, ge=0, le=30)
-
-    @model_validator(mode="after")
-    def _one_action(self) -> Step:
-        actions = [self.user, self.echo, self.respond, self.overwrite_context, self.append_context]
-        if sum(a is not None for a in actions) != 1:
-            raise ValueError(
-                "each step needs exactly one of user, echo, respond, overwrite_context, "
-                "append_context"
-            )
-        if self.interrupt_after_words is not None and self.user is None:
-            raise ValueError("interrupt_after_words goes with a user step")
-        return self
-
-
-class Script(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    persona: str = "concierge"
-    user_name: str = "Maya"
-    words_per_second: float = Field(default=12.0, gt=0, le=1000)
-    partials: int = Field(default=3, ge=1, le=10)
-    conversational_context: str = ""
-    turns: list[Step] = Field(min_length=1, max_length=500)
-
-
-def load_script(path: Path | None = None) -> Script:
-    path = path or DEFAULT_SCRIPT
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-        return Script.model_validate(raw)
-    except (OSError, yaml.YAMLError) as exc:
-        raise ValueError(f"{path}: cannot read the script: {exc}") from exc
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{path}: {loc}: {first['msg']}") from exc
-
-
-@dataclass
-class TurnReport:
-    index: int
-    kind: str  # user | respond | echo | tool
-    text: str
-    reply: str = ""
-    requests: int = 0  # LLM requests for this turn (speculative + final)
-    ttft_ms: float | None = None  # final request: time to first token
-    u2u_ms: float | None = None  # user stopped speaking → replica started speaking
-    interrupted: bool = False
-    tool: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "kind": self.kind,
-            "text": self.text,
-            "reply": self.reply,
-            "requests": self.requests,
-            "ttft_ms": self.ttft_ms,
-            "u2u_ms": self.u2u_ms,
-            "interrupted": self.interrupted,
-            "tool": self.tool,
-        }
-
-
-@dataclass
-class SimulationReport:
-    conversation_id: str
-    persona: str
-    turns: list[TurnReport] = field(default_factory=list)
-    callbacks: dict[str, int] = field(default_factory=dict)
-    recorded: dict[str, Any] = field(default_factory=dict)
-    errors: list[str] = field(default_factory=list)
-    duration_s: float = 0.0
-
-    def summary(self) -> dict[str, Any]:
-        ttfts = [t.ttft_ms for t in self.turns if t.ttft_ms is not None]
-        u2us = [t.u2u_ms for t in self.turns if t.u2u_ms is not None]
-
-        def pct(values: list[float], q: float) -> float | None:
-            if not values:
-                return None
-            ordered = sorted(values)
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
-        return {
-            "turns": len(self.turns),
-            "llm_requests": sum(t.requests for t in self.turns),
-            "ttft_ms_p50": round(statistics.median(ttfts), 1) if ttfts else None,
-            "ttft_ms_p95": pct(ttfts, 0.95),
-            "u2u_ms_p50": round(statistics.median(u2us), 1) if u2us else None,
-            "u2u_ms_p95": pct(u2us, 0.95),
-            "interruptions": sum(t.interrupted for t in self.turns),
-            "tool_calls": sum(t.tool is not None for t in self.turns),
-            "errors": len(self.errors),
-        }
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "conversation_id": self.conversation_id,
-            "persona": self.persona,
-            "duration_s": round(self.duration_s, 2),
-            "summary": self.summary(),
-            "turns": [t.as_dict() for t in self.turns],
-            "callbacks": self.callbacks,
-            "recorded": self.recorded,
-            "errors": self.errors,
-        }
-
-
 Printer = Callable[[str], None]
+"""Where progress lines go: the terminal for the CLI, the log for the server, a list in tests."""
 
 
 class _ReplicaInbox(RoomListener):
-    """Room callbacks for the simulated replica: every interaction lands in one queue."""
+    """Room callbacks for the simulated replica: every interaction lands in one queue.
+
+    The room calls back synchronously; queueing keeps the handling (which awaits) in one task
+    that handles interactions in the order the bot sent them.
+    """
 
     def __init__(self, simulated_ids: tuple[str, ...]) -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
@@ -183,6 +58,7 @@ class _ReplicaInbox(RoomListener):
         self.simulated_ids = simulated_ids
 
     def on_app_message(self, message: Any, sender: str | None) -> None:
+        """Queue the conversation messages (the bot's interactions); ignore anything else."""
         if isinstance(message, str):
             with contextlib.suppress(ValueError):
                 message = json.loads(message)
@@ -190,12 +66,17 @@ class _ReplicaInbox(RoomListener):
             self.queue.put_nowait(message)
 
     def on_participant_joined(self, participant: Participant) -> None:
+        """Note the server's bot arriving: the script waits for it before the first turn."""
         if participant.user_id not in self.simulated_ids:
             self.bot_present.set()
 
 
 class Simulation:
-    """One simulated conversation against a running server."""
+    """One simulated conversation against a running server.
+
+    It plays Tavus's side (the replica in the room, the LLM requests, the callbacks) so that
+    everything on the server's side runs for real and can be watched and measured offline.
+    """
 
     def __init__(
         self,
@@ -212,6 +93,24 @@ class Simulation:
         linger: float = 0.0,
         bot_timeout: float = 15.0,
     ) -> None:
+        """Prepare the two room peers and the HTTP clients; nothing connects until `run`.
+
+        Args:
+            server_url: the server under test (its LLM endpoint, API and callback endpoint).
+            api_key: a key the server accepts, for the LLM requests and the API calls.
+            callback_token: the server's callback token; without one the callbacks are not
+                posted and the report says so.
+            room_url: the `LocalRoom` the replica, the user and the server's bot meet in.
+            script: the conversation to play.
+            persona_name: the replica's display name in the room and in progress lines.
+            system_prompt: the persona's prompt, sent in the system message as Tavus does.
+            conversation_id: the id to attach the bot with; default: a fresh `sim-…` id.
+            printer: where progress lines go; default: nowhere.
+            linger: seconds to stay in the room after the script, for interactions sent
+                by hand (from the console or the API).
+            bot_timeout: how long to wait for the bot to join, for a tool result, or for
+                an interaction to reach the replica, before reporting an error.
+        """
         self.server_url = server_url.rstrip("/")
         self.api_key = api_key
         self.callback_token = callback_token
@@ -245,7 +144,7 @@ class Simulation:
         self.http = httpx.AsyncClient(
             base_url=self.server_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=15
         )
-        import openai  # here, not at the top: the server imports this module's router
+        import openai  # heavy: see the module's docstring
 
         self.llm = openai.AsyncOpenAI(
             base_url=self.server_url + "/v1",
@@ -373,7 +272,7 @@ class Simulation:
 
     async def _speculative(self, messages: list[dict[str, Any]]) -> None:
         """A request that is abandoned after its first chunk, as a speculative one is."""
-        import openai
+        import openai  # heavy: see the module's docstring
 
         try:
             stream = await self.llm.chat.completions.create(
@@ -565,7 +464,7 @@ class Simulation:
             self._echo_spoken.notify_all()
 
     async def _locked_turn(self, kind: str, text: str, interrupt_after: int | None = None) -> None:
-        import openai
+        import openai  # heavy: see the module's docstring
 
         async with self._speech:
             try:
@@ -576,6 +475,11 @@ class Simulation:
     # -- the server's API ---------------------------------------------------------------------
 
     async def interaction(self, body: dict[str, Any]) -> None:
+        """Send an interaction through the server's API, as a developer would.
+
+        It reaches the replica through the bot and the room, so a script step tests that whole
+        path; a bot still joining (409/503) is waited for, briefly.
+        """
         for _ in range(40):  # the bot may still be joining: 503 bot_starting is retryable
             resp = await self.http.post(
                 f"/api/conversations/{self.conversation_id}/interactions", json=body
@@ -620,6 +524,11 @@ class Simulation:
     # -- the whole conversation -----------------------------------------------------------------
 
     async def run(self) -> SimulationReport:
+        """Play the whole script, post the closing callbacks, and return what was observed.
+
+        It never raises for a failed conversation: errors go into the report, and the rooms
+        and clients are closed whatever happens.
+        """
         listener: asyncio.Task[None] | None = None
         try:
             await self.replica.join(self.room_url)
@@ -736,272 +645,3 @@ class Simulation:
             "tool_calls": len(data.get("tool_calls") or []),
             "transcript_lines": len((data.get("transcript") or {}).get("entries") or []),
         }
-
-
-def render_table(report: SimulationReport) -> str:
-    rows = [("#", "kind", "requests", "ttft ms", "u2u ms", "interrupted", "tool", "text")]
-    for t in report.turns:
-        rows.append(
-            (
-                str(t.index),
-                t.kind,
-                str(t.requests),
-                f"{t.ttft_ms:.1f}" if t.ttft_ms is not None else "-",
-                f"{t.u2u_ms:.1f}" if t.u2u_ms is not None else "-",
-                "yes" if t.interrupted else "",
-                t.tool or "",
-                (t.text[:40] + "…") if len(t.text) > 41 else t.text,
-            )
-        )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = [
-        "  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row)).rstrip() for row in rows
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    s = report.summary()
-    lines.append("")
-    lines.append(
-        f"turns {s['turns']}, LLM requests {s['llm_requests']}, ttft p50 {s['ttft_ms_p50']} ms "
-        f"(p95 {s['ttft_ms_p95']}), utterance-to-utterance p50 {s['u2u_ms_p50']} ms "
-        f"(p95 {s['u2u_ms_p95']}), interruptions {s['interruptions']}, tool calls {s['tool_calls']}, "
-        f"errors {s['errors']}"
-    )
-    if report.callbacks:
-        lines.append("callbacks: " + ", ".join(f"{k} → {v}" for k, v in report.callbacks.items()))
-    if report.recorded:
-        r = report.recorded
-        lines.append(
-            f"recorded: status {r.get('status')}, events {r.get('events_by_source')}, "
-            f"utterances {r.get('utterances')}, tool calls {r.get('tool_calls')}, "
-            f"transcript lines {r.get('transcript_lines')}"
-        )
-    for error in report.errors:
-        lines.append(f"error: {error}")
-    return "\n".join(lines)
-
-
-class RoomHost:
-    """A LocalRoomServer started on first use and kept for the process (the server's simulations)."""
-
-    def __init__(self) -> None:
-        self.server: LocalRoomServer | None = None
-        self._lock = asyncio.Lock()
-        self.tasks: set[asyncio.Task[SimulationReport]] = set()
-
-    async def get(self) -> LocalRoomServer:
-        async with self._lock:
-            if self.server is None:
-                self.server = await LocalRoomServer("127.0.0.1", 0).start()
-            return self.server
-
-    async def aclose(self) -> None:
-        for task in list(self.tasks):
-            task.cancel()
-        if self.tasks:
-            await asyncio.gather(*self.tasks, return_exceptions=True)
-        if self.server is not None:
-            await self.server.close()
-            self.server = None
-
-
-# -- HTTP: the console's "start a simulated conversation" button ------------------------------
-
-router = APIRouter(prefix="/api/simulations", tags=["simulations"])
-MAX_SIMULATIONS = 5
-
-
-class StartSimulation(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    persona: str | None = Field(default=None, description="default: the script's persona")
-    linger: float = Field(
-        default=90.0, ge=0, le=600, description="seconds to stay for interactions"
-    )
-    words_per_second: float | None = Field(default=None, gt=0, le=1000)
-
-
-@router.post(
-    "",
-    status_code=202,
-    dependencies=[Depends(require_key)],
-    summary="Start a simulated conversation",
-)
-async def start_simulation(request: Request) -> JSONResponse:
-    settings: Settings = request.app.state.settings
-    personas: dict[str, Persona] = request.app.state.personas
-    raw = (
-        await read_json_object(request, 64 * 1024)
-        if request.headers.get("content-length") not in (None, "0")
-        else {}
-    )
-    try:
-        body = StartSimulation.model_validate(raw)
-    except ValidationError as exc:
-        message, param = validation_message(list(exc.errors()))
-        raise ApiError(400, message, "invalid_request", param) from None
-    script = load_script()
-    updates: dict[str, Any] = {}
-    if body.persona is not None:
-        updates["persona"] = body.persona
-    if body.words_per_second is not None:
-        updates["words_per_second"] = body.words_per_second
-    script = script.model_copy(update=updates)
-    persona = personas.get(script.persona)
-    if persona is None:
-        raise ApiError(404, f"No persona {script.persona!r}.", "persona_not_found", "persona")
-    host: RoomHost = request.app.state.simulations
-    if len(host.tasks) >= MAX_SIMULATIONS:
-        raise ApiError(
-            429,
-            f"{MAX_SIMULATIONS} simulations are already running.",
-            "too_many_simulations",
-            headers={"Retry-After": "30"},
-        )
-    rooms = await host.get()
-    server = request.scope.get("server") or ("127.0.0.1", settings.port)
-    bind = server[0] if server[0] not in ("0.0.0.0", "::", "") else "127.0.0.1"
-    key = presented_key(request.headers) or ""
-    tokens = settings.callback_tokens
-    conversation_id = "sim-" + secrets.token_hex(5)
-    simulation = Simulation(
-        server_url=f"http://{bind}:{server[1]}",
-        api_key=key,
-        callback_token=tokens[0] if tokens else None,
-        room_url=rooms.room_url(conversation_id),
-        script=script,
-        persona_name=persona.persona_name,
-        system_prompt=" ".join(p for p in (persona.system_prompt, persona.context) if p),
-        conversation_id=conversation_id,
-        printer=lambda line: log.info("simulation %s: %s", conversation_id, line.strip()),
-        linger=body.linger,
-    )
-    task = asyncio.create_task(simulation.run())
-    host.tasks.add(task)
-    task.add_done_callback(host.tasks.discard)
-    return JSONResponse(
-        {"conversation_id": conversation_id, "persona": script.persona, "linger": body.linger},
-        status_code=202,
-    )
-
-
-# -- CLI: `cvi-agent simulate` ------------------------------------------------------------------
-
-
-def add_simulate_parser(sub: Any) -> None:
-    parser = sub.add_parser(
-        "simulate",
-        help="an offline stand-in for Tavus: a simulated user and replica talk to the server",
-        description="Plays a script (YAML) as Tavus would: progressive (speculative) requests, "
-        "a replica speaking in a local room, tool calls answered by the bot, callbacks at the end.",
-    )
-    parser.add_argument(
-        "--server", default=None, help="a running server's URL (default: start one here)"
-    )
-    parser.add_argument(
-        "--key", default=None, help="API key (default: CVI_API_KEYS or var/dev-api-key)"
-    )
-    parser.add_argument(
-        "--callback-token", default=None, help="default: CVI_CALLBACK_TOKEN or var/callback-token"
-    )
-    parser.add_argument(
-        "--script", type=Path, default=None, help=f"default: {DEFAULT_SCRIPT.name} (shipped)"
-    )
-    parser.add_argument("--persona", default=None, help="override the script's persona")
-    parser.add_argument("--words-per-second", type=float, default=None, help="speaking speed")
-    parser.add_argument(
-        "--linger", type=float, default=0.0, help="seconds to stay for interactions"
-    )
-    parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.set_defaults(func=cmd_simulate)
-
-
-def cmd_simulate(args: Any) -> int:
-    from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key
-
-    try:
-        script = load_script(args.script)
-    except ValueError as exc:
-        print(f"cvi-agent simulate: {exc}", file=sys.stderr)
-        return 2
-    updates: dict[str, Any] = {}
-    if args.persona:
-        updates["persona"] = args.persona
-    if args.words_per_second:
-        updates["words_per_second"] = args.words_per_second
-    script = script.model_copy(update=updates)
-    settings = Settings()
-    if args.server is None:
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-        if ensure_dev_key(settings):
-            ensure_dev_callback_token(settings)
-    key = args.key or (
-        settings.api_keys[0] if settings.api_keys else _read(settings.var_dir / "dev-api-key")
-    )
-    token = args.callback_token or (
-        settings.callback_tokens[0]
-        if settings.callback_tokens
-        else _read(settings.var_dir / "callback-token")
-    )
-    if not key:
-        print("cvi-agent simulate: no API key: pass --key or set CVI_API_KEYS", file=sys.stderr)
-        return 2
-    try:
-        from cvi_agent.runtime import load_checked_personas
-
-        personas = load_checked_personas(settings)
-    except Exception as exc:
-        print(f"cvi-agent simulate: cannot load personas: {exc}", file=sys.stderr)
-        return 2
-    persona = personas.get(script.persona)
-    if persona is None:
-        print(
-            f"cvi-agent simulate: no persona {script.persona!r} in {settings.personas_dir}",
-            file=sys.stderr,
-        )
-        return 2
-
-    printer: Printer = (lambda line: None) if args.json else (lambda line: print(line, flush=True))
-    server = None
-    server_url = args.server
-    if server_url is None:
-        from cvi_agent.app import create_app
-        from cvi_agent.devtools.fakes.server import LoopbackServer
-
-        server = LoopbackServer(create_app(settings, personas)).start()
-        server_url = server.url
-        printer(f"started a server on {server_url} (database {settings.database_url})")
-
-    async def main() -> SimulationReport:
-        async with LocalRoomServer("127.0.0.1", 0) as rooms:
-            conversation_id = "sim-" + secrets.token_hex(5)
-            simulation = Simulation(
-                server_url=server_url,
-                api_key=key,
-                callback_token=token or None,
-                room_url=rooms.room_url(conversation_id),
-                script=script,
-                persona_name=persona.persona_name,
-                system_prompt=" ".join(p for p in (persona.system_prompt, persona.context) if p),
-                conversation_id=conversation_id,
-                printer=printer,
-                linger=args.linger,
-            )
-            return await simulation.run()
-
-    try:
-        report = asyncio.run(main())
-    finally:
-        if server is not None:
-            server.stop()
-    if args.json:
-        print(json.dumps(report.as_dict(), indent=2))
-    else:
-        print()
-        print(render_table(report))
-    return 1 if report.errors else 0
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text().strip()
-    except OSError:
-        return ""

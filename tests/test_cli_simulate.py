@@ -1,0 +1,34 @@
+"""`cvi-agent simulate --json` in a subprocess: it starts its own server and reports a clean run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.conftest import PERSONAS, ROOT
+
+
+def test_cli_simulate_json(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
+    env.update(
+        CVI_VAR_DIR=str(tmp_path / "var"),
+        CVI_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'sim.db'}",
+        CVI_PERSONAS_DIR=str(PERSONAS),
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "cvi_agent", "simulate", "--json", "--words-per-second", "80"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout)
+    assert report["summary"]["errors"] == 0
+    assert report["summary"]["interruptions"] == 1
+    assert report["recorded"]["status"] == "ended"
+    assert report["recorded"]["events_by_source"]["room"] > 10
