@@ -16,7 +16,7 @@ import pytest
 
 from cvi_agent.devtools.simulate import Simulation, load_script, render_table
 from cvi_agent.personas import load_personas
-from cvi_agent.rooms.room import LocalRoomServer
+from cvi_agent.rooms.local_server import LocalRoomServer
 from tests.conftest import API_KEY, PERSONAS, ROOT, ServerFactory
 
 TOKEN = "cb-token-for-tests"

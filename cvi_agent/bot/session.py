@@ -50,7 +50,7 @@ from cvi_agent.protocol.interactions import (
     SetSensitivity,
     ToolResult,
 )
-from cvi_agent.rooms.room import Participant, Room, RoomClosed, RoomError, RoomListener
+from cvi_agent.rooms.base import Participant, Room, RoomClosed, RoomError, RoomListener
 from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord
 
 log = logging.getLogger("cvi_agent.bot")

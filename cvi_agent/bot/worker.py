@@ -78,7 +78,9 @@ BotFactory = Callable[[BotSpec], Bot]
 def default_bot_factory(spec: BotSpec) -> Bot:
     """The real bot: a LocalRoom for `ws://`/`wss://` URLs (simulator, tests), else Daily."""
     from cvi_agent.bot.session import ConversationBot
-    from cvi_agent.rooms.room import BaseRoom, DailyRoom, LocalRoom
+    from cvi_agent.rooms.base import BaseRoom
+    from cvi_agent.rooms.daily import DailyRoom
+    from cvi_agent.rooms.local import LocalRoom
 
     local = spec.conversation_url.startswith(("ws://", "wss://"))
     room: BaseRoom = LocalRoom() if local else DailyRoom()

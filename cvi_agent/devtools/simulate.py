@@ -40,7 +40,9 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, Participant, RoomListener
+from cvi_agent.rooms.base import Participant, RoomListener
+from cvi_agent.rooms.local import LocalRoom
+from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.runtime import get_runtime
 from cvi_agent.web.http import (
     ApiError,
