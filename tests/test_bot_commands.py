@@ -14,7 +14,8 @@ from pathlib import Path
 
 from cvi_agent.devtools.fakes.replica import ScriptedPeer, event_type_is
 from cvi_agent.devtools.fakes.server import free_port
-from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
+from cvi_agent.rooms.local import LocalRoom
+from cvi_agent.rooms.local_server import LocalRoomServer
 from tests.conftest import PERSONAS
 
 CLI = [sys.executable, "-m", "cvi_agent"]

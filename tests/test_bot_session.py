@@ -18,7 +18,9 @@ from cvi_agent.bot.recorder import Recorder
 from cvi_agent.bot.session import ConversationBot
 from cvi_agent.devtools.fakes.replica import ScriptedPeer, event_type_is
 from cvi_agent.personas import Persona, load_persona
-from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, RoomClosed
+from cvi_agent.rooms.base import RoomClosed
+from cvi_agent.rooms.local import LocalRoom
+from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import EventRecord, SqlStore, open_store
 from tests.conftest import PERSONAS
 

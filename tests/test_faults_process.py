@@ -107,7 +107,7 @@ async def stored_callback_keys(database_url: str) -> list[str]:
     import sqlalchemy as sa
 
     from cvi_agent.store import SqlStore
-    from cvi_agent.store.sql import events
+    from cvi_agent.store.schema import events
 
     store = SqlStore(database_url)
     try:
@@ -499,36 +499,3 @@ async def test_postgres_restart_is_survived(
         f"{max(s for _, _, s in llm):.2f} s; {len(retried)} retried after a 503; "
         f"{room_events} room events recorded"
     )
-
-
-class _DriverError(Exception):
-    def __init__(self, message: str, sqlstate: str | None) -> None:
-        super().__init__(message)
-        self.sqlstate = sqlstate
-
-
-@pytest.mark.parametrize(
-    ("message", "sqlstate", "transient"),
-    [
-        ("terminating connection due to administrator command", "57P01", True),
-        ("the database system is shutting down", "57P03", True),
-        ("the database system is starting up", "57P03", True),
-        ("connection was closed in the middle of operation", "08003", True),
-        ("sorry, too many clients already", "53300", True),
-        ("duplicate key value violates unique constraint", "23505", False),
-        ("invalid byte sequence for encoding", "22021", False),
-        ("the database system is starting up", None, True),  # no code: read the text
-        ("database is locked", None, True),  # SQLite
-        ("no such table: events", None, False),
-    ],
-)
-def test_transient_errors_are_recognised(
-    message: str, sqlstate: str | None, transient: bool
-) -> None:
-    from sqlalchemy.exc import DBAPIError
-
-    from cvi_agent.store.sql import is_transient
-
-    error = DBAPIError("INSERT …", None, _DriverError(message, sqlstate))
-    assert is_transient(error) is transient
-    assert is_transient(ConnectionRefusedError(111, "Connect call failed"))

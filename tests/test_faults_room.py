@@ -16,7 +16,8 @@ from cvi_agent.bot.seqgaps import SeqGap, SeqGaps
 from cvi_agent.bot.session import ConversationBot
 from cvi_agent.devtools.fakes.replica import ScriptedPeer
 from cvi_agent.personas import load_persona
-from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
+from cvi_agent.rooms.local import LocalRoom
+from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import EventRecord, SqlStore
 from tests.conftest import PERSONAS
 

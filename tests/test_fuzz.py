@@ -39,7 +39,8 @@ from cvi_agent.devtools.fakes.replica import ScriptedPeer
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.personas import load_persona
-from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
+from cvi_agent.rooms.local import LocalRoom
+from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import SqlStore
 from tests.conftest import (
     API_KEY,

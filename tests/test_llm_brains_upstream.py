@@ -10,7 +10,7 @@ import httpx
 import openai
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
-from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from tests.conftest import API_KEY, ServerFactory
 
 
@@ -63,10 +63,10 @@ async def test_server_tool_round_then_speaks(
     upstream.push(
         Plan(
             steps=[
-                Step(content="One moment. "),
-                Step(tool_name="get_current_time", tool_id="call_t1"),
-                Step(tool_arguments='{"timezone": '),
-                Step(tool_arguments='"Europe/Istanbul"}'),
+                ReplyStep(content="One moment. "),
+                ReplyStep(tool_name="get_current_time", tool_id="call_t1"),
+                ReplyStep(tool_arguments='{"timezone": '),
+                ReplyStep(tool_arguments='"Europe/Istanbul"}'),
             ]
         )
     )
@@ -108,8 +108,8 @@ async def test_failing_server_tool_gives_error_result(
     upstream.push(
         Plan(
             steps=[
-                Step(tool_name="get_current_time", tool_id="c1"),
-                Step(tool_arguments='{"timezone": "Mars/Olympus"}'),
+                ReplyStep(tool_name="get_current_time", tool_id="c1"),
+                ReplyStep(tool_arguments='{"timezone": "Mars/Olympus"}'),
             ]
         )
     )
@@ -124,7 +124,12 @@ async def test_tool_rounds_are_bounded(serve: ServerFactory, upstream: FakeUpstr
     srv = serve(upstream, max_tool_rounds=2)
     for _ in range(5):
         upstream.push(
-            Plan(steps=[Step(tool_name="get_current_time", tool_id="c"), Step(tool_arguments="{}")])
+            Plan(
+                steps=[
+                    ReplyStep(tool_name="get_current_time", tool_id="c"),
+                    ReplyStep(tool_arguments="{}"),
+                ]
+            )
         )
     async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
         _, finish = await collect(c, "weather", "loop forever")
@@ -136,7 +141,7 @@ async def test_tool_rounds_are_bounded(serve: ServerFactory, upstream: FakeUpstr
 async def test_disconnect_closes_upstream_within_2s(
     server: LoopbackServer, upstream: FakeUpstream
 ) -> None:
-    upstream.push(Plan(steps=[Step(content=f"w{i} ", sleep=0.05) for i in range(400)]))
+    upstream.push(Plan(steps=[ReplyStep(content=f"w{i} ", sleep=0.05) for i in range(400)]))
     body = {
         "model": "storyteller",
         "stream": True,
@@ -177,7 +182,7 @@ async def test_upstream_5xx_and_slow_first_token(
     serve: ServerFactory, upstream: FakeUpstream
 ) -> None:
     srv = serve(upstream, upstream_first_token_timeout=0.3)
-    upstream.push(Plan(status=500), Plan(ttft=2.0, steps=[Step(content="too late")]))
+    upstream.push(Plan(status=500), Plan(ttft=2.0, steps=[ReplyStep(content="too late")]))
     async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
         parts, finish = await collect(c, "weather", "hi")
         assert "".join(parts) == "Sorry, give me one second." and finish == "stop"
@@ -190,7 +195,7 @@ async def test_upstream_5xx_and_slow_first_token(
 async def test_mid_stream_reset_ends_cleanly(
     client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    upstream.push(Plan(steps=[Step(content=f"w{i} ") for i in range(10)], reset_after=3))
+    upstream.push(Plan(steps=[ReplyStep(content=f"w{i} ") for i in range(10)], reset_after=3))
     parts, finish = await collect(client, "storyteller", "go")
     assert parts == ["w0 ", "w1 ", "w2 "]
     assert finish == "stop"

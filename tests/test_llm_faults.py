@@ -12,7 +12,7 @@ import openai
 import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
-from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from tests.conftest import API_KEY, ServerFactory
 
 FALLBACK_LINE = "Sorry, give me one second."
@@ -78,7 +78,7 @@ FAULTS = {
     "http_429": Plan(
         status=429, error_body={"error": {"message": "slow down", "type": "rate_limit"}}
     ),
-    "no_first_token": Plan(ttft=5.0, steps=[Step(content="too late")]),
+    "no_first_token": Plan(ttft=5.0, steps=[ReplyStep(content="too late")]),
     "malformed_chunk": Plan(raw_chunks=[b"data: {not json at all\n\n", b"data: [DONE]\n\n"]),
     "error_event": Plan(raw_chunks=[b'data: {"error": {"message": "overloaded"}}\n\n']),
     "empty_reply": Plan(steps=[], finish_reason="stop"),
@@ -120,7 +120,7 @@ async def test_reset_mid_reply_ends_cleanly(
     serve: ServerFactory, upstream: FakeUpstream, backup: FakeUpstream, tmp_path: Path
 ) -> None:
     server = serve(None, personas_dir=personas_dir(tmp_path, upstream.url, backup.url))  # type: ignore[attr-defined]
-    upstream.push(Plan(steps=[Step(content=f"w{i} ") for i in range(10)], reset_after=3))
+    upstream.push(Plan(steps=[ReplyStep(content=f"w{i} ") for i in range(10)], reset_after=3))
     text, finish, _ = await ask(server, "chain")
     assert text == "w0 w1 w2 " and finish == "stop"
     assert backup.records == [], "a reply already under way is not restarted elsewhere"
@@ -131,7 +131,9 @@ async def test_trickle_is_cut_at_the_reply_budget(
 ) -> None:
     dir_ = personas_dir(tmp_path, upstream.url, backup.url, reply=2.5)  # type: ignore[attr-defined]
     server = serve(None, personas_dir=dir_)
-    upstream.push(Plan(steps=[Step(content=f"t{i} ", sleep=1.0 if i else 0.0) for i in range(30)]))
+    upstream.push(
+        Plan(steps=[ReplyStep(content=f"t{i} ", sleep=1.0 if i else 0.0) for i in range(30)])
+    )
     text, finish, seconds = await ask(server, "chain")
     assert text.startswith("t0 t1 ") and finish == "length"
     assert 2.4 < seconds < 4.5

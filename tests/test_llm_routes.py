@@ -10,7 +10,7 @@ import openai
 import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
-from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.protocol.chat import ChatCompletionChunk
 from tests.conftest import API_KEY, FIXTURES, ServerFactory
 
@@ -100,13 +100,13 @@ async def test_streamed_tool_calls_reassemble(
     upstream.push(
         Plan(
             steps=[
-                Step(content="Let me check. "),
-                Step(tool_name="get_current_weather", tool_id="call_a"),
-                Step(tool_arguments=args_a[:10]),
-                Step(tool_arguments=args_a[10:]),
-                Step(tool_name="get_current_weather", tool_id="call_b"),
-                Step(tool_arguments=args_b[:5]),
-                Step(tool_arguments=args_b[5:]),
+                ReplyStep(content="Let me check. "),
+                ReplyStep(tool_name="get_current_weather", tool_id="call_a"),
+                ReplyStep(tool_arguments=args_a[:10]),
+                ReplyStep(tool_arguments=args_a[10:]),
+                ReplyStep(tool_name="get_current_weather", tool_id="call_b"),
+                ReplyStep(tool_arguments=args_b[:5]),
+                ReplyStep(tool_arguments=args_b[5:]),
             ],
             finish_reason="tool_calls",
         )
@@ -146,7 +146,10 @@ async def test_request_tools_are_client_tools(
 ) -> None:
     upstream.push(
         Plan(
-            steps=[Step(tool_name="book_table", tool_id="call_x"), Step(tool_arguments='{"n": 2}')]
+            steps=[
+                ReplyStep(tool_name="book_table", tool_id="call_x"),
+                ReplyStep(tool_arguments='{"n": 2}'),
+            ]
         )
     )
     extra_tool = {

@@ -17,10 +17,10 @@ import pytest
 from prometheus_client import REGISTRY
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
-from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.llm.brains.base import TurnContext
 from cvi_agent.llm.tools import ToolCallContext
-from cvi_agent.llm.turns import Generation, Subscription
+from cvi_agent.llm.turns import Generation, GenerationReader
 from cvi_agent.protocol.chat import ChatCompletionRequest
 from tests.conftest import API_KEY, ServerFactory
 
@@ -37,7 +37,9 @@ async def book_table(args: dict[str, Any], ctx: ToolCallContext) -> dict[str, An
 def paced(words: int, gap: float, ttft: float = 0.0, prefix: str = "w") -> Plan:
     return Plan(
         steps=[
-            Step(content=f"{prefix}{i}" + (" " if i < words - 1 else ""), sleep=gap if i else 0.0)
+            ReplyStep(
+                content=f"{prefix}{i}" + (" " if i < words - 1 else ""), sleep=gap if i else 0.0
+            )
             for i in range(words)
         ],
         ttft=ttft,
@@ -278,8 +280,8 @@ def booking_server(serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path)
 def booking_plan(party: int) -> Plan:
     return Plan(
         steps=[
-            Step(tool_name="book_table", tool_id=f"call_{party}"),
-            Step(tool_arguments=json.dumps({"party": party})),
+            ReplyStep(tool_name="book_table", tool_id=f"call_{party}"),
+            ReplyStep(tool_arguments=json.dumps({"party": party})),
         ],
         finish_reason="tool_calls",
     )
@@ -360,7 +362,7 @@ async def test_turn_state_is_freed_by_refcounting_once_forgotten(
     srv = serve(upstream, replay_window=0.2)
     app: Any = srv.server.config.app
     tracker = app.state.runtime.chat.turns
-    kinds = (Generation, TurnContext, ChatCompletionRequest, Subscription)
+    kinds = (Generation, TurnContext, ChatCompletionRequest, GenerationReader)
     gc.collect()
     gc.disable()
     try:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
-from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.llm.upstream.http import (
     ChatStreamClient,
     UpstreamConnectionError,
@@ -99,7 +99,7 @@ async def test_malformed_event_and_broken_connection(upstream: FakeUpstream) -> 
         upstream.push(Plan(raw_chunks=[b'data: {"choices": []}\n\n', b"data: {not json\n\n"]))
         with pytest.raises(UpstreamConnectionError, match="not JSON"):
             await collect(client)
-        upstream.push(Plan(steps=[Step(content="a"), Step(content="b")], reset_after=1))
+        upstream.push(Plan(steps=[ReplyStep(content="a"), ReplyStep(content="b")], reset_after=1))
         with pytest.raises(UpstreamConnectionError):
             await collect(client)
     finally:
@@ -107,7 +107,7 @@ async def test_malformed_event_and_broken_connection(upstream: FakeUpstream) -> 
 
 
 async def test_closing_early_closes_the_upstream_connection(upstream: FakeUpstream) -> None:
-    upstream.push(Plan(steps=[Step(content=f"w{i} ", sleep=0.05) for i in range(50)]))
+    upstream.push(Plan(steps=[ReplyStep(content=f"w{i} ", sleep=0.05) for i in range(50)]))
     client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
     try:
         stream = await client.stream(PARAMS)

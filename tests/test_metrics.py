@@ -9,7 +9,7 @@ import openai
 
 from cvi_agent import metrics
 from cvi_agent.devtools.fakes.server import LoopbackServer
-from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, Step
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from tests.conftest import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -47,7 +47,7 @@ async def test_metrics_require_the_api_key(server: LoopbackServer) -> None:
 async def test_requests_first_tokens_and_errors_are_counted(
     server: LoopbackServer, client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
-    upstream.push(Plan(steps=[Step(content="Once "), Step(content="upon.")], ttft=0.05))
+    upstream.push(Plan(steps=[ReplyStep(content="Once "), ReplyStep(content="upon.")], ttft=0.05))
     async with httpx.AsyncClient(base_url=server.url) as http:
         before = await scrape(http)
         stream = await client.chat.completions.create(
@@ -92,11 +92,11 @@ async def test_turn_and_tool_counters(
                 pass
 
     upstream.push(
-        Plan(steps=[Step(content=f"w{i} ", sleep=0.05) for i in range(30)]),
+        Plan(steps=[ReplyStep(content=f"w{i} ", sleep=0.05) for i in range(30)]),
         Plan(
             steps=[
-                Step(tool_name="get_current_weather", tool_id="call_1"),
-                Step(tool_arguments='{"location": "Paris"}'),
+                ReplyStep(tool_name="get_current_weather", tool_id="call_1"),
+                ReplyStep(tool_arguments='{"location": "Paris"}'),
             ]
         ),
     )
@@ -142,8 +142,8 @@ async def test_tool_names_made_up_by_the_model_do_not_grow_the_metrics(
 ) -> None:
     """`cvi_tool_calls`' name label comes from model output: 1,000 distinct made-up names
     (and 150 names declared by requests) give a bounded set of label values."""
-    bogus = [Step(tool_name=f"bogus_{i}", tool_id=f"call_{i}") for i in range(1000)]
-    declared = [Step(tool_name=f"declared_{i}", tool_id=f"call_{i}") for i in range(150)]
+    bogus = [ReplyStep(tool_name=f"bogus_{i}", tool_id=f"call_{i}") for i in range(1000)]
+    declared = [ReplyStep(tool_name=f"declared_{i}", tool_id=f"call_{i}") for i in range(150)]
     upstream.push(Plan(steps=bogus), Plan(steps=declared))
     request_tools = [
         {"type": "function", "function": {"name": f"declared_{i}", "parameters": {}}}

@@ -16,7 +16,7 @@ from cvi_agent.protocol.events import (
     PerceptionToolCall,
     SpeakingEvent,
     SystemEvent,
-    ToolCall,
+    ToolCallEvent,
     UnknownEvent,
     Utterance,
     UtteranceStreaming,
@@ -62,7 +62,7 @@ def test_fixture_stopped_speaking() -> None:
 
 def test_fixture_tool_call() -> None:
     event = parse_event(fixture("event_tool_call.json"))
-    assert isinstance(event, ToolCall)
+    assert isinstance(event, ToolCallEvent)
     assert event.name == "get_current_weather"
     assert event.tool_call_id == "call_abc"
     assert event.call_key == "call_abc"
@@ -218,14 +218,14 @@ def test_tool_call_arguments_object_and_missing_id() -> None:
             "properties": {"name": "lookup", "arguments": {"q": "x"}},
         }
     )
-    assert isinstance(event, ToolCall)
+    assert isinstance(event, ToolCallEvent)
     assert json.loads(event.arguments) == {"q": "x"}
     assert event.tool_call_id is None
     assert event.call_key == "inf-1:lookup:7"
     bad = parse_event(
         {"event_type": "conversation.tool_call", "properties": {"name": "x", "arguments": "[1]"}}
     )
-    assert isinstance(bad, ToolCall)
+    assert isinstance(bad, ToolCallEvent)
     with pytest.raises(ValueError):
         bad.parsed_arguments()
 

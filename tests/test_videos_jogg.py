@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 
 from cvi_agent.devtools.fakes.videos import FakeVideoProviders
-from cvi_agent.videos.base import CreateVideo, RateLimiter, RetryPolicy
+from cvi_agent.videos.base import CreateVideo, RequestPacer, RetryPolicy
 from cvi_agent.videos.jogg import (
     JoggError,
     JoggVideos,
@@ -130,7 +130,7 @@ async def test_avatar_ids_must_be_integers(fake: FakeVideoProviders, jogg: JoggV
 
 async def test_client_limiter_keeps_posts_under_the_limit(fake: FakeVideoProviders) -> None:
     """3 POSTs per 0.4 s here (20/min in production): the 4th waits instead of being refused."""
-    limiter = RateLimiter(3, 0.4)
+    limiter = RequestPacer(3, 0.4)
     client = JoggVideos(
         "fake-video-key",
         fake_url(fake) + "/jogg/v2",
@@ -152,7 +152,7 @@ async def test_client_limiter_keeps_posts_under_the_limit(fake: FakeVideoProvide
 
 async def test_rate_limiter_unit() -> None:
     now = [0.0]
-    limiter = RateLimiter(2, 10.0, clock=lambda: now[0])
+    limiter = RequestPacer(2, 10.0, clock=lambda: now[0])
     await limiter.acquire()
     await limiter.acquire()
     third = asyncio.ensure_future(limiter.acquire())
@@ -165,7 +165,7 @@ async def test_rate_limiter_unit() -> None:
     async with asyncio.timeout(1):
         await limiter.acquire()
     with pytest.raises(ValueError):
-        RateLimiter(0, 1)
+        RequestPacer(0, 1)
 
 
 async def test_avatars_and_voices(jogg: JoggVideos) -> None:

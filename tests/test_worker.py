@@ -292,7 +292,7 @@ async def test_scale_out_two_web_processes_and_workers(
     sees a callback posted to B; an echo posted to B reaches W1's bot in the room; W1 is killed
     (SIGKILL) and W2 takes the conversation over once the lease expires."""
     from cvi_agent.devtools.fakes.replica import ScriptedPeer
-    from cvi_agent.rooms.room import LocalRoomServer
+    from cvi_agent.rooms.local_server import LocalRoomServer
 
     await _require_redis()
     port_a, port_b = free_port(), free_port()
@@ -451,7 +451,7 @@ async def test_single_process_default_mode(tmp_path: Path, fake_tavus: Any) -> N
     from cvi_agent.app import create_app
     from cvi_agent.devtools.fakes.replica import ScriptedPeer
     from cvi_agent.devtools.fakes.server import LoopbackServer
-    from cvi_agent.rooms.room import LocalRoomServer
+    from cvi_agent.rooms.local_server import LocalRoomServer
     from tests.conftest import make_settings
 
     async with asyncio.timeout(60), LocalRoomServer() as rooms:

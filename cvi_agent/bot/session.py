@@ -32,7 +32,7 @@ from cvi_agent.protocol.events import (
     RoomEvent,
     SpeakingEvent,
     SystemEvent,
-    ToolCall,
+    ToolCallEvent,
     UnknownEvent,
     Utterance,
     UtteranceStreaming,
@@ -50,7 +50,7 @@ from cvi_agent.protocol.interactions import (
     SetSensitivity,
     ToolResult,
 )
-from cvi_agent.rooms.room import Participant, Room, RoomClosed, RoomError, RoomListener
+from cvi_agent.rooms.base import Participant, Room, RoomClosed, RoomError, RoomListener
 from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord
 
 log = logging.getLogger("cvi_agent.bot")
@@ -472,7 +472,7 @@ class ConversationBot(RoomListener):
             )
         elif isinstance(event, SpeakingEvent):
             self.stats.count_speaking(event)
-        elif isinstance(event, ToolCall):
+        elif isinstance(event, ToolCallEvent):
             self.stats.tool_calls += 1
             pending.tool_call = self._tool_record(event, "called", None)
         elif isinstance(event, UnknownEvent):
@@ -480,7 +480,7 @@ class ConversationBot(RoomListener):
         self.recorder.put(pending)
         if log.isEnabledFor(logging.INFO):
             self._log_event(event, sender)
-        if isinstance(event, ToolCall):
+        if isinstance(event, ToolCallEvent):
             self._maybe_answer(event, sender)
         elif isinstance(event, SystemEvent) and event.is_shutdown:
             why = event.shutdown_reason
@@ -681,7 +681,7 @@ class ConversationBot(RoomListener):
 
     # -- client tools -------------------------------------------------------------------------------
 
-    def _maybe_answer(self, event: ToolCall, sender: str | None) -> None:
+    def _maybe_answer(self, event: ToolCallEvent, sender: str | None) -> None:
         spec = self.persona.tool(event.name) if self.persona is not None else None
         if spec is None or spec.execution != "client" or not spec.handler:
             return  # not ours to answer (another participant may)
@@ -701,7 +701,7 @@ class ConversationBot(RoomListener):
         self._tool_tasks.add(task)
         task.add_done_callback(self._tool_tasks.discard)
 
-    async def _answer(self, event: ToolCall, spec: ToolSpec) -> None:
+    async def _answer(self, event: ToolCallEvent, spec: ToolSpec) -> None:
         call_id = event.tool_call_id or event.call_key
         result: Any = None
         error: str | None = None
@@ -746,7 +746,7 @@ class ConversationBot(RoomListener):
         except RoomError:
             pass  # recorded (interaction.error) and logged by _deliver
 
-    def _tool_record(self, event: ToolCall, status: str, output: str | None) -> ToolCallRecord:
+    def _tool_record(self, event: ToolCallEvent, status: str, output: str | None) -> ToolCallRecord:
         return ToolCallRecord(
             conversation_id=self.conversation_id,
             key=_text(event.call_key[:256]),
@@ -759,7 +759,7 @@ class ConversationBot(RoomListener):
             occurred_at=event.timestamp,
         )
 
-    def _record_tool_cancelled(self, event: ToolCall) -> None:
+    def _record_tool_cancelled(self, event: ToolCallEvent) -> None:
         output = json.dumps({"error": "cancelled: the bot stopped"})
         self._record_bot(
             "tool.cancelled",
@@ -794,7 +794,7 @@ class ConversationBot(RoomListener):
                 log.debug("%s← %s %s%s (legacy)", self._prefix, who, verb, details)
             else:
                 self._info("← %s %s%s", who, verb, details)
-        elif isinstance(event, ToolCall):
+        elif isinstance(event, ToolCallEvent):
             self._info(
                 "← tool call %s %s (%s)", event.name, _clip(event.arguments, 120), event.call_key
             )

@@ -40,6 +40,9 @@ from cvi_agent.bus import WORK_CHANNEL, Bus, Subscription, commands_channel
 from cvi_agent.config import Settings
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.interactions import Interaction, InteractionRequest
+from cvi_agent.rooms.base import BaseRoom
+from cvi_agent.rooms.daily import DailyRoom
+from cvi_agent.rooms.local import LocalRoom
 from cvi_agent.store import EventRecord, Lease, Leases, SqlStore
 
 log = logging.getLogger(__name__)
@@ -76,8 +79,6 @@ BotFactory = Callable[[BotSpec], Bot]
 
 def default_bot_factory(spec: BotSpec) -> Bot:
     """The real bot: a LocalRoom for `ws://`/`wss://` URLs (simulator, tests), else Daily."""
-    from cvi_agent.rooms.room import BaseRoom, DailyRoom, LocalRoom
-
     local = spec.conversation_url.startswith(("ws://", "wss://"))
     room: BaseRoom = LocalRoom() if local else DailyRoom()
     bot: Bot = ConversationBot(

@@ -100,7 +100,7 @@ def add_parsers(sub: Any) -> None:
 
 
 def cmd_bot(args: argparse.Namespace) -> int:
-    from cvi_agent.rooms.room import route_native_logs
+    from cvi_agent.rooms.daily import route_native_logs
 
     settings = Settings()
     kind = args.room or (
@@ -132,7 +132,9 @@ def cmd_bot(args: argparse.Namespace) -> int:
 
 async def _run_bot(args: argparse.Namespace, kind: str, settings: Settings, persona: Any) -> int:
     from cvi_agent.bot.session import ConversationBot
-    from cvi_agent.rooms.room import BaseRoom, DailyRoom, LocalRoom, RoomJoinError
+    from cvi_agent.rooms.base import BaseRoom, RoomJoinError
+    from cvi_agent.rooms.daily import DailyRoom
+    from cvi_agent.rooms.local import LocalRoom
     from cvi_agent.store import open_store
 
     try:
@@ -202,7 +204,7 @@ async def _feed_stdin(bot: Any) -> None:
     from pydantic import ValidationError
 
     from cvi_agent.protocol.interactions import InteractionRequest
-    from cvi_agent.rooms.room import RoomError
+    from cvi_agent.rooms.base import RoomError
 
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -235,7 +237,7 @@ def cmd_room_serve(args: argparse.Namespace) -> int:
 
 
 async def _serve_room(args: argparse.Namespace) -> int:
-    from cvi_agent.rooms.room import LocalRoomServer
+    from cvi_agent.rooms.local_server import LocalRoomServer
 
     server = LocalRoomServer(args.host, args.port, max_message_bytes=args.max_message_bytes)
     try:

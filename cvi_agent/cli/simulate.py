@@ -19,7 +19,7 @@ from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.simulate.engine import Printer, Simulation
 from cvi_agent.devtools.simulate.report import SimulationReport, render_table
 from cvi_agent.devtools.simulate.script import DEFAULT_SCRIPT, load_script
-from cvi_agent.rooms.room import LocalRoomServer
+from cvi_agent.rooms.local_server import LocalRoomServer
 
 
 def add_simulate_parser(sub: Any) -> None:

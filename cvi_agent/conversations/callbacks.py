@@ -40,7 +40,7 @@ from cvi_agent.protocol.callbacks import (
 )
 from cvi_agent.store import EventRecord
 from cvi_agent.store.base import now
-from cvi_agent.store.sql import describe_error
+from cvi_agent.store.errors import describe_error
 from cvi_agent.videos import tavus as tavus_videos
 from cvi_agent.videos.base import ProviderError
 from cvi_agent.videos.service import VideoService

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from cvi_agent.store.base import EventRecord
-from cvi_agent.store.sql import describe_error, is_transient
+from cvi_agent.store.errors import describe_error, is_transient
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection

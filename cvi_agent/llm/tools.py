@@ -50,7 +50,11 @@ class ToolCallContext:
 
 
 @dataclass(slots=True)
-class ToolResult:
+class ToolOutcome:
+    """How a server-side tool call ended, ready to hand back to the model: `output` is the JSON
+    text of the result, or of `{"error": ...}` when `ok` is False (a failed tool is an answer
+    the model can act on, not an exception). Not the `ToolResult` interaction sent to a room."""
+
     call_id: str
     name: str
     output: str
@@ -212,10 +216,10 @@ class ToolRunner:
         call_id: str,
         conversation_id: str | None,
         side_effects_allowed: bool = True,
-    ) -> ToolResult:
+    ) -> ToolOutcome:
         spec = self.server.get(name)
         if spec is None:
-            return ToolResult(
+            return ToolOutcome(
                 call_id, name, _encode_output({"error": f"unknown tool {name}"}), False
             )
         if not side_effects_allowed and (
@@ -238,7 +242,7 @@ class ToolRunner:
             else:
                 result = await call
             metrics.tool_call(name, "server", "ok")
-            return ToolResult(call_id, name, _encode_output(result), True)
+            return ToolOutcome(call_id, name, _encode_output(result), True)
         except SideEffectsNotAllowed:
             raise
         except json.JSONDecodeError:
@@ -253,4 +257,4 @@ class ToolRunner:
             log.exception("server tool %s failed", name)
             error = "the tool failed"
         metrics.tool_call(name, "server", "error")
-        return ToolResult(call_id, name, _encode_output({"error": error}), False)
+        return ToolOutcome(call_id, name, _encode_output({"error": error}), False)

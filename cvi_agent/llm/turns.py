@@ -148,7 +148,7 @@ class Generation:
         self.finished_at = 0.0
         self.listeners = 0
         self.task: asyncio.Task[None] | None = None
-        self.subscribers: list[Subscription] = []  # caught up: pushed to as events come
+        self.subscribers: list[GenerationReader] = []  # caught up: pushed to as events come
         self._orphan_timer: asyncio.TimerHandle | None = None
 
     def start(self, brain: Brain) -> None:
@@ -253,7 +253,7 @@ class Generation:
             await asyncio.sleep(max(self.tracker.replay_grace, 0.005))
 
 
-class Subscription:
+class GenerationReader:
     """One HTTP response reading a generation. Push-driven: `run(send)` sends the backlog
     (a replay), then the generation's task sends each new chunk itself (one task, no wake-up
     per chunk), and `run` returns once the final chunk with `[DONE]` went out.
@@ -426,7 +426,7 @@ class TurnTracker:
 
     def open(
         self, brain: Brain, ctx: TurnContext, enc: ChunkEncoder, started: float
-    ) -> Subscription:
+    ) -> GenerationReader:
         """Answer a streamed request that carries a conversation id."""
         assert ctx.conversation_id is not None
         loop = asyncio.get_running_loop()
@@ -440,7 +440,7 @@ class TurnTracker:
         for generation in generations:
             if generation.key == key and generation.replayable(now, self.replay_window):
                 metrics.REPLAYED.inc()
-                return Subscription(generation, ctx, enc, started, replay=True)
+                return GenerationReader(generation, ctx, enc, started, replay=True)
         if speech is not None:
             for generation in generations:
                 if (
@@ -459,7 +459,7 @@ class TurnTracker:
             excess = len(generations) - MAX_GENERATIONS_PER_CONVERSATION
             for old in [g for g in generations if g.done][:excess]:
                 generations.remove(old)
-        subscription = Subscription(generation, ctx, enc, started, replay=False)
+        subscription = GenerationReader(generation, ctx, enc, started, replay=False)
         generation.start(brain)
         return subscription
 

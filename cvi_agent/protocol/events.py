@@ -266,7 +266,7 @@ class SpeakingEvent(RoomEvent):
         return self.properties.duration
 
 
-class ToolCall(RoomEvent):
+class ToolCallEvent(RoomEvent):
     """The LLM called a client tool; `inference_id` is the user turn that caused it."""
 
     EVENT_TYPES = ("conversation.tool_call",)
@@ -360,7 +360,7 @@ AnyRoomEvent = (
     Utterance
     | UtteranceStreaming
     | SpeakingEvent
-    | ToolCall
+    | ToolCallEvent
     | PerceptionToolCall
     | PerceptionAnalysis
     | SystemEvent
@@ -374,7 +374,7 @@ _KNOWN: dict[str, type[RoomEvent]] = {
         Utterance,
         UtteranceStreaming,
         SpeakingEvent,
-        ToolCall,
+        ToolCallEvent,
         PerceptionToolCall,
         PerceptionAnalysis,
         SystemEvent,

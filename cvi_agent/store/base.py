@@ -8,6 +8,8 @@ from typing import Any
 
 
 def now() -> float:
+    """Wall-clock seconds, the one clock every stored timestamp uses (so rows written by
+    different processes compare)."""
     return time.time()
 
 
@@ -32,6 +34,7 @@ class EventRecord:
     id: int | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON the API and the live feed send (the `dedupe_key` stays internal)."""
         return {
             "id": self.id,
             "conversation_id": self.conversation_id,
@@ -49,6 +52,10 @@ class EventRecord:
 
 @dataclass(slots=True)
 class ConversationRecord:
+    """What we know of one conversation as a whole: its persona, where it is in its life
+    (`status`), why it ended, and `meta`, a JSON object callbacks add to (recording, perception
+    analysis, replica id) without a column per kind of news."""
+
     id: str
     persona: str | None = None
     status: str = "active"
@@ -60,6 +67,7 @@ class ConversationRecord:
     ended_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON the API sends."""
         return {
             "id": self.id,
             "persona": self.persona,
@@ -95,9 +103,12 @@ class UtteranceRecord:
 
     @property
     def text(self) -> str:
+        """What was said: the spoken words when known (they are what the listener heard), else
+        the intended ones."""
         return self.spoken_text if self.spoken_text is not None else (self.intended_text or "")
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON the API sends."""
         return {
             "role": self.role,
             "text": self.text,
@@ -113,6 +124,9 @@ class UtteranceRecord:
 
 @dataclass(slots=True)
 class ToolCallRecord:
+    """One tool call the LLM made in a conversation, and once known, its outcome; `key` makes
+    the call and its result, delivered separately, land on the same row."""
+
     conversation_id: str
     key: str  # tool_call_id, or inference_id:name:seq
     name: str
@@ -124,6 +138,7 @@ class ToolCallRecord:
     occurred_at: float | None = None
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON the API sends."""
         return {
             "tool_call_id": self.tool_call_id,
             "name": self.name,
@@ -137,6 +152,9 @@ class ToolCallRecord:
 
 @dataclass(slots=True)
 class VideoRecord:
+    """An avatar video asked of a provider, as far as it got; `raw` keeps the provider's own
+    fields, merged across status updates, for what our columns do not cover."""
+
     provider: str  # tavus | argil | jogg
     video_id: str
     status: str  # queued | rendering | ready | failed
@@ -149,6 +167,7 @@ class VideoRecord:
     updated_at: float = field(default_factory=now)
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON the API, the CLI and room announcements send (`raw` stays internal)."""
         return {
             "provider": self.provider,
             "video_id": self.video_id,

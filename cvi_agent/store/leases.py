@@ -24,11 +24,16 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from cvi_agent.store.base import now
-from cvi_agent.store.sql import SqlStore, leases
+from cvi_agent.store.schema import leases
+from cvi_agent.store.sql import SqlStore
 
 
 @dataclass(slots=True)
 class Lease:
+    """One conversation's claim on a bot: who runs it (`owner`, None while unclaimed) and until
+    when (`expires_at`, pushed forward by heartbeats). `payload` carries what the bot needs to
+    start, so any worker can take it over."""
+
     conversation_id: str
     owner: str | None
     expires_at: float
@@ -40,6 +45,7 @@ class Lease:
         return self.owner is not None and self.expires_at > (now() if at is None else at)
 
     def as_dict(self) -> dict[str, Any]:
+        """The JSON the API sends about a conversation's bot (of the payload, only the attempts)."""
         return {
             "conversation_id": self.conversation_id,
             "owner": self.owner,
@@ -50,10 +56,15 @@ class Lease:
 
 
 def new_owner_token(worker_id: str) -> str:
+    """A fresh token per claim, so a worker that lost its lease and claims it again is told apart
+    from its former self (the token is the fencing token)."""
     return f"{worker_id[:100]}/{secrets.token_hex(6)}"
 
 
 class Leases:
+    """The `leases` table as operations (offer, claim, renew, release, finish), each one
+    statement or one short transaction, so workers coordinate through the database alone."""
+
     def __init__(self, store: SqlStore) -> None:
         self.store = store
 
@@ -165,6 +176,7 @@ class Leases:
         return finished
 
     async def get(self, conversation_id: str) -> Lease | None:
+        """The conversation's lease, or None when no bot is wanted for it."""
         async with self.store.engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -174,6 +186,7 @@ class Leases:
         return _lease(row) if row is not None else None
 
     async def list(self, limit: int = 1000) -> list[Lease]:
+        """Every lease, oldest first: which bots are wanted, and who runs them."""
         async with self.store.engine.connect() as conn:
             rows = (
                 await conn.execute(sa.select(leases).order_by(leases.c.created_at).limit(limit))

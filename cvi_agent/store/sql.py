@@ -1,8 +1,8 @@
 """The SQL store: SQLAlchemy Core on an async engine. SQLite (WAL) by default, PostgreSQL by URL.
 
 Idempotency lives in unique constraints, not in application checks: a duplicate delivery is an
-`INSERT … ON CONFLICT DO NOTHING` that inserts nothing. The schema is versioned; migrations run
-on startup, serialized across processes (PostgreSQL advisory lock; SQLite's write lock).
+`INSERT … ON CONFLICT DO NOTHING` that inserts nothing. The tables and their migrations are in
+`store.schema`; which errors are retried is decided in `store.errors`.
 """
 
 from __future__ import annotations
@@ -29,152 +29,20 @@ from cvi_agent.store.base import (
     VideoRecord,
     now,
 )
+from cvi_agent.store.errors import describe_error, is_transient
+from cvi_agent.store.schema import (
+    answers,
+    applied_version,
+    conversations,
+    events,
+    migrate,
+    tool_calls,
+    transcripts,
+    utterances,
+    videos,
+)
 
 log = logging.getLogger(__name__)
-
-JSONType = sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
-metadata = sa.MetaData()
-
-conversations = sa.Table(
-    "conversations",
-    metadata,
-    sa.Column("id", sa.String(128), primary_key=True),
-    sa.Column("persona", sa.String(128)),
-    sa.Column("status", sa.String(32), nullable=False, default="active"),
-    sa.Column("conversation_url", sa.Text),
-    sa.Column("shutdown_reason", sa.Text),
-    sa.Column("meta", JSONType, nullable=False),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("updated_at", sa.Double, nullable=False),
-    sa.Column("ended_at", sa.Double),
-)
-
-events = sa.Table(
-    "events",
-    metadata,
-    sa.Column(
-        "id",
-        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
-    sa.Column("conversation_id", sa.String(128), nullable=False),
-    sa.Column("source", sa.String(16), nullable=False),
-    sa.Column("kind", sa.String(128), nullable=False),
-    sa.Column("dedupe_key", sa.String(512), nullable=False),
-    sa.Column("seq", sa.BigInteger),
-    sa.Column("inference_id", sa.String(128)),
-    sa.Column("turn_idx", sa.Integer),
-    sa.Column("role", sa.String(32)),
-    sa.Column("occurred_at", sa.Double),
-    sa.Column("received_at", sa.Double, nullable=False),
-    sa.Column("payload", JSONType, nullable=False),
-    sa.UniqueConstraint("source", "dedupe_key", name="uq_events_delivery"),
-    sa.Index("ix_events_conversation", "conversation_id", "id"),
-)
-
-utterances = sa.Table(
-    "utterances",
-    metadata,
-    sa.Column(
-        "id",
-        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
-    sa.Column("conversation_id", sa.String(128), nullable=False),
-    sa.Column("role", sa.String(32), nullable=False),
-    sa.Column("key", sa.String(256), nullable=False),
-    sa.Column("intended_text", sa.Text),
-    sa.Column("spoken_text", sa.Text),
-    sa.Column("is_interrupted", sa.Boolean),
-    sa.Column("inference_id", sa.String(128)),
-    sa.Column("turn_idx", sa.Integer),
-    sa.Column("seq", sa.BigInteger),
-    sa.Column("occurred_at", sa.Double),
-    sa.UniqueConstraint("conversation_id", "role", "key", name="uq_utterances_turn"),
-)
-
-tool_calls = sa.Table(
-    "tool_calls",
-    metadata,
-    sa.Column(
-        "id",
-        sa.BigInteger().with_variant(sa.Integer, "sqlite"),
-        primary_key=True,
-        autoincrement=True,
-    ),
-    sa.Column("conversation_id", sa.String(128), nullable=False),
-    sa.Column("key", sa.String(256), nullable=False),
-    sa.Column("tool_call_id", sa.String(128)),
-    sa.Column("name", sa.String(128), nullable=False),
-    sa.Column("arguments", sa.Text, nullable=False),
-    sa.Column("inference_id", sa.String(128)),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("output", sa.Text),
-    sa.Column("occurred_at", sa.Double),
-    sa.UniqueConstraint("conversation_id", "key", name="uq_tool_calls_call"),
-)
-
-transcripts = sa.Table(
-    "transcripts",
-    metadata,
-    sa.Column("conversation_id", sa.String(128), primary_key=True),
-    sa.Column("entries", JSONType, nullable=False),
-    sa.Column("received_at", sa.Double, nullable=False),
-)
-
-answers = sa.Table(
-    "answers",
-    metadata,
-    sa.Column("conversation_id", sa.String(128), primary_key=True),
-    sa.Column("question_id", sa.String(128), primary_key=True),
-    sa.Column("answer", sa.Text, nullable=False),
-    sa.Column("updated_at", sa.Double, nullable=False),
-)
-
-videos = sa.Table(
-    "videos",
-    metadata,
-    sa.Column("provider", sa.String(16), primary_key=True),
-    sa.Column("video_id", sa.String(128), primary_key=True),
-    sa.Column("conversation_id", sa.String(128)),
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column("url", sa.Text),
-    sa.Column("error", sa.Text),
-    sa.Column("script", sa.Text),
-    sa.Column("raw", JSONType, nullable=False),
-    sa.Column("created_at", sa.Double, nullable=False),
-    sa.Column("updated_at", sa.Double, nullable=False),
-    sa.Index("ix_videos_conversation", "conversation_id"),
-)
-
-leases = sa.Table(
-    "leases",
-    metadata,
-    sa.Column("conversation_id", sa.String(128), primary_key=True),
-    sa.Column("owner", sa.String(128)),
-    sa.Column("expires_at", sa.Double, nullable=False),
-    sa.Column("payload", JSONType, nullable=False),
-    sa.Column("created_at", sa.Double, nullable=False),
-)
-
-schema_version = sa.Table(
-    "schema_version",
-    metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("applied_at", sa.Double, nullable=False),
-)
-
-Migration = Callable[[AsyncConnection], Awaitable[None]]
-
-
-async def _v1_initial(conn: AsyncConnection) -> None:
-    await conn.run_sync(metadata.create_all)
-
-
-# Append-only: a released migration is never edited; a schema change is a new entry.
-MIGRATIONS: list[tuple[int, Migration]] = [(1, _v1_initial)]
 
 # Seconds a write keeps retrying while the database is away before its caller gets the error
 # (a callback then answers 503): long enough to ride out a PostgreSQL restart, short enough
@@ -196,9 +64,16 @@ def _sqlite_path(url: str) -> Path | None:
 
 
 class SqlStore:
-    """Every read and write of the conversation record."""
+    """Every read and write of the conversation record, in one place, so that idempotency,
+    retries while the database is away, and SQLite's one-writer rule are handled once rather
+    than by each caller."""
 
     def __init__(self, url: str, *, echo: bool = False) -> None:
+        """Prepare the engine (nothing connects yet; `init()` creates or migrates the schema).
+
+        `url` is an SQLAlchemy async URL (`sqlite+aiosqlite:///…`, `postgresql+asyncpg://…`);
+        `echo` logs every statement, for debugging.
+        """
         self.url = url
         path = _sqlite_path(url)
         if path is not None:
@@ -227,28 +102,15 @@ class SqlStore:
     async def init(self) -> None:
         """Create or migrate the schema (idempotent, safe to run from several processes)."""
         async with self.engine.begin() as conn:
-            if self.dialect == "postgresql":
-                await conn.execute(sa.text("SELECT pg_advisory_xact_lock(74210331)"))
-            await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
-            current = (
-                await conn.execute(sa.select(sa.func.max(schema_version.c.version)))
-            ).scalar()
-            for version, migrate in MIGRATIONS:
-                if current is not None and version <= current:
-                    continue
-                log.info("applying schema migration %d", version)
-                await migrate(conn)
-                await conn.execute(
-                    schema_version.insert().values(version=version, applied_at=now())
-                )
+            await migrate(conn, self.dialect)
 
     async def schema_version(self) -> int:
+        """The schema version the database is at (0 before `init`): proof that migrations ran."""
         async with self.engine.connect() as conn:
-            return int(
-                (await conn.execute(sa.select(sa.func.max(schema_version.c.version)))).scalar() or 0
-            )
+            return await applied_version(conn)
 
     async def aclose(self) -> None:
+        """Close the pooled connections, so a test or a command leaves no connection behind."""
         await self.engine.dispose()
 
     # -- helpers -------------------------------------------------------------------------------
@@ -428,6 +290,7 @@ class SqlStore:
         return changed
 
     async def get_conversation(self, conversation_id: str) -> ConversationRecord | None:
+        """The conversation, or None when nothing about it was ever recorded."""
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -540,6 +403,7 @@ class SqlStore:
         return inserted
 
     async def add_event(self, record: EventRecord) -> bool:
+        """`add_events` for one record: whether it was new (False: a duplicate delivery)."""
         return bool(await self.add_events([record]))
 
     async def list_events(
@@ -551,6 +415,9 @@ class SqlStore:
         source: str | None = None,
         order: str = "seq",
     ) -> list[EventRecord]:
+        """A page of a conversation's events after `after_id`. `order="seq"` is the order they
+        happened in (room events by `seq`, the rest by time), for reading a conversation;
+        `order="id"` is the order they were stored in, for following new ones with `after_id`."""
         query = sa.select(events).where(
             events.c.conversation_id == conversation_id, events.c.id > after_id
         )
@@ -572,6 +439,8 @@ class SqlStore:
     async def count_events(
         self, conversation_id: str | None = None, source: str | None = None
     ) -> int:
+        """How many events are stored (of one conversation, of one source), for stats and
+        tests without reading them all."""
         query = sa.select(sa.func.count()).select_from(events)
         if conversation_id is not None:
             query = query.where(events.c.conversation_id == conversation_id)
@@ -592,6 +461,9 @@ class SqlStore:
     # -- utterances and tool calls ----------------------------------------------------------------
 
     async def upsert_utterances(self, records: Sequence[UtteranceRecord]) -> None:
+        """Store turns, merging halves of the same turn (`conversation_id`, `role`, `key`):
+        what was meant and what was spoken arrive in separate events, in any order, and each
+        fills its own columns without erasing the other's."""
         if not records:
             return
         rows = [
@@ -635,6 +507,7 @@ class SqlStore:
         await self._retrying(run)
 
     async def list_utterances(self, conversation_id: str) -> list[UtteranceRecord]:
+        """The conversation's turns in the order they started: its transcript as we saw it."""
         query = (
             sa.select(utterances)
             .where(utterances.c.conversation_id == conversation_id)
@@ -647,6 +520,9 @@ class SqlStore:
         return [_from_row(UtteranceRecord, r) for r in rows]
 
     async def upsert_tool_call(self, record: ToolCallRecord) -> None:
+        """Record a tool call, or its outcome: a repeated "called" never overwrites an outcome
+        already stored, and a result updates the call it belongs to."""
+
         async def run(conn: AsyncConnection) -> None:
             stmt = self._insert(tool_calls).values(
                 conversation_id=record.conversation_id,
@@ -676,6 +552,7 @@ class SqlStore:
         await self._retrying(run)
 
     async def list_tool_calls(self, conversation_id: str) -> list[ToolCallRecord]:
+        """The conversation's tool calls in the order they were first recorded."""
         query = (
             sa.select(tool_calls)
             .where(tool_calls.c.conversation_id == conversation_id)
@@ -694,6 +571,8 @@ class SqlStore:
         *,
         conn: AsyncConnection | None = None,
     ) -> None:
+        """Keep Tavus's transcript of the conversation; a later delivery replaces it whole."""
+
         async def run(conn: AsyncConnection) -> None:
             stmt = self._insert(transcripts).values(
                 conversation_id=conversation_id, entries=entries, received_at=now()
@@ -711,6 +590,7 @@ class SqlStore:
         await self._write(run, conn)
 
     async def get_transcript(self, conversation_id: str) -> list[dict[str, Any]] | None:
+        """Tavus's transcript, or None until it was delivered."""
         async with self.engine.connect() as conn:
             value = (
                 await conn.execute(
@@ -724,6 +604,8 @@ class SqlStore:
     async def set_answers(
         self, conversation_id: str, values: dict[str, str], *, conn: AsyncConnection | None = None
     ) -> None:
+        """Store questionnaire answers by question id; a newer answer replaces the older one,
+        the other questions keep theirs."""
         if not values:
             return
 
@@ -748,6 +630,7 @@ class SqlStore:
         await self._write(run, conn)
 
     async def get_answers(self, conversation_id: str) -> dict[str, str]:
+        """The questionnaire answers so far, by question id."""
         async with self.engine.connect() as conn:
             rows = (
                 await conn.execute(
@@ -816,6 +699,7 @@ class SqlStore:
         return result
 
     async def get_video(self, provider: str, video_id: str) -> VideoRecord | None:
+        """One video by its provider's id, or None when we never heard of it."""
         async with self.engine.connect() as conn:
             row = (
                 await conn.execute(
@@ -834,6 +718,8 @@ class SqlStore:
         provider: str | None = None,
         statuses: Sequence[str] | None = None,
     ) -> list[VideoRecord]:
+        """Videos newest first, optionally of one conversation, one provider, or in some
+        statuses (the poller asks for the ones still rendering)."""
         query = sa.select(videos).order_by(videos.c.created_at.desc()).limit(limit)
         if conversation_id is not None:
             query = query.where(videos.c.conversation_id == conversation_id)
@@ -852,59 +738,6 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cursor.execute("PRAGMA synchronous=NORMAL")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
-
-
-# PostgreSQL SQLSTATEs after which a new transaction may succeed: class 08 (connection
-# exception), 57P01 admin_shutdown (a fast shutdown or restart ended the session), 57P02
-# crash_shutdown, 57P03 cannot_connect_now ("the database system is starting up" / "shutting
-# down"), 53300 too_many_connections, 40001 serialization_failure, 40P01 deadlock_detected.
-_TRANSIENT_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    """The PostgreSQL error code, wherever the driver and SQLAlchemy's adapter put it."""
-    orig = getattr(exc, "orig", None)
-    for candidate in (exc, orig, getattr(orig, "__cause__", None)):
-        code = getattr(candidate, "sqlstate", None) or getattr(candidate, "pgcode", None)
-        if isinstance(code, str) and code:
-            return code
-    return None
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether retrying `exc` in a new transaction may succeed (the database is busy, starting,
-    stopping or was restarted), as opposed to an error the statement or the data caused."""
-    if isinstance(exc, OSError):  # connection refused, reset, connect timeout
-        return True
-    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
-        return True
-    code = _sqlstate(exc)
-    if code is not None:
-        return code.startswith("08") or code in _TRANSIENT_SQLSTATES
-    orig = getattr(exc, "orig", None)
-    text = str(orig if orig is not None else exc).lower()
-    markers = (
-        "locked",
-        "busy",
-        "connection",
-        "terminat",
-        "shutdown",
-        "shutting down",
-        "starting up",
-        "recovery mode",
-        "closed",
-        "timeout",
-        "refused",
-        "reset",
-    )
-    return any(m in text for m in markers)
-
-
-def describe_error(exc: BaseException) -> str:
-    """One line for the log: the error's type and the first line of its message."""
-    orig = getattr(exc, "orig", None) or exc
-    first = (str(orig).strip().splitlines() or [""])[0][:160]
-    return f"{type(orig).__name__}: {first}" if first else type(orig).__name__
 
 
 _Record = TypeVar(
@@ -930,6 +763,8 @@ def _from_row(cls: type[_Record], row: Any) -> _Record:
 
 
 async def open_store(url: str) -> SqlStore:
+    """A store ready to use: the schema created or migrated. What servers, workers and
+    commands call; close it with `aclose()`."""
     store = SqlStore(url)
     await store.init()
     return store

@@ -193,10 +193,12 @@ class RetryPolicy:
         return backoff * (0.5 + random.random() / 2)
 
 
-class RateLimiter:
+class RequestPacer:
     """At most `limit` acquisitions in any sliding window of `period` seconds (JoggAI: 20 POST/min).
 
-    Callers wait for a free slot; a caller with a deadline (`asyncio.timeout`) gives up cleanly.
+    Callers wait for a free slot (a provider's limit is a pace to keep, not a reason to fail,
+    unlike `web.security.RateLimiter`, which refuses); a caller with a deadline
+    (`asyncio.timeout`) gives up cleanly.
     One limiter per client, so per process: the provider's limit is per key, and several
     processes sharing one key must split it (see README, "JoggAI").
     """
@@ -263,7 +265,7 @@ class ProviderHttp:
         *,
         timeout: float = 15.0,
         retry: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RequestPacer | None = None,
         should_retry: RetryDecision = default_should_retry,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
@@ -363,7 +365,7 @@ class ProviderClient:
         *,
         timeout: float = 15.0,
         retry: RetryPolicy | None = None,
-        limiter: RateLimiter | None = None,
+        limiter: RequestPacer | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
         self.http = ProviderHttp(
@@ -377,7 +379,7 @@ class ProviderClient:
             transport=transport,
         )
 
-    def default_limiter(self) -> RateLimiter | None:
+    def default_limiter(self) -> RequestPacer | None:
         return None
 
     @staticmethod

@@ -2,7 +2,7 @@
 
 `code` 0 is success; anything else is an error even under HTTP 200, so both the HTTP status and
 the code are checked (`JOGG_CODES` names them). The key allows 20 POST requests per minute: the
-client waits for a slot (`RateLimiter`) instead of being refused. Webhooks are signed:
+client waits for a slot (`RequestPacer`) instead of being refused. Webhooks are signed:
 `X-Webhook-Signature` = lowercase hex HMAC-SHA256(endpoint secret, raw body); deliveries are
 deduplicated on `event_id`.
 """
@@ -22,7 +22,7 @@ from cvi_agent.videos.base import (
     Delivery,
     ProviderClient,
     ProviderError,
-    RateLimiter,
+    RequestPacer,
     VideoEvent,
     VideoStatus,
     Voice,
@@ -180,8 +180,8 @@ class JoggVideos(ProviderClient):
     name = NAME
     default_url = DEFAULT_URL
 
-    def default_limiter(self) -> RateLimiter:
-        return RateLimiter(POSTS_PER_MINUTE, 60.0)
+    def default_limiter(self) -> RequestPacer:
+        return RequestPacer(POSTS_PER_MINUTE, 60.0)
 
     retry_decision = staticmethod(should_retry)
 

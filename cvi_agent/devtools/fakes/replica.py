@@ -20,7 +20,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from cvi_agent.rooms.room import LocalRoom, Participant, RoomListener
+from cvi_agent.rooms.base import Participant, RoomListener
+from cvi_agent.rooms.local import LocalRoom
 
 Predicate = Callable[[Any], bool]
 

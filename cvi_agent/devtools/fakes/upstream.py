@@ -24,7 +24,7 @@ Scope = dict[str, Any]
 
 
 @dataclass
-class Step:
+class ReplyStep:
     """One scripted step of a reply."""
 
     content: str | None = None
@@ -38,7 +38,7 @@ class Step:
 class Plan:
     """A whole scripted reply: HTTP error, or steps then a finish reason."""
 
-    steps: list[Step] = field(default_factory=list)
+    steps: list[ReplyStep] = field(default_factory=list)
     status: int = 200
     error_body: dict[str, Any] | None = None
     finish_reason: str | None = None
@@ -107,7 +107,7 @@ class FakeUpstream:
     def reply(self, text: str, words_per_chunk: int = 1, **kw: Any) -> Plan:
         words = text.split(" ")
         steps = [
-            Step(
+            ReplyStep(
                 content=" ".join(words[i : i + words_per_chunk])
                 + (" " if i + words_per_chunk < len(words) else "")
             )
@@ -129,17 +129,17 @@ class FakeUpstream:
             args = json.dumps({"location": "San Francisco, CA"})
             return Plan(
                 steps=[
-                    Step(content="Let me check. "),
-                    Step(
+                    ReplyStep(content="Let me check. "),
+                    ReplyStep(
                         tool_name=cfg.tool_name,
                         tool_id="call_" + str(self._random.randrange(10**9)),
                     ),
-                    Step(tool_arguments=args[: len(args) // 2]),
-                    Step(tool_arguments=args[len(args) // 2 :]),
+                    ReplyStep(tool_arguments=args[: len(args) // 2]),
+                    ReplyStep(tool_arguments=args[len(args) // 2 :]),
                 ],
                 finish_reason="tool_calls",
             )
-        return Plan(steps=[Step(content=f"word{i} ") for i in range(cfg.reply_words)])
+        return Plan(steps=[ReplyStep(content=f"word{i} ") for i in range(cfg.reply_words)])
 
     async def __call__(self, scope: Scope, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":

@@ -37,7 +37,8 @@ import httpx
 
 from cvi_agent.devtools.simulate.report import SimulationReport, TurnReport
 from cvi_agent.devtools.simulate.script import Script, Step
-from cvi_agent.rooms.room import LocalRoom, Participant, RoomListener
+from cvi_agent.rooms.base import Participant, RoomListener
+from cvi_agent.rooms.local import LocalRoom
 
 log = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from cvi_agent.devtools.simulate.engine import Simulation
 from cvi_agent.devtools.simulate.report import SimulationReport
 from cvi_agent.devtools.simulate.script import load_script
 from cvi_agent.personas import Persona
-from cvi_agent.rooms.room import LocalRoomServer
+from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.web.auth import presented_key, require_key
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
