@@ -132,6 +132,25 @@ class _Backoff:
 
 
 class Recorder:
+    """The queue between a room and the store (see the module doc), drained by one task.
+
+    The queue is unbounded on purpose: a room callback must never wait or fail, so a database
+    that is away makes the backlog grow (logged at 1,000, 4,000, 16,000… records) rather than
+    push back on the room. One per bot by default; several bots may share one, and then
+    whoever created it starts and closes it.
+
+    Args:
+        store: where the records go (`add_events_bulk`, then the utterance and tool-call rows).
+        on_record: awaited with each newly stored record, in order, after its batch committed
+            (the worker publishes it on the live feed); its errors are logged, not raised.
+        max_batch: records written per transaction at most.
+        linger: seconds the drain task waits after a lone record so a burst (and out-of-order
+            deliveries) share one batch; 0 writes at once.
+        retry_max: cap, in seconds, of the backoff between retries of a failed write.
+        close_timeout: seconds `close()` waits without any progress of the database before it
+            gives up and counts what is left as dropped.
+    """
+
     def __init__(
         self,
         store: SqlStore,
@@ -159,13 +178,16 @@ class Recorder:
 
     @property
     def backlog(self) -> int:
+        """Items waiting in the queue (not counting the batch being written)."""
         return self._queue.qsize()
 
     def start(self) -> None:
+        """Start the drain task (idempotent); items put before this wait in the queue."""
         if self._task is None:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="recorder")
 
     def put(self, item: Pending) -> None:
+        """Queue one record for the store; never awaits, never raises (room callbacks call it)."""
         self._unwritten += 1
         self._queue.put_nowait(item)
         size = self._queue.qsize()

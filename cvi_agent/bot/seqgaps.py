@@ -26,14 +26,18 @@ DEFAULT_MAX_HELD = 512
 
 @dataclass(frozen=True, slots=True)
 class SeqGap:
+    """One hole: the numbers strictly between `after` and `before` were never received."""
+
     after: int  # the last seq received before the hole
     before: int  # the first seq received after it
 
     @property
     def missing(self) -> int:
+        """How many events the hole lost."""
         return self.before - self.after - 1
 
     def as_dict(self) -> dict[str, int]:
+        """The `bot.seq_gap` record's payload."""
         return {"after": self.after, "before": self.before, "missing": self.missing}
 
 
@@ -50,6 +54,9 @@ class SeqGaps:
         window: float = DEFAULT_WINDOW,
         max_held: int = DEFAULT_MAX_HELD,
     ) -> None:
+        """`on_gap` is called on the loop's thread, once per hole, in seq order. `window`:
+        seconds an event may wait above a hole before the hole is reported. `max_held`: events
+        waiting above holes before every hole is reported at once (bounds the memory)."""
         self.on_gap = on_gap
         self.window = window
         self.max_held = max_held
@@ -68,6 +75,7 @@ class SeqGaps:
             self.high = seq
 
     def see(self, seq: int) -> None:
+        """One received number, in arrival order; duplicates and late ones are absorbed."""
         high = self.high
         if high is None:
             self.high = seq  # the first event sets the baseline: nothing before it is missing
@@ -95,6 +103,7 @@ class SeqGaps:
             self._report_up_to(max(self._ahead))
 
     def close(self) -> None:
+        """Stop the timer without reporting what is still open (`flush` reports it)."""
         self._cancel()
 
     # internals

@@ -89,6 +89,7 @@ class BotStats:
     _interruptions: dict[str, int] = field(default_factory=lambda: {"generic": 0, "legacy": 0})
 
     def count_speaking(self, event: SpeakingEvent) -> None:
+        """Count a started/stopped-speaking event into its family (generic or legacy)."""
         family = "legacy" if event.legacy else "generic"
         if event.started:
             counts = self._speaking[family]
@@ -111,6 +112,7 @@ class BotStats:
         return self._interruptions[self._family()]
 
     def as_dict(self) -> dict[str, Any]:
+        """The counters as JSON (the `bot.left` record and `cvi-agent bot`'s summary)."""
         return {
             "events": self.events,
             "invalid": self.invalid,
@@ -176,6 +178,15 @@ def _spoken_result(value: Any) -> str:
 
 
 class ConversationBot(RoomListener):
+    """One bot in one conversation's room: `start()` joins, `run()` waits for the end, leaves
+    and flushes; `stop()` (idempotent) ends it from outside.
+
+    Everything runs on the loop's thread. Room callbacks (`on_…`) only parse, count, queue a
+    record and maybe start a task; they never await, so the room is never held up. The bot
+    owns its client-tool tasks and its leave timer and cancels them on stop, before it leaves
+    the room and drains the recorder. See ARCHITECTURE.md, "The room bot".
+    """
+
     def __init__(
         self,
         room: Room,
@@ -193,10 +204,33 @@ class ConversationBot(RoomListener):
         log_prefix: str | None = None,
         gap_window: float = DEFAULT_WINDOW,
     ) -> None:
-        """`absent_timeout`: leave when no human has joined this long after the join (None:
-        wait for ever). `recorder`: share one recorder between bots (the bot then only flushes
-        it on stop); by default the bot owns one. `gap_window`: how long a hole in the `seq`
-        numbers may stay open (out-of-order arrival) before it is recorded as `bot.seq_gap`."""
+        """Set up the bot; nothing touches the room until `start()`.
+
+        Args:
+            room: the room to join (`DailyRoom`, or `LocalRoom` for `ws://` URLs); the bot
+                becomes its listener and sets its user name.
+            conversation_id: what every record is filed under.
+            store: where records go (through the recorder), and where a bot taking over reads
+                the last `seq` already stored.
+            persona: whose `execution: client` tools with a `handler` the bot answers, and
+                whose `persona_name` identifies the replica; None: no tools are answered and
+                the replica is known by its user id only.
+            bot_name: the bot's user name in the room; participants with that name are other
+                bots (a handover), never humans.
+            on_record: awaited with each newly stored record (the worker publishes it on the
+                live feed); only with the bot's own recorder (ValueError with `recorder`).
+            leave_grace: seconds to stay after the last human left.
+            absent_timeout: leave when no human has joined this long after the join (None:
+                wait for ever).
+            tool_timeout: seconds a client-tool handler may take when its spec sets no
+                `timeout`.
+            audio_chunk_ms: length of each chunk `echo_audio` sends.
+            recorder: share one recorder between bots (the bot then only flushes it on stop);
+                by default the bot owns one.
+            log_prefix: prepended to every log line (default `[<conversation_id>] `).
+            gap_window: how long a hole in the `seq` numbers may stay open (out-of-order
+                arrival) before it is recorded as `bot.seq_gap`.
+        """
         self.room = room
         self.conversation_id = conversation_id
         self.store = store
@@ -323,6 +357,7 @@ class ConversationBot(RoomListener):
         await self._send(interaction.to_message(self.conversation_id), interaction)
 
     async def echo(self, text: str) -> None:
+        """Have the replica say `text` as is, without the LLM."""
         await self.send(Echo(text=text))
 
     async def echo_audio(
@@ -363,15 +398,19 @@ class ConversationBot(RoomListener):
         return inference_id
 
     async def respond(self, text: str) -> None:
+        """Have the replica answer `text` as if the user had said it (through the LLM)."""
         await self.send(Respond(text=text))
 
     async def interrupt(self) -> None:
+        """Make the replica stop speaking at once."""
         await self.send(Interrupt())
 
     async def overwrite_context(self, context: str) -> None:
+        """Replace the conversation's `conversational_context` (what the LLM is told)."""
         await self.send(OverwriteContext(context=context))
 
     async def append_context(self, context: str, job_status: str | None = None) -> None:
+        """Append to the conversation's context (`job_status` passed through when given)."""
         await self.send(AppendContext(context=context, job_status=job_status))
 
     async def sensitivity(
@@ -388,6 +427,8 @@ class ConversationBot(RoomListener):
     async def tool_result(
         self, tool_call_id: str, output: Any, status: Literal["success", "error"] = "success"
     ) -> None:
+        """Answer a client tool call by hand (handlers named in the persona are answered by
+        the bot itself)."""
         await self.send(ToolResult(tool_call_id=tool_call_id, output=output, status=status))
 
     async def _send(
@@ -455,6 +496,8 @@ class ConversationBot(RoomListener):
     # -- room callbacks (on the loop's thread; cheap and synchronous) ------------------------------
 
     def on_app_message(self, message: Any, sender: str | None) -> None:
+        """A room event: parsed (never raises), recorded, logged; a tool call of ours starts
+        its handler's task, and `system.shutdown` ends the bot."""
         self.stats.events += 1
         event = parse_event(message)
         if isinstance(event, InvalidEvent):
@@ -487,6 +530,7 @@ class ConversationBot(RoomListener):
             self._end(f"conversation ended ({why})" if why else "conversation ended")
 
     def on_participant_joined(self, participant: Participant) -> None:
+        """Record who joined as replica, bot or human; a human calls off any leave timer."""
         role = self._classify(participant)
         if role == "replica":
             self.replicas[participant.id] = participant
@@ -498,6 +542,7 @@ class ConversationBot(RoomListener):
         self._info("+ %s joined (%s)", participant.user_name or participant.id, role)
 
     def on_participant_left(self, participant: Participant, reason: str | None) -> None:
+        """Record who left; when the last human leaves, leave `leave_grace` seconds later."""
         role = self._classify(participant)
         self.replicas.pop(participant.id, None)
         was_human = self.humans.pop(participant.id, None) is not None
@@ -515,11 +560,13 @@ class ConversationBot(RoomListener):
             self._arm_timer(self.leave_grace, "the last human left")
 
     def on_disconnected(self, reason: str, permanent: bool) -> None:
+        """Record the drop; a permanent one (the room gave up reconnecting) ends the bot."""
         self._record_bot("bot.disconnected", {"reason": reason, "permanent": permanent})
         if permanent:
             self._end(f"room lost: {reason}")
 
     def on_reconnected(self) -> None:
+        """Record it; events sent while away show up as `bot.seq_gap` records."""
         self._record_bot("bot.reconnected", {})
 
     # -- gaps in `seq` ------------------------------------------------------------------------------

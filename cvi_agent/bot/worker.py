@@ -54,17 +54,39 @@ OnRecord = Callable[[EventRecord], Awaitable[None]]
 class Bot(Protocol):
     """What the worker needs of a bot (`cvi_agent.bot.session.ConversationBot`)."""
 
-    async def start(self, url: str, meeting_token: str | None = None) -> None: ...
+    async def start(self, url: str, meeting_token: str | None = None) -> None:
+        """Join the room; raising counts as a failed attempt (retried with backoff)."""
+        ...
 
-    async def send(self, interaction: Interaction) -> None: ...
+    async def send(self, interaction: Interaction) -> None:
+        """Send one interaction into the room; raising answers the command `send_failed`."""
+        ...
 
-    async def run(self) -> str: ...
+    async def run(self) -> str:
+        """Wait for the end, leave, and return why; a reason starting with `room lost` makes
+        the worker retry the conversation (here or on another worker)."""
+        ...
 
-    async def stop(self, reason: str) -> None: ...
+    async def stop(self, reason: str) -> None:
+        """End the bot from another task; idempotent, and may race with `run`."""
+        ...
 
 
 @dataclass(slots=True)
 class BotSpec:
+    """What a bot factory gets to build the bot for one claimed conversation.
+
+    Args:
+        conversation_id: the conversation the lease is for.
+        conversation_url: the room to join (a Daily `https://` URL, or `ws://` for a local
+            room), from the lease.
+        meeting_token: the room's meeting token, when the lease carries one.
+        persona: the lease's (else the conversation's) persona, if this process knows it.
+        bot_name: the bot's user name in the room.
+        store: the worker's store, for the bot's records.
+        on_record: the worker's publisher, awaited with each newly stored record.
+    """
+
     conversation_id: str
     conversation_url: str
     meeting_token: str | None
@@ -103,6 +125,19 @@ def load_factory(path: str | None) -> BotFactory:
 
 @dataclass
 class RunningBot:
+    """A bot this worker runs, with the lease that entitles it to.
+
+    Args:
+        lease: the lease held for it; its owner token is the fencing token, replaced when
+            the worker re-claims its own expired lease.
+        bot: the bot.
+        task: the task running it (set as soon as it is created).
+        stop_reason: why the worker stopped it (`lease_lost`, `worker_shutdown`,
+            `worker_stopped`, or a stop command's reason); None while it should run. Decides
+            what happens to the lease once the bot is gone.
+        replies: recent command ids → their replies (the last 256).
+    """
+
     lease: Lease
     bot: Bot
     task: asyncio.Task[None] | None = None
@@ -112,19 +147,48 @@ class RunningBot:
 
     @property
     def conversation_id(self) -> str:
+        """The conversation this bot serves."""
         return self.lease.conversation_id
 
     @property
     def owner(self) -> str:
+        """The lease's owner token (a claimed lease always has one)."""
         assert self.lease.owner is not None
         return self.lease.owner
 
 
 def default_worker_id() -> str:
+    """`host:pid:random`: readable in logs and records; the random part tells apart two
+    processes that got the same pid."""
     return f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(2)}"
 
 
 class Worker:
+    """Runs the bots of the conversations it claims, at most `capacity` at once (module doc).
+
+    One loop task claims and heartbeats; each bot runs in its own task with a command
+    listener beside it. The worker alone settles a bot's lease when the bot ends: finished,
+    given back (shutdown), or offered again after a backoff when the bot crashed (up to
+    `MAX_ATTEMPTS`); a lease it lost is left to its new owner.
+
+    Args:
+        store: the database holding the leases and the records.
+        bus: wake-ups on the work channel; each conversation's commands and replies.
+        personas: the personas by name, for the bots' tools and replica detection.
+        publish: awaited with each newly stored record (bots' and the worker's `worker.*`
+            notes): the live feed.
+        worker_id: this worker's name in logs, records and lease owner tokens (default
+            `default_worker_id()`).
+        factory: builds the bot of a claimed conversation (default: a `ConversationBot` in
+            a Daily room, or a local room for `ws://` URLs).
+        capacity: bots run at once at most; claims stop at this number.
+        lease_seconds: a lease not renewed for this long may be claimed by another worker;
+            renewed every third of it.
+        poll_interval: seconds between claim rounds when no wake-up comes (at most a third of
+            `lease_seconds`).
+        bot_name: the bots' user name in the room, unless the lease names another.
+    """
+
     def __init__(
         self,
         *,
@@ -184,6 +248,8 @@ class Worker:
     # -- lifecycle -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        """Start the loop and return once it listens for wake-ups (or after 10 s), so a
+        conversation offered right after is claimed at once; raises what killed the loop."""
         self._task = asyncio.create_task(self._loop(), name=f"worker-{self.worker_id}")
         ready = asyncio.create_task(self._ready.wait())
         await asyncio.wait({ready, self._task}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
@@ -192,12 +258,16 @@ class Worker:
             self._task.result()  # raise what stopped it
 
     async def run_forever(self) -> None:
+        """`start`, then wait on the loop, which ends only when cancelled; the caller still
+        calls `aclose` to stop the bots and give their leases back."""
         await self.start()
         assert self._task is not None
         await self._task
 
     async def aclose(self, release: bool = True) -> None:
-        """Stop every bot; give their leases back (at once, so another worker takes over)."""
+        """Stop the loop and every bot, then give the bots' tasks 15 s to settle their leases
+        (cancelled after). With `release` the leases are given back at once, so another worker
+        takes over; without it they are finished, as if no bot were wanted any more."""
         self._stopping = True
         if self._task is not None:
             self._task.cancel()
@@ -268,6 +338,8 @@ class Worker:
                 await self._adopt(lease)
 
     async def heartbeat(self) -> None:
+        """Renew every running bot's lease in one statement; a bot whose lease is missing from
+        the answer was taken over or ended, and is stopped at once (fencing)."""
         self._last_heartbeat = time.monotonic()
         running = [rb for rb in self.running.values() if rb.stop_reason is None]
         if not running:

@@ -115,6 +115,13 @@ def _decode_cursor(cursor: str) -> tuple[float, str]:
 async def list_conversations(
     request: Request, limit: int = 50, cursor: str | None = None
 ) -> dict[str, Any]:
+    """A page of conversations, newest first, `limit` (1–200) at a time.
+
+    Each item is the conversation's row: `id`, `persona`, `status` (`active`, `live` once the
+    replica joined, `ended`), `conversation_url`, `shutdown_reason`, `meta`, timestamps. When
+    `has_more` is true, pass `next_cursor` back as `cursor` for the next page; the cursor is
+    stable while new conversations are created.
+    """
     record = _record(request)
     if not 1 <= limit <= 200:
         raise ApiError(400, "limit must be between 1 and 200.", "invalid_limit", "limit")
@@ -132,6 +139,14 @@ async def list_conversations(
 
 @router.get("/{conversation_id}", dependencies=_auth, summary="One conversation's whole record")
 async def get_conversation(request: Request, conversation_id: str) -> dict[str, Any]:
+    """Everything recorded about one conversation, joined.
+
+    `conversation` (its row), `transcript` (Tavus's, each line with what the bot heard
+    actually spoken: `spoken_text`, `interrupted`; without a Tavus transcript, the bot's
+    utterances), `utterances`, `tool_calls`, `answers` (a questionnaire's), the first 1000
+    `events` (`events_next_after` pages on with `GET …/events?after=`), `videos`, and `bot`
+    (its lease, or null when no bot is wanted). 404 `conversation_not_found`.
+    """
     record = _record(request)
     body = await conversation_record(record, conversation_id)
     if body is None:
@@ -143,6 +158,12 @@ async def get_conversation(request: Request, conversation_id: str) -> dict[str, 
 async def list_events(
     request: Request, conversation_id: str, after: int = 0, limit: int = 500
 ) -> dict[str, Any]:
+    """The conversation's events in arrival order (by id), after the event id `after`,
+    `limit` (1–1000) per page; `next_after` is the `after` of the next page (null at the end).
+
+    Every source is here: `callback` (Tavus webhooks), `room` (what the bot saw), `bot` (what
+    it sent, its lifecycle), `llm` (one `llm.turn` per chat completion), `api`, `video`.
+    """
     record = _record(request)
     await _conversation(record, conversation_id)
     if not 1 <= limit <= 1000:
@@ -219,6 +240,18 @@ async def _tavus_persona_id(record: ConversationService, name: str) -> str:
 
 @router.post("", dependencies=_auth, status_code=201, summary="Create on Tavus and start a bot")
 async def create_conversation(request: Request) -> JSONResponse:
+    """Create a conversation on Tavus with one of our personas, and start a bot in its room.
+
+    The persona is pushed to Tavus first if Tavus does not know it (or pass a Tavus
+    `persona_id`). The conversation gets our `callback_url`, and `max_participants` of at
+    least 3 when a bot joins (the user, the replica and the bot). With `conversation_url`
+    (and optionally `conversation_id`), Tavus is not called: an existing room is recorded and
+    a bot is sent into it. 201 with the conversation, its URL and whether a bot was
+    requested; the bot joins within moments, from whichever worker claims it. 400 for an
+    invalid body, 404 for an unknown `persona`. Tavus's refusals are passed on: 400 with its
+    message, 429 with `Retry-After`, 502 for a bad `TAVUS_API_KEY` or a Tavus outage, 503
+    without a key.
+    """
     record = _record(request)
     raw = await read_json_object(request, record.settings.max_body_bytes)
     try:
@@ -362,6 +395,16 @@ async def _attach_conversation(
     summary="Send an interaction (echo, respond, interrupt, context, sensitivity, tool result)",
 )
 async def send_interaction(request: Request, conversation_id: str) -> dict[str, Any]:
+    """Send an interaction into the conversation's room through its bot, wherever it runs.
+
+    The body is `{"type": "echo", "text": …}`, `respond`, `interrupt`, `overwrite_context`,
+    `append_context`, `sensitivity` or `tool_result`. A 200 means the bot sent it into the
+    room (the reply has the exact message). 400 for an invalid body, 404 for an unknown
+    conversation. 409 `conversation_ended` or `bot_not_attached`: retrying will not help.
+    503 `bot_starting`, `bot_unavailable` or `bot_timeout` (with `Retry-After`): a bot is
+    wanted but not reachable right now. Send an `Idempotency-Key` header to make a retry
+    safe: a repeated key is answered without sending twice.
+    """
     record = _record(request)
     raw = await read_json_object(request, record.settings.max_body_bytes)
     conversation = await _conversation(record, conversation_id)
@@ -388,6 +431,13 @@ async def send_interaction(request: Request, conversation_id: str) -> dict[str, 
 
 @router.post("/{conversation_id}/end", dependencies=_auth, summary="End on Tavus, stop the bot")
 async def end_conversation(request: Request, conversation_id: str) -> dict[str, Any]:
+    """End the conversation on Tavus, stop its bot and mark it ended here.
+
+    Safe to repeat. `tavus_ended` is false (with a `note`) when Tavus says it already ended
+    or does not know it, null without `TAVUS_API_KEY` (then it ends here only);
+    `bot_stopped` says whether a bot was attached. Other Tavus failures are passed on
+    (the conversation is then left as it was).
+    """
     record = _record(request)
     await _conversation(record, conversation_id)
     tavus_ended: bool | None = None

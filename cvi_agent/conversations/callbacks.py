@@ -56,6 +56,15 @@ router = APIRouter(tags=["callbacks"])
 
 @dataclass(slots=True)
 class IngestResult:
+    """What became of one delivery; the route's answer is made of it.
+
+    Args:
+        kind: the callback's kind (`system.shutdown`, …; `video.<status>` for a video).
+        conversation_id: the conversation it belongs to ("" when it names none).
+        new: True when stored now, False for a duplicate delivery (its effects re-applied).
+        event_id: the stored event's id (None for a video delivery or a duplicate).
+    """
+
     kind: str
     conversation_id: str
     new: bool | None  # None: not reported (video deliveries)
@@ -63,6 +72,8 @@ class IngestResult:
 
 
 def check_callback_token(settings: Settings, token: str | None) -> None:
+    """Refuse a delivery before its body is read: 503 when no token is configured (we never
+    accept unauthenticated callbacks), 401 for a missing or unknown token (constant time)."""
     tokens = settings.callback_tokens
     if not tokens:
         raise ApiError(
@@ -100,6 +111,16 @@ def callback_url(settings: Settings) -> str:
     },
 )
 async def tavus_callback(request: Request, token: str | None = None) -> JSONResponse:
+    """Every Tavus webhook: conversation callbacks (any `event_type`, known or not), video
+    callbacks and replica callbacks. Give Tavus `<public URL>/callbacks/tavus?token=<token>`.
+
+    The delivery is committed before the 200, so a 200 is never lost; a redelivery is stored
+    once (`"status": "duplicate"`) and its effects re-applied; order does not matter (a late
+    `replica_joined` never revives an ended conversation). 400 for unusable JSON, 401 for a
+    missing or wrong token, 413 above `CVI_CALLBACK_MAX_BYTES`, 503 when no callback token is
+    configured, and 503 with `Retry-After` while the database is unavailable (retry: the
+    delivery will be stored once).
+    """
     settings: Settings = request.app.state.settings
     check_callback_token(settings, token)
     raw = await read_json_object(request, settings.callback_max_bytes)

@@ -40,6 +40,14 @@ class DeliveryError(Exception):
     """An interaction that did not reach the room; `status`/`code` as the API answers it."""
 
     def __init__(self, status: int, code: str, message: str, retryable: bool) -> None:
+        """One failed delivery, as the API will answer it.
+
+        Args:
+            status: the HTTP status (400, 409 or 503).
+            code: the error's `code` (`bot_not_attached`, `bot_timeout`, …).
+            message: for the API user; safe to show.
+            retryable: whether a retry may succeed (the API then adds `Retry-After`).
+        """
         super().__init__(message)
         self.status = status
         self.code = code
@@ -54,7 +62,20 @@ class ConversationService:
     worker runs the conversation's bot, and the Tavus client.
 
     Built by `ConversationService.start` in the app's lifespan (routes reach it as
-    `request.app.state.conversations`); `turns` records LLM turns off the hot path.
+    `request.app.state.conversations`); `turns` records LLM turns off the hot path, and
+    `leases` says which conversations want a bot. Everything on it is safe to share between
+    the requests of one process; nothing in it is shared between processes except through
+    the store and the bus.
+
+    Args:
+        settings: the process's settings.
+        store: the database every record goes to.
+        bus: fan-out of events (the live feed), commands to bots and worker wake-ups.
+        personas: the loaded personas by name.
+        worker: the in-process bot worker, when this process runs one (`CVI_RUN_WORKER`).
+        _tavus: the Tavus client; leave it None: `tavus` creates it on first use.
+        tavus_persona_ids: Tavus persona ids by `persona_name`, learned when pushing or
+            looking them up (a cache for `POST /api/conversations`).
     """
 
     settings: Settings
@@ -81,6 +102,8 @@ class ConversationService:
         *,
         run_worker: bool | None = None,
     ) -> ConversationService:
+        """Connect the bus, start the turn recorder and (with `run_worker`, by default
+        `CVI_RUN_WORKER`) an in-process worker; `aclose` undoes it all."""
         bus = make_bus(settings.redis_url)
         await bus.start()
         record = cls(settings=settings, store=store, bus=bus, personas=personas)
@@ -93,6 +116,8 @@ class ConversationService:
         return record
 
     async def aclose(self) -> None:
+        """Stop the worker (its leases given back), drain the turn recorder, close the bus
+        and the Tavus client, in that order."""
         if self.worker is not None:
             await self.worker.aclose()
         await self.turns.aclose()
@@ -116,6 +141,7 @@ class ConversationService:
         return new
 
     async def publish_many(self, records: Sequence[EventRecord]) -> None:
+        """`publish` each, in order: for records a caller stored itself (in its transaction)."""
         for record in records:
             await self.publish(record)
 
@@ -198,6 +224,7 @@ class ConversationService:
             )
 
     async def wake_workers(self) -> None:
+        """Tell every worker a conversation wants a bot now; best effort (workers also poll)."""
         try:
             await self.bus.publish(WORK_CHANNEL, {"op": "claim"})
         except Exception as exc:

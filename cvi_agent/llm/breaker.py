@@ -12,6 +12,13 @@ import time
 
 
 class CircuitBreaker:
+    """The breaker of one upstream (see the module doc), shared by every persona using it.
+
+    `name` labels metrics and logs (the upstream's URL); `failures` consecutive failures open
+    it; after `reset` seconds open it lets one trial request through. Not thread-safe, by
+    design: it is only touched from the event loop.
+    """
+
     __slots__ = ("_failures", "_opened_at", "_trial", "failures", "name", "reset")
 
     def __init__(self, name: str, failures: int = 3, reset: float = 10.0) -> None:
@@ -24,6 +31,7 @@ class CircuitBreaker:
 
     @property
     def state(self) -> str:
+        """`closed`, `open` or `half-open`, computed from the clock (no timer to cancel)."""
         if self._opened_at is None:
             return "closed"
         if time.monotonic() - self._opened_at >= self.reset:
@@ -41,11 +49,14 @@ class CircuitBreaker:
         return False
 
     def success(self) -> None:
+        """The upstream answered (the upstream brain calls this on its first token): close the
+        breaker and forget past failures."""
         self._failures = 0
         self._opened_at = None
         self._trial = False
 
     def failure(self) -> None:
+        """A request failed: count it; the threshold, or a failed trial, (re)opens the breaker."""
         self._trial = False
         self._failures += 1
         if self._opened_at is not None or self._failures >= self.failures:

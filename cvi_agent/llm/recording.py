@@ -1,9 +1,10 @@
 """Turn recording, off the hot path: one `llm` event per turn (latency) and questionnaire answers.
 
-The route wraps its byte stream with `observe_stream` (one extra generator frame, two clock
-reads), or a streaming path that pushes its own chunks calls `note_turn` when a response ends;
-either way the turn is handed to `TurnRecorder`, a bounded in-process queue
-drained by one background task that writes in batches. Nothing here ever waits on the database
+Every turn with a conversation id is handed to `TurnRecorder` when its response ends: a
+streamed one by the turn tracker's observer (`TurnRecorder.observe`, i.e. `note_turn`), a
+non-streamed one by `observe_completion`; `observe_stream` does the same for a plain byte
+stream (one extra generator frame, two clock reads). The recorder is a bounded in-process
+queue drained by one background task that writes in batches. Nothing here ever waits on the database
 while a reply is streaming. Under overload, turn events are dropped (counted, and logged at most
 once a minute): they are telemetry; answers are rewritten by the next turn anyway, since the
 flow brain re-reads every answer from the history.
@@ -33,6 +34,22 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class TurnSample:
+    """One finished turn as measured on the hot path; becomes an `llm.turn` event later.
+
+    Args:
+        conversation_id: the conversation the turn belongs to.
+        completion_id: the response's `chatcmpl-…` id (the event's dedupe key).
+        persona: the persona that answered.
+        stream: whether the request asked for a streamed reply.
+        started_at: wall-clock time the request was parsed.
+        ttft: seconds from then to the first chunk sent (None: nothing was sent).
+        total: seconds until the response ended.
+        completed: False when the client closed the stream first (superseded or abandoned).
+        chunks: body messages sent.
+        user_text: the last user message, cut to 500 characters.
+        answers: the flow brain's questionnaire answers so far, if any.
+    """
+
     conversation_id: str
     completion_id: str
     persona: str
@@ -46,6 +63,7 @@ class TurnSample:
     answers: dict[str, str] | None
 
     def record(self) -> EventRecord:
+        """The `llm.turn` event (source `llm`); times in milliseconds."""
         payload: dict[str, Any] = {
             "completion_id": self.completion_id,
             "persona": self.persona,
@@ -122,6 +140,7 @@ class TurnRecorder:
         )
 
     def start(self) -> None:
+        """Start the drain task (idempotent); until then samples only queue up."""
         if self._task is None:
             self._task = asyncio.create_task(self._drain(), name="turn-recorder")
 
@@ -178,6 +197,8 @@ class TurnRecorder:
             return
 
     async def write(self, batch: list[TurnSample]) -> None:
+        """Store a batch in one transaction (conversations, completed turns' answers, events),
+        then publish the events that were new. Raises on failure; the drain task retries."""
         personas: dict[str, str | None] = {s.conversation_id: s.persona for s in batch}
         answers: dict[str, dict[str, str]] = {}
         for sample in batch:

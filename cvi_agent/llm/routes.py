@@ -206,6 +206,23 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
 
 
 async def chat_completions(request: Request) -> Response:
+    """An OpenAI chat completion whose `model` is one of our personas (see `GET /v1/models`).
+
+    With `"stream": true` the answer is `text/event-stream`: `chat.completion.chunk` events,
+    always ending with a finish chunk (and a usage chunk if `stream_options.include_usage`)
+    and `data: [DONE]`. Otherwise one `chat.completion` object. The persona's client tools,
+    and tools declared in the request, come back as `tool_calls`; its server tools run here
+    and never appear.
+
+    Send the conversation id in a `conversation_id` header (or `conversation-id`,
+    `x-conversation-id`), as Tavus does, and streamed requests become speculative turns: one
+    whose last user message extends a running answer's cancels that answer, an identical one
+    (also shortly after it ended) is sent the same answer; streamed or not, the turn is
+    recorded in the conversation. If the model fails before saying anything, the persona's
+    fallback line is spoken instead. Errors use the OpenAI error shape: 400 invalid request,
+    401 missing or wrong key, 404 `model_not_found`, 413 body too large, 415 not JSON, 429
+    over the key's rate limit.
+    """
     started = time.perf_counter()
     chat = get_chat(request)
     raw: dict[str, Any] = {}
@@ -254,6 +271,8 @@ for _path in ("/v1/chat/completions", "/chat/completions"):
 
 @router.get("/v1/models", summary="The personas, as OpenAI models")
 async def list_models(request: Request) -> dict[str, Any]:
+    """The loaded personas in OpenAI's model-list shape: each `id` is a valid `model` for
+    chat completions."""
     chat = get_chat(request)
     return {
         "object": "list",

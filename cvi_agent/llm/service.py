@@ -17,11 +17,19 @@ class ChatService:
     """One brain per persona, the upstream clients they share, and the turn tracker.
 
     Built by `ChatService.start` in the app's lifespan; the routes reach it as
-    `request.app.state.chat`. `recorder` (the conversation service's turn recorder) is where
-    finished turns go, off the hot path; without it turns are not recorded.
-    `tool_services` are the process-wide services a persona's server-tool handler may look up
-    by name in `ToolCallContext.services` (e.g. `"videos"`): an extension point for handlers
-    written outside this package, so it is a read-only mapping rather than typed fields.
+    `request.app.state.chat`. Personas are fixed for the life of the process.
+
+    Args:
+        settings: the process's settings.
+        personas: the loaded personas by name (a request's `model` names one).
+        upstreams: the upstream clients and circuit breakers the brains share.
+        brains: one brain per persona name, serving all of that persona's requests.
+        turns: the speculative-turn tracker for streamed requests with a conversation id.
+        recorder: the conversation service's turn recorder, where finished turns go off the
+            hot path; without it turns are not recorded.
+        tool_services: the process-wide services a persona's server-tool handler may look up
+            by name in `ToolCallContext.services` (e.g. `"videos"`): an extension point for
+            handlers written outside this package, so a read-only mapping, not typed fields.
     """
 
     settings: Settings

@@ -26,15 +26,23 @@ DONE = b"data: [DONE]\n\n"
 
 
 def completion_id() -> str:
+    """A fresh `chatcmpl-…` id: the response's id on the wire and its turn's dedupe key."""
     return "chatcmpl-" + secrets.token_hex(12)
 
 
 class ChunkEncoder:
-    """Encodes one response's chunks in the exact OpenAI `chat.completion.chunk` shape."""
+    """Encodes one response's chunks in the exact OpenAI `chat.completion.chunk` shape.
+
+    The constant part of every chunk (`id`, `created`, `model`) is encoded once, here; each
+    chunk then costs one `json.dumps` of its delta. The first chunk of any kind carries
+    `"role": "assistant"`. One encoder per response; not shared between tasks.
+    """
 
     __slots__ = ("_head", "_role_sent", "created", "id", "model")
 
     def __init__(self, model: str, id_: str | None = None, created: int | None = None) -> None:
+        """`model` is echoed as the request named it; `id_` and `created` default to a fresh
+        completion id and now (tests pass fixed ones)."""
         self.id = id_ or completion_id()
         self.created = int(time.time()) if created is None else created
         self.model = model
@@ -59,9 +67,11 @@ class ChunkEncoder:
         return '"role":"assistant",'
 
     def content(self, text: str) -> bytes:
+        """A `data:` line carrying a piece of the reply's text."""
         return self._chunk("{" + self._role() + '"content":' + _dumps(text) + "}")
 
     def tool_call(self, index: int, call_id: str | None, name: str | None, arguments: str) -> bytes:
+        """A client tool-call fragment; `id`, `type` and `name` only when given (first fragment)."""
         call: dict[str, Any] = {"index": index}
         function: dict[str, Any] = {"arguments": arguments}
         if call_id is not None:
@@ -75,6 +85,7 @@ class ChunkEncoder:
         )
 
     def finish(self, reason: str) -> bytes:
+        """The chunk with an empty delta and `finish_reason`; `end` is what streams send."""
         return self._chunk("{" + self._role().rstrip(",") + "}", _dumps(reason))
 
     def end(self, reason: str, usage: tuple[int, int] | None = None) -> bytes:
@@ -85,6 +96,8 @@ class ChunkEncoder:
         return tail + DONE
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        """The `choices: []` chunk OpenAI sends with `stream_options.include_usage` (once per
+        response, so built from a plain dict)."""
         body = {
             "id": self.id,
             "object": "chat.completion.chunk",
@@ -101,23 +114,30 @@ class ChunkEncoder:
 
 
 def encode_event(data: dict[str, Any]) -> bytes:
+    """Any JSON object as one SSE `data:` event, with the same compact encoder as the chunks."""
     return ("data: " + _dumps(data) + "\n\n").encode()
 
 
 class ClosableBody(AsyncIterable[bytes], Protocol):
     """A body pulled chunk by chunk (an async generator)."""
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Called exactly once when the response ends, however it ends (the brain's cleanup)."""
+        ...
 
 
 class PushBody(Protocol):
     """A body that sends itself: `run(send)` returns once its last message went out."""
 
-    sent: int
+    sent: int  # messages sent so far: the keep-alive ping watches it
 
-    async def run(self, send: Send) -> None: ...
+    async def run(self, send: Send) -> None:
+        """Send every body message with `send`; the last one has `more_body` False."""
+        ...
 
-    async def aclose(self) -> None: ...
+    async def aclose(self) -> None:
+        """Called exactly once when the response ends, also when `run` was cancelled."""
+        ...
 
 
 class EventStreamResponse(Response):
@@ -134,6 +154,9 @@ class EventStreamResponse(Response):
     media_type = "text/event-stream"
 
     def __init__(self, body: ClosableBody | PushBody, ping: float = 15.0) -> None:
+        """`body` is pulled (an async generator of ready chunks) or pushes itself (a turn
+        subscription); either way this response owns it and closes it. `ping`: seconds of
+        silence before a keep-alive comment."""
         self.stream_body = body
         self.ping = ping
         self.status_code = 200

@@ -30,6 +30,14 @@ SIDE_EFFECT_BUILTINS: set[str] = set()
 
 
 def builtin(name: str, *, side_effects: bool = False) -> Callable[[ToolHandler], ToolHandler]:
+    """Register a handler as the built-in tool `name`, the handler a persona gets by naming it.
+
+    `side_effects=True` is for built-ins that act on the world (ordering a video, say):
+    they are held until the turn is final even when a persona's YAML forgets to say so.
+    Registration happens at import, so the defining module must be imported before personas
+    are validated.
+    """
+
     def register(fn: ToolHandler) -> ToolHandler:
         BUILTIN_TOOLS[name] = fn
         if side_effects:
@@ -41,19 +49,36 @@ def builtin(name: str, *, side_effects: bool = False) -> Callable[[ToolHandler],
 
 @dataclass(slots=True)
 class ToolCallContext:
+    """What a tool handler gets besides its arguments (`handler(args, ctx)`).
+
+    Args:
+        conversation_id: the conversation the call belongs to (None outside one).
+        persona: the persona whose tool this is.
+        spec: the tool's declaration in the persona YAML.
+        call_id: the model's id for this call (a client tool's result must quote it).
+        services: process-wide services a handler may look up by name (e.g. `"videos"`), from
+            `ChatService.tool_services`; empty in the room bot.
+    """
+
     conversation_id: str | None
     persona: Persona
     spec: ToolSpec
     call_id: str
-    # Process-wide services a handler may need (e.g. "videos"): the runtime's `extras`.
     services: Mapping[str, Any] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
 class ToolOutcome:
-    """How a server-side tool call ended, ready to hand back to the model: `output` is the JSON
-    text of the result, or of `{"error": ...}` when `ok` is False (a failed tool is an answer
-    the model can act on, not an exception). Not the `ToolResult` interaction sent to a room."""
+    """A server tool's outcome, fed back to the model as a `tool` message (not the
+    `ToolResult` interaction sent to a room).
+
+    Args:
+        call_id: the model's id for the call this answers.
+        name: the tool's name.
+        output: what the model reads: the handler's result (JSON unless it returned a string),
+            or `{"error": …}` with a message safe to show.
+        ok: False when `output` is an error.
+    """
 
     call_id: str
     name: str
@@ -66,7 +91,9 @@ class ToolError(Exception):
 
 
 class SideEffectsNotAllowed(ToolError):
-    pass
+    """A side-effecting tool was asked to run in a turn that never became final (superseded
+    or abandoned). Raised, not returned as a result: that generation is being cancelled, so
+    nobody would read a result, and the tool must not run."""
 
 
 @builtin("get_current_time")
@@ -165,10 +192,18 @@ def _persona_tools(persona: Persona) -> _PersonaTools:
 class ToolRunner:
     """Runs a persona's server tools; knows which tool names are client tools for a request.
 
-    A tool with `side_effects: true` runs only when side effects are allowed, or once
-    `await_final` (set by the turn tracker for requests that may still be speculative) says the
-    turn is final; a turn cancelled while it waits never runs the tool. Once started, a
-    side-effecting tool runs to its end even if the turn is cancelled under it.
+    A tool with `side_effects: true` (or a built-in registered with `side_effects=True`) runs
+    only when side effects are allowed, or once `await_final` (set by the turn tracker for
+    requests that may still be speculative) says the turn is final; a turn cancelled while it
+    waits never runs the tool. Once started, a tool declared `side_effects: true` runs to its
+    end even if the turn is cancelled under it. One runner per request.
+
+    Args:
+        persona: the persona whose server tools this runs.
+        request_tools: names of the tools the request itself declared; they are client tools
+            (unless the persona has a server tool of that name).
+        default_timeout: seconds a handler may take when its spec sets no `timeout`.
+        services: handed to every handler as `ToolCallContext.services`.
     """
 
     def __init__(
@@ -196,6 +231,7 @@ class ToolRunner:
         return metrics.tool_label(name, _persona_tools(self.persona).names, self.client_names)
 
     def is_server(self, name: str | None) -> bool:
+        """Whether the brain runs this call itself instead of streaming it to the client."""
         return name is not None and name in self.server
 
     def openai_tools(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
@@ -217,6 +253,13 @@ class ToolRunner:
         conversation_id: str | None,
         side_effects_allowed: bool = True,
     ) -> ToolOutcome:
+        """Run one server tool call under its timeout.
+
+        Every failure of the tool itself (unknown name, bad JSON, timeout, a handler error)
+        comes back as a result with `ok` False that the model can read; only
+        `SideEffectsNotAllowed` and cancellation propagate. `call_id` and `conversation_id`
+        are passed to the handler.
+        """
         spec = self.server.get(name)
         if spec is None:
             return ToolOutcome(

@@ -104,7 +104,14 @@ class _Conversation:
 
 
 class Generation:
-    """One answer being produced: a task filling `events`, read by any number of listeners."""
+    """One answer being produced: a task filling `events`, read by any number of listeners.
+
+    Its task is cancelled only when the generation is superseded, abandoned (its last listener
+    gone for the grace period) or shut down (`TurnTracker.aclose`); a response that ends never
+    cancels it directly, it only stops listening. `events`
+    keeps the whole answer (for replays) until the tracker forgets the generation, at most
+    `replay_window` after it ended.
+    """
 
     __slots__ = (
         "_orphan_timer",
@@ -134,6 +141,18 @@ class Generation:
         speech: str | None,
         dialogue: Hashable,
     ) -> None:
+        """Made by `TurnTracker.open` only; nothing runs until `start`.
+
+        Args:
+            tracker: the tracker that owns it (grace, settle and replay settings; told when
+                it ends).
+            conversation: its conversation's state (the time of the latest request).
+            ctx: the request that started it; the brain answers from it.
+            key: the replay key (`turn_keys`): equal keys mean the same answer.
+            speech: the normalized trailing user speech, if the request ends with a user
+                message; a later request whose speech extends it supersedes this one.
+            dialogue: the history before that speech; supersede only within equal dialogues.
+        """
         self.tracker = tracker
         self.conversation = conversation
         self.ctx = ctx
@@ -152,6 +171,7 @@ class Generation:
         self._orphan_timer: asyncio.TimerHandle | None = None
 
     def start(self, brain: Brain) -> None:
+        """Start pulling `brain`'s events in a task of its own, independent of any response."""
         self.task = asyncio.get_running_loop().create_task(self._produce(brain))
 
     async def _produce(self, brain: Brain) -> None:
@@ -195,11 +215,15 @@ class Generation:
                 log.debug("conversation %s: a subscriber failed: %s", self.id, exc)
 
     def replayable(self, now: float, window: float) -> bool:
+        """Whether a request with the same key may read this answer: running, or ended
+        at most `window` seconds ago (a cancelled or failed one never is)."""
         if self.cancelled is not None or self.error is not None:
             return False
         return not self.done or now - self.finished_at <= window
 
     def cancel(self, reason: str) -> None:
+        """Stop producing (`superseded` or `abandoned`); idempotent, no-op once done. The task's
+        cancellation closes the brain and its upstream request; listeners end cleanly."""
         if self.done or self.cancelled is not None:
             return
         self.cancelled = reason
@@ -213,12 +237,15 @@ class Generation:
     # listeners
 
     def attach(self) -> None:
+        """A subscription starts listening; a pending abandonment is called off."""
         self.listeners += 1
         timer, self._orphan_timer = self._orphan_timer, None
         if timer is not None:
             timer.cancel()
 
     def detach(self) -> None:
+        """A subscription stopped listening; the last one leaving arms the grace timer (or,
+        with `replay_grace` 0, cancels at once) unless the answer is already complete."""
         self.listeners -= 1
         if self.listeners > 0 or self.done:
             return
@@ -286,6 +313,16 @@ class GenerationReader:
         started: float,
         replay: bool,
     ) -> None:
+        """Made by `TurnTracker.open`; counts as a listener from here on.
+
+        Args:
+            generation: the answer this response reads.
+            ctx: this response's own request (a replay's differs from the generation's:
+                it decides the usage chunk and is what the turn recorder records).
+            enc: this response's chunk encoder (its own completion id).
+            started: `time.perf_counter()` when the request was parsed (time to first token).
+            replay: True when it attached to an existing generation.
+        """
         self.generation = generation
         self.ctx = ctx
         self.enc = enc
@@ -392,6 +429,9 @@ class GenerationReader:
             done.set_result(None)
 
     async def aclose(self) -> None:
+        """The response ended (done, failed or the client left). Idempotent: stops listening
+        (which may start the generation's grace timer) and hands the turn to the observer
+        exactly once."""
         self.finished = True
         self._release()
         if not self._closed:
@@ -413,7 +453,13 @@ TurnObserver = Callable[["TurnContext", str, float, "float | None", bool, int], 
 
 
 class TurnTracker:
-    """Per-process registry of generations by conversation id (all on the event loop)."""
+    """Per-process registry of generations by conversation id (all on the event loop).
+
+    Bounded: past `MAX_GENERATIONS_PER_CONVERSATION` in one conversation the oldest finished
+    ones are dropped, and a conversation is forgotten with its last generation. `settings` gives
+    `replay_window`, `replay_grace` and `side_effect_settle`. State is in-process only, hence
+    the sticky routing on the conversation id (ARCHITECTURE.md, "Scale-out").
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.replay_window = settings.replay_window
@@ -421,13 +467,15 @@ class TurnTracker:
         self.side_effect_settle = settings.side_effect_settle
         self._conversations: dict[str, _Conversation] = {}
         # Told about every subscription when it closes: (ctx, completion id, started, first
-        # chunk sent at, completed, messages sent). The conversation record sets it.
+        # chunk sent at, completed, messages sent). `ChatService.start` sets the turn recorder's.
         self.observer: TurnObserver | None = None
 
     def open(
         self, brain: Brain, ctx: TurnContext, enc: ChunkEncoder, started: float
     ) -> GenerationReader:
-        """Answer a streamed request that carries a conversation id."""
+        """Answer a streamed request that carries a conversation id: replay a generation with
+        the same key, else supersede the ones this request extends and start a new one. The
+        caller owns the returned subscription and must `aclose()` it (the response does)."""
         assert ctx.conversation_id is not None
         loop = asyncio.get_running_loop()
         now = loop.time()
@@ -489,6 +537,7 @@ class TurnTracker:
         return sum(1 for c in self._conversations.values() for g in c.generations if not g.done)
 
     async def aclose(self) -> None:
+        """Cancel every running generation and wait for their brains to close (shutdown)."""
         tasks = []
         for conversation in list(self._conversations.values()):
             for generation in conversation.generations:

@@ -63,7 +63,8 @@ def new_owner_token(worker_id: str) -> str:
 
 class Leases:
     """The `leases` table as operations (offer, claim, renew, release, finish), each one
-    statement or one short transaction, so workers coordinate through the database alone."""
+    statement or one short transaction, so workers coordinate through the database alone
+    (`store`, the one every process of the deployment shares)."""
 
     def __init__(self, store: SqlStore) -> None:
         self.store = store

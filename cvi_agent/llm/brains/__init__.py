@@ -10,6 +10,12 @@ from cvi_agent.personas import Persona
 
 
 def make_brain(persona: Persona, clients: UpstreamClients) -> Brain:
+    """The brain a persona's `brain.kind` names, built once per process at startup.
+
+    Upstream brains share `clients`, so personas pointing at the same upstream share one
+    connection pool and one circuit breaker. The persona model allows only `upstream`, `flow`
+    and `echo`, so the last branch is the echo brain.
+    """
     kind = persona.brain.kind
     if kind == "upstream":
         return UpstreamBrain(persona, clients)

@@ -19,12 +19,25 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class TextDelta:
+    """A piece of the reply's text, in speaking order; empty pieces are skipped on the wire."""
+
     text: str
 
 
 @dataclass(slots=True)
 class ToolCallDelta:
-    """A fragment of a client tool call, exactly as OpenAI streams it (by `index`)."""
+    """A fragment of a client tool call, exactly as OpenAI streams it (by `index`).
+
+    Only client tools are ever yielded: server tools run inside the brain and never reach the
+    caller. The first fragment of a call carries `id` and `name`; later ones only `arguments`.
+
+    Args:
+        index: which call of this reply the fragment belongs to (0, 1, … in order of first
+            appearance among the client calls).
+        id: the call id, on the call's first fragment only (else None).
+        name: the tool's name, on the call's first fragment only (else None).
+        arguments: the next piece of the JSON arguments text (may be empty).
+    """
 
     index: int
     id: str | None
@@ -34,6 +47,13 @@ class ToolCallDelta:
 
 @dataclass(slots=True)
 class Finish:
+    """The last event of every reply: why it ended, and the token usage to report.
+
+    Exactly one ends a brain's stream; a consumer that never sees one (the brain failed or was
+    cancelled) ends the reply itself with `stop`. Brains without a tokenizer estimate the
+    counts (`estimate_tokens`).
+    """
+
     reason: str  # stop | length | tool_calls
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -44,7 +64,21 @@ BrainEvent = TextDelta | ToolCallDelta | Finish
 
 @dataclass(slots=True)
 class TurnContext:
-    """Everything a brain may use for one request."""
+    """Everything a brain may use for one request, built once by the route (`build_turn`).
+
+    Args:
+        request: the validated chat-completions request.
+        persona: the persona the request's `model` names.
+        settings: the process's settings (timeouts, tool rounds).
+        tools: this request's tool runner (server tools run through it; it also knows which
+            names are client tools).
+        conversation_id: from Tavus's conversation-id header; None outside a conversation
+            (then nothing is speculative and the turn is not recorded).
+        side_effects_allowed: False while the turn tracker may still supersede or abandon
+            the generation; side-effecting tools then wait for the turn to settle.
+        state: per-request scratch space shared by the route, the brain and the recorder
+            (`raw_messages`, `raw_tools`, `started`, `upstream_ttft`, `answers`).
+    """
 
     request: ChatCompletionRequest
     persona: Persona
@@ -58,9 +92,22 @@ class TurnContext:
 
 
 class Brain(Protocol):
-    def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]: ...
+    """Answers turns. One instance per persona serves every request concurrently, so all
+    per-turn state lives in the `TurnContext` or the generator's frame, never on the brain."""
 
-    async def aclose(self) -> None: ...
+    def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
+        """The reply as events, ending with one `Finish`.
+
+        The caller always closes the generator (`aclose()`), also when the client left or the
+        turn was superseded: a brain releases whatever it holds (the upstream stream) in its
+        `finally`/`async with`. An exception before the first event makes the route speak the
+        persona's fallback line; after it, the reply is ended cleanly.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Release what the brain owns, at shutdown (shared clients are closed by their owner)."""
+        ...
 
 
 def usage_of(ctx: TurnContext, finish: Finish) -> tuple[int, int] | None:

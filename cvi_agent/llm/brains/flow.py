@@ -53,7 +53,17 @@ def questionnaire_state(
 
 
 class FlowBrain:
+    """Replies scripted in the persona's `flow`: intents (regex → reply, optionally a tool
+    call), then the questionnaire, then the greeting or the fallback line.
+
+    Holds nothing per conversation (see the module doc), so speculative, replayed and final
+    requests of one turn get the same answer. A server tool an intent names runs through the
+    turn's `ToolRunner` (its side-effect rule included); a client tool is streamed back as a
+    `tool_calls` reply and its result, arriving in the next request, is spoken by `after_tool`.
+    """
+
     def __init__(self, persona: Persona) -> None:
+        """Compile the intents' patterns once; `persona` must have a `flow` section."""
         assert persona.flow is not None
         self.persona = persona
         self.flow: FlowConfig = persona.flow
@@ -62,6 +72,7 @@ class FlowBrain:
         ]
 
     async def aclose(self) -> None:
+        """Nothing to release."""
         return None
 
     def _variables(
@@ -129,6 +140,8 @@ class FlowBrain:
             yield delta
 
     async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
+        """One reply, decided from the history alone. A questionnaire step also leaves the
+        answers so far in `ctx.state["answers"]`, which the turn recorder stores."""
         messages = ctx.request.messages
         last = messages[-1]
         answers: dict[str, str] = {}

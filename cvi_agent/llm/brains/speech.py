@@ -45,6 +45,8 @@ _formatter = _SafeFormatter()
 
 
 def render(template: str, variables: Mapping[str, Any]) -> str:
+    """`template.format(**variables)` that never raises: persona YAML is written by people, so
+    an unknown field renders empty and a malformed template is spoken as written."""
     try:
         return _formatter.vformat(template, (), variables)
     except (ValueError, IndexError):

@@ -43,7 +43,13 @@ class _Call:
 
 
 class UpstreamClients:
-    """One streaming client (and so one connection pool) per upstream base URL and key."""
+    """One streaming client (and so one connection pool) per upstream base URL and key.
+
+    Shared by every persona's brain so that personas on one upstream reuse its keep-alive
+    connections and share its circuit breaker; clients are created on first use. `settings`
+    gives the default upstream (for personas without a `base_url`), the timeouts and the
+    breaker thresholds. `ChatService.aclose` closes them all.
+    """
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -62,6 +68,7 @@ class UpstreamClients:
         return breaker
 
     def get(self, base_url: str | None, api_key: str | None) -> ChatStreamClient:
+        """The streaming client of one upstream (None: the settings' default URL or key)."""
         url = (base_url or self.settings.upstream_base_url).rstrip("/")
         key = api_key or self.settings.upstream_api_key or "not-needed"
         client = self._clients.get((url, key))
@@ -77,6 +84,7 @@ class UpstreamClients:
         return client
 
     async def aclose(self) -> None:
+        """Close every client and its pooled connections (at shutdown, after the brains)."""
         clients, self._clients = list(self._clients.values()), {}
         for client in clients:
             await client.aclose()
@@ -96,7 +104,11 @@ class _Target:
 class UpstreamBrain:
     """The persona's upstream, then its `fallbacks` in order, then (in the route) its spoken
     fallback line. A target is skipped while its circuit breaker is open; a target that fails
-    before its first token hands the turn to the next one within the same first-token budget."""
+    before its first token hands the turn to the next one within the same first-token budget.
+
+    The chain is resolved once from `persona` (API keys read from the environment variables it
+    names) against the shared `clients`; the brain itself holds no per-turn state.
+    """
 
     def __init__(self, persona: Persona, clients: UpstreamClients) -> None:
         self.persona = persona
@@ -113,6 +125,7 @@ class UpstreamBrain:
         self.client = self.targets[0].client
 
     async def aclose(self) -> None:
+        """Nothing of its own: the clients belong to `UpstreamClients`."""
         return None
 
     def _params(
@@ -143,6 +156,10 @@ class UpstreamBrain:
         return params
 
     async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
+        """The reply from the first target that produces a token within its share of the
+        first-token budget; raises `UpstreamError` when none does (the route then speaks the
+        fallback line). A reply already under way is never moved to another target: a failure
+        mid-reply raises, and one that outlives the reply budget ends with `length`."""
         loop = asyncio.get_running_loop()
         budget = self.persona.brain.first_token_timeout or ctx.settings.upstream_first_token_timeout
         reply_budget = self.persona.brain.reply_timeout or ctx.settings.upstream_reply_timeout
