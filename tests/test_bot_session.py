@@ -20,7 +20,7 @@ from cvi_agent.devtools.fakes.replica import ScriptedPeer, event_type_is
 from cvi_agent.personas import Persona, load_persona
 from cvi_agent.rooms.room import LocalRoom, LocalRoomServer, RoomClosed
 from cvi_agent.store import EventRecord, SqlStore, open_store
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
 
 CID = "conv-test-1"
 CONCIERGE = load_persona(PERSONAS / "concierge.yaml")
@@ -705,6 +705,7 @@ async def run_load(store: SqlStore, bots: int) -> float:
     return elapsed
 
 
+@pytest.mark.slow
 async def test_a_hundred_bots_lose_and_duplicate_nothing(tmp_path: Any) -> None:
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'load.db'}")
     try:
@@ -717,6 +718,7 @@ async def test_a_hundred_bots_lose_and_duplicate_nothing(tmp_path: Any) -> None:
     assert elapsed < 90
 
 
+@pytest.mark.postgres
 async def test_twenty_bots_on_postgresql(pg_url: str) -> None:
     store = await open_store(pg_url)
     try:

@@ -18,7 +18,7 @@ from cvi_agent.devtools.fakes.replica import ScriptedPeer
 from cvi_agent.personas import load_persona
 from cvi_agent.rooms.room import LocalRoom, LocalRoomServer
 from cvi_agent.store import EventRecord, SqlStore
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
 
 CID = "conv-faults-room"
 CONCIERGE = load_persona(PERSONAS / "concierge.yaml")

@@ -17,7 +17,7 @@ import pytest
 from cvi_agent.devtools.simulate import Simulation, load_script, render_table
 from cvi_agent.personas import load_personas
 from cvi_agent.rooms.room import LocalRoomServer
-from tests.conftest import API_KEY, PERSONAS, ROOT, ServerFactory
+from tests.support import API_KEY, PERSONAS, ROOT, ServerFactory
 
 TOKEN = "cb-token-for-tests"
 
@@ -127,6 +127,7 @@ async def _sleep(seconds: float) -> None:
     await asyncio.sleep(seconds)
 
 
+@pytest.mark.process
 def test_cli_simulate_json(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
     env.update(

@@ -28,7 +28,7 @@ from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import EventRecord, Leases, SqlStore, open_store
 from tests.bots import RecordingBot
-from tests.conftest import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY
+from tests.support import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY, make_settings
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
@@ -285,6 +285,10 @@ async def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.postgres
+@pytest.mark.redis
 async def test_scale_out_two_web_processes_and_workers(
     pg_url: str, tmp_path: Path, fake_tavus: Any
 ) -> None:
@@ -452,7 +456,6 @@ async def test_single_process_default_mode(tmp_path: Path, fake_tavus: Any) -> N
     from cvi_agent.devtools.fakes.replica import ScriptedPeer
     from cvi_agent.devtools.fakes.server import LoopbackServer
     from cvi_agent.rooms.room import LocalRoomServer
-    from tests.conftest import make_settings
 
     async with asyncio.timeout(60), LocalRoomServer() as rooms:
         room_url = rooms.room_url("single")
