@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from cvi_agent.devtools.fakes.server import free_port
-from tests.conftest import API_KEY, PERSONAS
+from tests.support import API_KEY, PERSONAS
 
 TOKEN = "callback-token-faults-0123456789"
 

@@ -21,7 +21,7 @@ from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import VideoRecord, open_store
 from tests.bots import BOTS, RecordingBot
-from tests.conftest import API_KEY, FIXTURES, TAVUS_KEY, make_settings
+from tests.support import API_KEY, TAVUS_KEY, load_fixture, make_settings
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 TOKEN = "cb-token-api-0123456789"
@@ -274,8 +274,8 @@ async def _recv(ws: ClientConnection) -> dict[str, Any]:
 async def test_live_feed_backlog_then_live(app_server: AppFactory) -> None:
     server = app_server(run_worker=False)
     ws_url = server.url.replace("http://", "ws://")
-    joined = json.loads((FIXTURES / "callback_replica_joined.json").read_text())
-    shutdown = json.loads((FIXTURES / "callback_shutdown.json").read_text())
+    joined = load_fixture("callback_replica_joined.json")
+    shutdown = load_fixture("callback_shutdown.json")
     cid = joined["conversation_id"]
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         await http.post("/callbacks/tavus", params={"token": TOKEN}, json=joined)

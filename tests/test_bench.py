@@ -11,6 +11,8 @@ import pytest
 
 from cvi_agent.cli.main import main
 
+pytestmark = [pytest.mark.slow, pytest.mark.process]
+
 
 def test_bench_json_report(capsys: pytest.CaptureFixture[str]) -> None:
     code = main(

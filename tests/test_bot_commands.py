@@ -12,11 +12,15 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from cvi_agent.devtools.fakes.replica import ScriptedPeer, event_type_is
 from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.rooms.local import LocalRoom
 from cvi_agent.rooms.local_server import LocalRoomServer
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
+
+pytestmark = pytest.mark.process
 
 CLI = [sys.executable, "-m", "cvi_agent"]
 

@@ -11,7 +11,7 @@ import pytest
 
 from cvi_agent.bot.recorder import Pending, Recorder, order_by_seq
 from cvi_agent.store import EventRecord, UtteranceRecord, open_store
-from tests.conftest import PG_ADMIN_URL
+from tests.support import PG_ADMIN_URL
 
 
 def event(n: int, seq: int | None = None, payload: dict[str, object] | None = None) -> EventRecord:
@@ -45,6 +45,7 @@ def test_order_by_seq_moves_only_sequenced_records() -> None:
     assert [p.event.seq for p in order_by_seq(items)] == [1, None, 3, 4, None, 5]
 
 
+@pytest.mark.postgres
 async def test_outage_is_waited_out_and_nothing_is_lost(pg_url: str) -> None:
     database = pg_url.rsplit("/", 1)[1]
     store = await open_store(pg_url)
@@ -78,6 +79,7 @@ async def test_outage_is_waited_out_and_nothing_is_lost(pg_url: str) -> None:
     await store.aclose()
 
 
+@pytest.mark.postgres
 async def test_a_record_the_database_rejects_is_isolated(pg_url: str) -> None:
     store = await open_store(pg_url)
     recorder = Recorder(store)
@@ -97,6 +99,7 @@ async def test_a_record_the_database_rejects_is_isolated(pg_url: str) -> None:
     await store.aclose()
 
 
+@pytest.mark.postgres
 async def test_close_gives_up_when_the_database_stays_away(pg_url: str) -> None:
     database = pg_url.rsplit("/", 1)[1]
     store = await open_store(pg_url)
@@ -115,6 +118,7 @@ async def test_close_gives_up_when_the_database_stays_away(pg_url: str) -> None:
     await store.aclose()
 
 
+@pytest.mark.postgres
 @pytest.mark.parametrize("linger", [0.0, 0.02])
 async def test_flush_waits_for_everything_put_before_it(pg_url: str, linger: float) -> None:
     store = await open_store(pg_url)

@@ -22,7 +22,7 @@ from cvi_agent.rooms.base import RoomClosed
 from cvi_agent.rooms.local import LocalRoom
 from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import EventRecord, SqlStore, open_store
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
 
 CID = "conv-test-1"
 CONCIERGE = load_persona(PERSONAS / "concierge.yaml")
@@ -707,6 +707,7 @@ async def run_load(store: SqlStore, bots: int) -> float:
     return elapsed
 
 
+@pytest.mark.slow
 async def test_a_hundred_bots_lose_and_duplicate_nothing(tmp_path: Any) -> None:
     store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'load.db'}")
     try:
@@ -719,6 +720,7 @@ async def test_a_hundred_bots_lose_and_duplicate_nothing(tmp_path: Any) -> None:
     assert elapsed < 90
 
 
+@pytest.mark.postgres
 async def test_twenty_bots_on_postgresql(pg_url: str) -> None:
     store = await open_store(pg_url)
     try:

@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as redis
 
 from cvi_agent.bus import Bus, InProcessBus, RedisBus, make_bus, request
-from tests.conftest import REDIS_TEST_URL
+from tests.support import REDIS_TEST_URL
 
 
 async def redis_bus(name: str = "cvi-test") -> RedisBus:
@@ -23,7 +23,7 @@ async def redis_bus(name: str = "cvi-test") -> RedisBus:
     return bus
 
 
-@pytest.fixture(params=["inprocess", "redis"])
+@pytest.fixture(params=["inprocess", pytest.param("redis", marks=pytest.mark.redis)])
 async def bus(request: pytest.FixtureRequest) -> AsyncIterator[Bus]:
     b: Bus = InProcessBus() if request.param == "inprocess" else await redis_bus()
     await b.start()
@@ -83,6 +83,7 @@ async def test_request_reply(bus: Bus) -> None:
     assert await request(bus, ch, {"x": 1}, uuid.uuid4().hex, 0.2) == (0, None)
 
 
+@pytest.mark.redis
 async def test_redis_spans_processes_and_signals_a_gap_on_reconnect() -> None:
     a, b = await redis_bus("cvi-test-a"), await redis_bus("cvi-test-b")
     admin = redis.Redis.from_url(REDIS_TEST_URL)
@@ -112,6 +113,7 @@ async def test_redis_spans_processes_and_signals_a_gap_on_reconnect() -> None:
         await b.aclose()
 
 
+@pytest.mark.redis
 async def test_redis_subscription_churn_never_misses_a_message() -> None:
     """Entering a subscription means Redis confirmed it, even right after an unsubscribe."""
     a, b = await redis_bus("cvi-test-churn-a"), await redis_bus("cvi-test-churn-b")

@@ -17,7 +17,7 @@ from cvi_agent.protocol.callbacks import (
     stable_hash,
 )
 from cvi_agent.store import Leases, UtteranceRecord, open_store
-from tests.conftest import (
+from tests.support import (
     API_KEY,
     FIXTURES,
     ServerFactory,

@@ -11,11 +11,13 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from cvi_agent.devtools.fakes.server import free_port
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
 
 
+@pytest.mark.process
 def test_serve_with_zero_configuration(tmp_path: Path) -> None:
     shutil.copytree(PERSONAS, tmp_path / "personas")
     port = free_port()

@@ -11,7 +11,7 @@ from cvi_agent.app import create_app
 from cvi_agent.cli.main import main
 from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.tavus import FakeTavus
-from tests.conftest import API_KEY, PERSONAS, TAVUS_KEY, make_settings
+from tests.support import API_KEY, PERSONAS, TAVUS_KEY, make_settings
 
 
 @pytest.fixture

@@ -8,9 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import PERSONAS, ROOT
+import pytest
+
+from tests.support import PERSONAS, ROOT
 
 
+@pytest.mark.process
 def test_cli_simulate_json(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
     env.update(

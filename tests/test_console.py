@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 from playwright.async_api import async_playwright, expect
 
-from tests.conftest import API_KEY, ROOT, ServerFactory
+from tests.support import API_KEY, ROOT, ServerFactory
+
+pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 ARTIFACTS = ROOT / "test-artifacts"

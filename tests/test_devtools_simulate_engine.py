@@ -13,7 +13,7 @@ from cvi_agent.devtools.simulate.report import render_table
 from cvi_agent.devtools.simulate.script import load_script
 from cvi_agent.personas import load_personas
 from cvi_agent.rooms.local_server import LocalRoomServer
-from tests.conftest import API_KEY, PERSONAS, ServerFactory
+from tests.support import API_KEY, PERSONAS, ServerFactory
 
 TOKEN = "cb-token-for-tests"
 

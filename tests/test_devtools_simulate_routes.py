@@ -8,7 +8,7 @@ import time
 
 import httpx
 
-from tests.conftest import API_KEY, ServerFactory
+from tests.support import API_KEY, ServerFactory
 
 TOKEN = "cb-token-for-tests"
 

@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import copy
 import glob
-import json
 import os
 import shutil
 import signal
@@ -32,8 +31,8 @@ import pytest
 from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.protocol.callbacks import parse_tavus_callback
 from cvi_agent.store.sql import RETRY_BUDGET
-from tests.conftest import API_KEY, FIXTURES
 from tests.procs import TOKEN, ServerProcess
+from tests.support import API_KEY, load_fixture
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -53,21 +52,16 @@ def servers(tmp_path: Path) -> Iterator[list[ServerProcess]]:
 # -- deliveries --------------------------------------------------------------------------------
 
 
-def _fixture(name: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return data
-
-
 def make_deliveries(n: int, run: str | None = None) -> list[dict[str, Any]]:
     """`n` distinct Tavus callbacks of mixed kinds (each its own dedupe key), five per
     conversation so effects on one conversation race each other."""
     run = run or uuid.uuid4().hex[:8]
     templates = [
-        _fixture("callback_replica_joined.json"),
-        _fixture("event_utterance_user.json"),
-        _fixture("callback_transcription_ready.json"),
-        _fixture("callback_recording_ready.json"),
-        _fixture("callback_shutdown.json"),
+        load_fixture("callback_replica_joined.json"),
+        load_fixture("event_utterance_user.json"),
+        load_fixture("callback_transcription_ready.json"),
+        load_fixture("callback_recording_ready.json"),
+        load_fixture("callback_shutdown.json"),
     ]
     deliveries: list[dict[str, Any]] = []
     for i in range(n):
@@ -90,7 +84,7 @@ def make_deliveries(n: int, run: str | None = None) -> list[dict[str, Any]]:
         elif slot == 6:  # no event_type at all: kept as `unknown`
             payload = {"conversation_id": cid, "something": "new", "n": i}
         else:  # a replica-training callback: names no conversation
-            payload = _fixture("callback_replica_error.json")
+            payload = load_fixture("callback_replica_error.json")
             payload["replica_id"] = f"r{run}{i:05d}"
         deliveries.append(payload)
     keys = {parse_tavus_callback(d).dedupe_key for d in deliveries}
@@ -166,6 +160,8 @@ N_DELIVERIES = 500
 KILL_AFTER = N_DELIVERIES // 2
 
 
+@pytest.mark.slow
+@pytest.mark.process
 async def test_sigkill_mid_burst_loses_nothing_answered(
     database_url: str, tmp_path: Path, servers: list[ServerProcess]
 ) -> None:
@@ -331,6 +327,9 @@ def private_pg() -> Iterator[PrivatePostgres]:
         pg.destroy()
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.postgres
 async def test_postgres_restart_is_survived(
     private_pg: PrivatePostgres, tmp_path: Path, servers: list[ServerProcess]
 ) -> None:

@@ -19,7 +19,7 @@ from cvi_agent.personas import load_persona
 from cvi_agent.rooms.local import LocalRoom
 from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import EventRecord, SqlStore
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
 
 CID = "conv-faults-room"
 CONCIERGE = load_persona(PERSONAS / "concierge.yaml")

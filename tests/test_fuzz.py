@@ -42,7 +42,8 @@ from cvi_agent.personas import load_persona
 from cvi_agent.rooms.local import LocalRoom
 from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import SqlStore
-from tests.conftest import (
+from tests.procs import ServerProcess
+from tests.support import (
     API_KEY,
     PERSONAS,
     TAVUS_KEY,
@@ -50,7 +51,9 @@ from tests.conftest import (
     drop_pg_database,
     make_settings,
 )
-from tests.procs import ServerProcess
+
+# Thousands of generated cases: minutes, not seconds.
+pytestmark = pytest.mark.slow
 
 TOKEN = "cb-token-fuzz-0123456789"
 AUTH = {"x-api-key": API_KEY}
@@ -728,6 +731,7 @@ def pg_harness(
         asyncio.run(drop_pg_database(name))
 
 
+@pytest.mark.postgres
 @settings(FUZZ, max_examples=500)
 @given(
     target=st.sampled_from(["callback", "create", "interaction", "get", "list"]),
@@ -812,6 +816,7 @@ def server_memory(real_server: ServerProcess) -> Iterator[None]:
     assert grown < SERVER_RSS_BOUND, f"server RSS grew by {grown / 2**20:.0f} MiB"
 
 
+@pytest.mark.process
 @settings(FUZZ, max_examples=500)
 @given(body=bodies(chat_requests), hdrs=headers())
 def test_fuzz_chat_over_a_server_process(
@@ -837,6 +842,7 @@ ws_messages = st.lists(
 )
 
 
+@pytest.mark.process
 @settings(FUZZ, max_examples=300)
 @given(
     cid=st.one_of(

@@ -7,7 +7,7 @@ from typing import Any
 
 import openai
 
-from tests.conftest import ServerFactory
+from tests.support import ServerFactory
 
 
 def user(text: str) -> Any:

@@ -11,7 +11,7 @@ import openai
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
-from tests.conftest import API_KEY, ServerFactory
+from tests.support import API_KEY, ServerFactory
 
 
 async def collect(

@@ -13,7 +13,7 @@ import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
-from tests.conftest import API_KEY, ServerFactory
+from tests.support import API_KEY, ServerFactory
 
 FALLBACK_LINE = "Sorry, give me one second."
 

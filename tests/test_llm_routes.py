@@ -12,7 +12,7 @@ import pytest
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.protocol.chat import ChatCompletionChunk
-from tests.conftest import API_KEY, FIXTURES, ServerFactory
+from tests.support import API_KEY, ServerFactory, load_fixture
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -356,7 +356,7 @@ async def test_conversation_id_header_reaches_brain(
 
 
 async def test_tavus_fixture_answered_by_every_persona(client: openai.AsyncOpenAI) -> None:
-    request = json.loads((FIXTURES / "chat_request_tavus.json").read_text())
+    request = load_fixture("chat_request_tavus.json")
     models = await client.models.list()
     names = [m.id for m in models.data]
     assert len(names) >= 5

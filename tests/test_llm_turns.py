@@ -22,7 +22,7 @@ from cvi_agent.llm.brains.base import TurnContext
 from cvi_agent.llm.tools import ToolCallContext
 from cvi_agent.llm.turns import Generation, GenerationReader
 from cvi_agent.protocol.chat import ChatCompletionRequest
-from tests.conftest import API_KEY, ServerFactory
+from tests.support import API_KEY, ServerFactory
 
 SYSTEM = {"role": "system", "content": "You are a storyteller on a live video call."}
 BOOKINGS: list[dict[str, Any]] = []

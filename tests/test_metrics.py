@@ -10,7 +10,7 @@ import openai
 from cvi_agent import metrics
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
-from tests.conftest import API_KEY
+from tests.support import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 

@@ -11,7 +11,7 @@ import pytest
 from cvi_agent.config import Settings
 from cvi_agent.personas import PersonaError, load_personas, tavus_persona_payload
 from cvi_agent.runtime import load_checked_personas
-from tests.conftest import PERSONAS, ROOT
+from tests.support import PERSONAS, ROOT
 
 
 def write(dir_: Path, name: str, text: str) -> Path:
@@ -100,6 +100,7 @@ def test_tavus_payload_points_llm_layer_here() -> None:
     assert payload["default_replica_id"] == "r1"
 
 
+@pytest.mark.process
 def test_cli_personas_list_and_validate(tmp_path: Path) -> None:
     out = subprocess.run(
         [sys.executable, "-m", "cvi_agent", "personas", "list"],

@@ -22,17 +22,12 @@ from cvi_agent.protocol.events import (
     UtteranceStreaming,
     parse_event,
 )
-from tests.conftest import FIXTURES
-
-
-def fixture(name: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return value
+from tests.support import FIXTURES, load_fixture
 
 
 @pytest.mark.parametrize("as_text", [False, True], ids=["dict", "json-string"])
 def test_fixture_user_utterance(as_text: bool) -> None:
-    raw = fixture("event_utterance_user.json")
+    raw = load_fixture("event_utterance_user.json")
     event = parse_event(json.dumps(raw) if as_text else raw)
     assert isinstance(event, Utterance)
     assert event.role == "user"
@@ -44,7 +39,7 @@ def test_fixture_user_utterance(as_text: bool) -> None:
 
 
 def test_fixture_streaming_final_interrupted() -> None:
-    event = parse_event(fixture("event_utterance_streaming_final.json"))
+    event = parse_event(load_fixture("event_utterance_streaming_final.json"))
     assert isinstance(event, UtteranceStreaming)
     assert event.role == "replica"
     assert event.speech == "It's sixty-eight degrees and"
@@ -53,7 +48,7 @@ def test_fixture_streaming_final_interrupted() -> None:
 
 
 def test_fixture_stopped_speaking() -> None:
-    event = parse_event(fixture("event_stopped_speaking.json"))
+    event = parse_event(load_fixture("event_stopped_speaking.json"))
     assert isinstance(event, SpeakingEvent)
     assert (event.started, event.legacy, event.role) == (False, False, "replica")
     assert event.interrupted is True
@@ -61,7 +56,7 @@ def test_fixture_stopped_speaking() -> None:
 
 
 def test_fixture_tool_call() -> None:
-    event = parse_event(fixture("event_tool_call.json"))
+    event = parse_event(load_fixture("event_tool_call.json"))
     assert isinstance(event, ToolCallEvent)
     assert event.name == "get_current_weather"
     assert event.tool_call_id == "call_abc"

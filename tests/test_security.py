@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from cvi_agent.app import create_app
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.web.security import RateLimiter
-from tests.conftest import API_KEY, ServerFactory, make_settings
+from tests.support import API_KEY, ServerFactory, make_settings
 
 TOKEN = "cb-token-security-0123456789"
 OLD_TOKEN = "cb-token-security-previous-01"

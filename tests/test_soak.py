@@ -4,7 +4,11 @@ reported, not asserted: timings on a shared machine are noisy; `make soak` runs 
 
 from __future__ import annotations
 
+import pytest
+
 from cvi_agent.devtools.soak import SoakParams, render, run_soak
+
+pytestmark = [pytest.mark.slow, pytest.mark.process]
 
 
 def test_one_minute_soak() -> None:

@@ -22,7 +22,7 @@ from cvi_agent.tavus.client import (
     json_patch,
     parse_retry_after,
 )
-from tests.conftest import PERSONAS
+from tests.support import PERSONAS
 
 KEY = "tavus-secret-key-0123456789"
 

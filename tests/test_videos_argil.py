@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 from cvi_agent.devtools.fakes.videos import FakeVideoProviders
 from cvi_agent.videos.argil import MOMENT_LIMIT, ArgilVideos, parse_callback, split_script
 from cvi_agent.videos.base import CreateVideo, ProviderError
-from tests.videos_support import FAST_RETRY, fake_providers, fake_url, fixture, poll_video
+from tests.support import load_fixture
+from tests.videos_support import FAST_RETRY, fake_providers, fake_url, poll_video
 
 AVATAR = "a1b2c3d4-0000-4000-8000-000000000001"
 VOICE = "v1b2c3d4-0000-4000-8000-000000000002"
@@ -191,12 +192,12 @@ async def test_register_webhook_creates_then_updates(
 
 
 def test_webhook_fixtures_normalize() -> None:
-    ok = parse_callback(fixture("argil_webhook_video_success.json"))
+    ok = parse_callback(load_fixture("argil_webhook_video_success.json"))
     assert ok.event is not None and ok.event.status == "ready"
     assert ok.event.url == "https://storage.example.test/argil/3c90c3cc.mp4"
     assert ok.conversation_id == ok.event.conversation_id == "c0a1b2c3d4"
     assert ok.dedupe_key == "argil:VIDEO_GENERATION_SUCCESS:3c90c3cc-0d44-4b50-8888-8dd25736052a"
-    failed = parse_callback(fixture("argil_webhook_video_failed.json"))
+    failed = parse_callback(load_fixture("argil_webhook_video_failed.json"))
     assert failed.event is not None and failed.event.status == "failed" and failed.event.url is None
     avatar = parse_callback(
         {"event": "AVATAR_TRAINING_SUCCESS", "data": {"avatarId": "av1", "avatarName": "A"}}
@@ -211,7 +212,7 @@ def test_webhook_fixtures_normalize() -> None:
 def test_video_object_fixture_normalizes() -> None:
     from cvi_agent.videos.argil import video_event
 
-    event = video_event(fixture("argil_video_done.json"))
+    event = video_event(load_fixture("argil_video_done.json"))
     assert event.status == "ready" and event.conversation_id == "c0a1b2c3d4"
     assert event.url == "https://storage.example.test/argil/3c90c3cc.mp4"
     assert video_event({"id": "x", "status": "CONTENT_MODERATED"}).status == "failed"

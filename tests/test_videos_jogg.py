@@ -19,7 +19,8 @@ from cvi_agent.videos.jogg import (
     signature,
     verify_signature,
 )
-from tests.videos_support import FAST_RETRY, fake_providers, fake_url, fixture, poll_video
+from tests.support import load_fixture
+from tests.videos_support import FAST_RETRY, fake_providers, fake_url, poll_video
 
 
 @pytest.fixture
@@ -191,7 +192,7 @@ async def test_register_endpoint_returns_the_secret_then_updates(
 
 
 def test_signature_verification() -> None:
-    body = json.dumps(fixture("jogg_webhook_video_success.json")).encode()
+    body = json.dumps(load_fixture("jogg_webhook_video_success.json")).encode()
     good = signature("whsec_1", body)
     assert good == good.lower() and len(good) == 64
     assert verify_signature(body, good, ["whsec_1"])
@@ -203,14 +204,14 @@ def test_signature_verification() -> None:
 
 
 def test_webhook_fixtures_normalize() -> None:
-    ok = parse_callback(fixture("jogg_webhook_video_success.json"))
+    ok = parse_callback(load_fixture("jogg_webhook_video_success.json"))
     assert ok.dedupe_key == "jogg:evt_123456789" and ok.event is not None
     assert ok.event.status == "ready" and ok.event.video_id == "video_123456"
     assert ok.event.url == "https://res.example.test/videos/video_123456.mp4"
-    failed = parse_callback(fixture("jogg_webhook_video_failed.json"))
+    failed = parse_callback(load_fixture("jogg_webhook_video_failed.json"))
     assert failed.event is not None and failed.event.status == "failed"
     assert failed.event.error == "Video generation failed (code 50000)"
-    legacy = fixture("jogg_webhook_video_success.json")
+    legacy = load_fixture("jogg_webhook_video_success.json")
     legacy["data"]["project_id"] = legacy["data"].pop("video_id")
     assert parse_callback(legacy).event is not None
     other = parse_callback({"event_id": "evt_9", "event": "avatar_created", "data": {}})

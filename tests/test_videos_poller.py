@@ -15,7 +15,7 @@ from cvi_agent.store import SqlStore, VideoRecord, open_store
 from cvi_agent.videos.base import VideoEvent
 from cvi_agent.videos.poller import VideoPoller
 from cvi_agent.videos.service import VideoService
-from tests.conftest import ServerFactory
+from tests.support import ServerFactory
 from tests.videos_support import (
     FAST_RETRY,
     fake_providers,

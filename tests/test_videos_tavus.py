@@ -18,7 +18,8 @@ from cvi_agent.store import SqlStore, VideoRecord, open_store
 from cvi_agent.videos.base import CreateVideo, ProviderError, parse_time
 from cvi_agent.videos.tavus import TavusVideos, is_video_callback, parse_callback
 from cvi_agent.videos.webhooks import NotAVideoCallback, ingest_tavus_video_callback
-from tests.videos_support import FAST_RETRY, fake_providers, fake_url, fixture, poll_video
+from tests.support import load_fixture
+from tests.videos_support import FAST_RETRY, fake_providers, fake_url, poll_video
 
 
 @pytest.fixture
@@ -90,9 +91,9 @@ async def test_replicas_are_the_avatars(tavus: TavusVideos) -> None:
 
 
 def test_callback_fixture_normalizes() -> None:
-    payload = fixture("callback_video_ready.json")
+    payload = load_fixture("callback_video_ready.json")
     assert is_video_callback(payload)
-    assert not is_video_callback(fixture("callback_shutdown.json"))
+    assert not is_video_callback(load_fixture("callback_shutdown.json"))
     delivery = parse_callback(payload)
     assert delivery.dedupe_key == "tavus:1e30440cf9:ready" and delivery.event is not None
     assert delivery.event.status == "ready"
@@ -122,7 +123,7 @@ def _status(payload: dict[str, Any], status: str) -> dict[str, Any]:
 
 
 async def test_ingest_twice_and_out_of_order_keeps_one_row_per_status(store: SqlStore) -> None:
-    ready = fixture("callback_video_ready.json")
+    ready = load_fixture("callback_video_ready.json")
     # We created this video during conversation c-42: the callback itself does not say so.
     await store.upsert_video(
         VideoRecord("tavus", "1e30440cf9", "queued", conversation_id="c-42", script="Hello")
@@ -143,7 +144,7 @@ async def test_ingest_twice_and_out_of_order_keeps_one_row_per_status(store: Sql
 
 async def test_ingest_refuses_other_payloads(store: SqlStore) -> None:
     with pytest.raises(NotAVideoCallback):
-        await ingest_tavus_video_callback(store, fixture("callback_shutdown.json"))
+        await ingest_tavus_video_callback(store, load_fixture("callback_shutdown.json"))
     assert await store.count_events() == 0
 
 
@@ -168,7 +169,7 @@ async def test_ingest_through_a_route(tmp_path: Path) -> None:
         async with httpx.AsyncClient(base_url=server.url) as http:
             for _ in range(2):
                 response = await http.post(
-                    "/callbacks/tavus", json=fixture("callback_video_ready.json")
+                    "/callbacks/tavus", json=load_fixture("callback_video_ready.json")
                 )
                 assert response.status_code == 200 and response.json()["status"] == "ready"
     db = await open_store(url)

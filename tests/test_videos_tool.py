@@ -23,7 +23,7 @@ from cvi_agent.store import SqlStore, VideoRecord, open_store
 from cvi_agent.videos.announce import announce_video_ready
 from cvi_agent.videos.service import VideoService
 from cvi_agent.videos.tool import validate_video_tools
-from tests.conftest import API_KEY, PERSONAS, ServerFactory
+from tests.support import API_KEY, PERSONAS, ServerFactory
 from tests.videos_support import (
     CALLBACK_TOKEN,
     FAST_RETRY,

@@ -17,11 +17,10 @@ from cvi_agent.store import SqlStore, open_store
 from cvi_agent.videos import webhooks
 from cvi_agent.videos.jogg import signature
 from cvi_agent.videos.service import write_secret
-from tests.conftest import ServerFactory, fresh_database_url
+from tests.support import DATABASES, ServerFactory, fresh_database_url, load_fixture
 from tests.videos_support import (
     CALLBACK_TOKEN,
     fake_providers,
-    fixture,
     provider_settings,
 )
 
@@ -31,7 +30,7 @@ ARGIL_FAILED = "5d1e2f3a-0d44-4b50-8888-8dd25736052b"
 CONVERSATION = "c0a1b2c3d4"
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=DATABASES)
 async def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[str]:
     async for url in fresh_database_url(request.param, tmp_path):
         yield url
@@ -81,10 +80,10 @@ async def test_every_fixture_twice_and_out_of_order_is_stored_once(
 ) -> None:
     fake.seed("argil", ARGIL_OK, extras={"conversation_id": CONVERSATION})
     url = start(serve, fake, db_url)
-    argil_ok = fixture("argil_webhook_video_success.json")
-    argil_failed = fixture("argil_webhook_video_failed.json")
-    jogg_ok = fixture("jogg_webhook_video_success.json")
-    jogg_failed = fixture("jogg_webhook_video_failed.json")
+    argil_ok = load_fixture("argil_webhook_video_success.json")
+    argil_failed = load_fixture("argil_webhook_video_failed.json")
+    jogg_ok = load_fixture("jogg_webhook_video_success.json")
+    jogg_failed = load_fixture("jogg_webhook_video_failed.json")
     async with httpx.AsyncClient(base_url=url) as http:
         for payload in (argil_ok, argil_failed, argil_failed, argil_ok):
             r = await http.post(f"/callbacks/argil?token={CALLBACK_TOKEN}", json=payload)
@@ -120,7 +119,7 @@ async def test_jogg_wrong_or_missing_signature_is_401_and_nothing_is_stored(
     serve: ServerFactory, db_url: str, db: SqlStore
 ) -> None:
     url = start(serve, None, db_url)
-    payload = fixture("jogg_webhook_video_success.json")
+    payload = load_fixture("jogg_webhook_video_success.json")
     async with httpx.AsyncClient(base_url=url) as http:
         wrong = await http.post("/callbacks/jogg", **signed(payload, "whsec_not_ours"))
         assert wrong.status_code == 401
@@ -134,7 +133,7 @@ async def test_jogg_wrong_or_missing_signature_is_401_and_nothing_is_stored(
         assert bad_token.status_code == 401
         assert (await http.post("/callbacks/jogg", **signed(payload))).status_code == 200
         # A per-request webhook_url delivery: authenticated by the token in the URL.
-        failed = fixture("jogg_webhook_video_failed.json")
+        failed = load_fixture("jogg_webhook_video_failed.json")
         by_token = await http.post(f"/callbacks/jogg?token={CALLBACK_TOKEN}", json=failed)
         assert by_token.status_code == 200
     assert await db.count_events(source="video") == 2
@@ -147,7 +146,7 @@ async def test_jogg_secret_from_the_registration_file(
     write_secret(tmp_path / "var" / "jogg-webhook-secret", "whsec_from_file")
     assert (tmp_path / "var" / "jogg-webhook-secret").stat().st_mode & 0o777 == 0o600
     url = start(serve, None, db_url, jogg_webhook_secret="")
-    payload = fixture("jogg_webhook_video_success.json")
+    payload = load_fixture("jogg_webhook_video_success.json")
     async with httpx.AsyncClient(base_url=url) as http:
         r = await http.post("/callbacks/jogg", **signed(payload, "whsec_from_file"))
         assert r.status_code == 200
@@ -157,13 +156,15 @@ async def test_jogg_secret_from_the_registration_file(
 async def test_jogg_without_any_secret_refuses(serve: ServerFactory, tmp_path: Path) -> None:
     url = start(serve, None, f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", jogg_webhook_secret="")
     async with httpx.AsyncClient(base_url=url) as http:
-        r = await http.post("/callbacks/jogg", **signed(fixture("jogg_webhook_video_success.json")))
+        r = await http.post(
+            "/callbacks/jogg", **signed(load_fixture("jogg_webhook_video_success.json"))
+        )
     assert r.status_code == 503 and r.json()["error"]["code"] == "callbacks_not_configured"
 
 
 async def test_argil_token_is_required(serve: ServerFactory, db_url: str, db: SqlStore) -> None:
     url = start(serve, None, db_url)
-    payload = fixture("argil_webhook_video_failed.json")
+    payload = load_fixture("argil_webhook_video_failed.json")
     async with httpx.AsyncClient(base_url=url) as http:
         assert (await http.post("/callbacks/argil", json=payload)).status_code == 401
         wrong = await http.post("/callbacks/argil?token=cb-token-012345678X", json=payload)
@@ -179,7 +180,7 @@ async def test_argil_without_a_callback_token_refuses(serve: ServerFactory, tmp_
     url = start(serve, None, f"sqlite+aiosqlite:///{tmp_path / 'x.db'}", callback_token="")
     async with httpx.AsyncClient(base_url=url) as http:
         r = await http.post(
-            "/callbacks/argil?token=", json=fixture("argil_webhook_video_success.json")
+            "/callbacks/argil?token=", json=load_fixture("argil_webhook_video_success.json")
         )
     assert r.status_code == 503
 
@@ -196,7 +197,7 @@ async def test_argil_success_is_not_trusted_until_the_api_agrees(
     async with httpx.AsyncClient(base_url=url) as http:
         r = await http.post(
             f"/callbacks/argil?token={CALLBACK_TOKEN}",
-            json=fixture("argil_webhook_video_success.json"),
+            json=load_fixture("argil_webhook_video_success.json"),
         )
         assert r.status_code == 200
     db = await open_store(db_url)
@@ -205,13 +206,13 @@ async def test_argil_success_is_not_trusted_until_the_api_agrees(
         assert stored is not None and stored.status == "rendering" and stored.url is None
         [row] = await db.list_events(CONVERSATION, source="video")
         assert row.kind == "VIDEO_GENERATION_SUCCESS"
-        assert row.payload["raw"] == fixture("argil_webhook_video_success.json")
+        assert row.payload["raw"] == load_fixture("argil_webhook_video_success.json")
         # Once Argil agrees, a redelivery (or the poller) makes it ready.
         video.pinned = None
         async with httpx.AsyncClient(base_url=url) as http:
             r = await http.post(
                 f"/callbacks/argil?token={CALLBACK_TOKEN}",
-                json=fixture("argil_webhook_video_success.json"),
+                json=load_fixture("argil_webhook_video_success.json"),
             )
             assert r.status_code == 200
         stored = await db.get_video("argil", ARGIL_OK)
@@ -230,7 +231,7 @@ async def test_argil_success_with_the_api_unreachable_is_left_rendering(
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         r = await http.post(
             f"/callbacks/argil?token={CALLBACK_TOKEN}",
-            json=fixture("argil_webhook_video_success.json"),
+            json=load_fixture("argil_webhook_video_success.json"),
         )
         assert r.status_code == 200
     db = await open_store(db_url)

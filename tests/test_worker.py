@@ -26,9 +26,10 @@ from cvi_agent.bot.worker import BotSpec, Worker
 from cvi_agent.bus import InProcessBus, commands_channel, request
 from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.protocol.interactions import Echo
+from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.store import EventRecord, Leases, SqlStore, open_store
 from tests.bots import RecordingBot
-from tests.conftest import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY
+from tests.support import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY, make_settings
 
 
 async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
@@ -285,6 +286,10 @@ async def _healthy(url: str) -> bool:
         return False
 
 
+@pytest.mark.slow
+@pytest.mark.process
+@pytest.mark.postgres
+@pytest.mark.redis
 async def test_scale_out_two_web_processes_and_workers(
     pg_url: str, tmp_path: Path, fake_tavus: Any
 ) -> None:
@@ -292,7 +297,6 @@ async def test_scale_out_two_web_processes_and_workers(
     sees a callback posted to B; an echo posted to B reaches W1's bot in the room; W1 is killed
     (SIGKILL) and W2 takes the conversation over once the lease expires."""
     from cvi_agent.devtools.fakes.replica import ScriptedPeer
-    from cvi_agent.rooms.local_server import LocalRoomServer
 
     await _require_redis()
     port_a, port_b = free_port(), free_port()
@@ -451,8 +455,6 @@ async def test_single_process_default_mode(tmp_path: Path, fake_tavus: Any) -> N
     from cvi_agent.app import create_app
     from cvi_agent.devtools.fakes.replica import ScriptedPeer
     from cvi_agent.devtools.fakes.server import LoopbackServer
-    from cvi_agent.rooms.local_server import LocalRoomServer
-    from tests.conftest import make_settings
 
     async with asyncio.timeout(60), LocalRoomServer() as rooms:
         room_url = rooms.room_url("single")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -16,7 +15,7 @@ from cvi_agent.config import Settings
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.videos import DEFAULT_KEY, FakeVideoProviders
 from cvi_agent.videos.base import RetryPolicy, VideoEvent
-from tests.conftest import FIXTURES, make_settings
+from tests.support import make_settings
 
 # Fast, still bounded, backoff so retry tests take milliseconds.
 FAST_RETRY = RetryPolicy(attempts=4, base_delay=0.01, max_delay=0.05)
@@ -54,11 +53,6 @@ def video_settings(tmp_path: Path, fake: FakeVideoProviders | None, **overrides:
     values = provider_settings(fake)
     values.update(overrides)
     return make_settings(tmp_path, **values)
-
-
-def fixture(name: str) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads((FIXTURES / name).read_text())
-    return value
 
 
 async def wait_until(
