@@ -2,9 +2,8 @@
 
 Every turn with a conversation id is handed to `TurnRecorder` when its response ends: a
 streamed one by the turn tracker's observer (`TurnRecorder.observe`, i.e. `note_turn`), a
-non-streamed one by `observe_completion`; `observe_stream` does the same for a plain byte
-stream (one extra generator frame, two clock reads). The recorder is a bounded in-process
-queue drained by one background task that writes in batches. Nothing here ever waits on the database
+non-streamed one by `observe_completion`. The recorder is a bounded in-process queue drained
+by one background task that writes in batches. Nothing here ever waits on the database
 while a reply is streaming. Under overload, turn events are dropped (counted, and logged at most
 once a minute): they are telemetry; answers are rewritten by the next turn anyway, since the
 flow brain re-reads every answer from the history.
@@ -16,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -272,45 +271,6 @@ def _sample(
         user_text=_last_user_text(ctx),
         answers=dict(answers) if isinstance(answers, dict) and answers else None,
     )
-
-
-def observe_stream(
-    recorder: TurnRecorder | None,
-    ctx: TurnContext,
-    completion_id: str,
-    stream: AsyncIterator[bytes],
-) -> AsyncIterator[bytes]:
-    """The route's SSE byte stream, unchanged, with the turn recorded once it ends."""
-    if recorder is None or not ctx.conversation_id:
-        return stream
-    # Timed from here (the request is parsed), not from when the server starts iterating.
-    return _observed(recorder, ctx, completion_id, stream, time.perf_counter())
-
-
-async def _observed(
-    recorder: TurnRecorder,
-    ctx: TurnContext,
-    completion_id: str,
-    stream: AsyncIterator[bytes],
-    started: float,
-) -> AsyncIterator[bytes]:
-    first: float | None = None
-    chunks = 0
-    completed = False
-    try:
-        async for chunk in stream:
-            if first is None:
-                first = time.perf_counter()
-            chunks += 1
-            yield chunk
-        completed = True
-    finally:
-        closer = getattr(stream, "aclose", None)
-        if closer is not None:
-            await closer()
-        sample = _sample(ctx, completion_id, started, first, completed, chunks)
-        if sample is not None:
-            recorder.submit(sample)
 
 
 async def observe_completion(
