@@ -1,6 +1,6 @@
-"""CLI commands for the conversation record: `worker`, `personas push`, `conversations …`.
+"""CLI commands for the conversation record: `worker`, `conversations …`.
 
-`personas push` talks to Tavus directly (TAVUS_API_KEY). `conversations …` talks to our own API
+`conversations …` talks to our own API
 (`--url`, default CVI_PUBLIC_URL), because creating a conversation also starts its bot and
 records it, which only a running server can do.
 """
@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from cvi_agent.config import Settings, ensure_dev_key, mask_key
+from cvi_agent.config import Settings
 from cvi_agent.personas import PersonaError
 
 
@@ -52,14 +52,6 @@ def add_record_commands(sub: Any) -> None:
     interact.add_argument("id")
     interact.add_argument("body", help='e.g. \'{"type": "echo", "text": "Hello"}\'')
     conv.set_defaults(func=cmd_conversations)
-
-
-def add_push_arguments(personas_parser: argparse.ArgumentParser) -> None:
-    personas_parser.add_argument("name", nargs="?", default=None, help="push: one persona only")
-    personas_parser.add_argument("--replica-id", default=None, help="push: default_replica_id")
-    personas_parser.add_argument(
-        "--public-url", default=None, help="push: how Tavus reaches us (default $CVI_PUBLIC_URL)"
-    )
 
 
 # -- worker ------------------------------------------------------------------------------------
@@ -122,57 +114,6 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
-
-
-# -- personas push -----------------------------------------------------------------------------
-
-
-def cmd_personas_push(
-    args: argparse.Namespace, personas: dict[str, Any], settings: Settings
-) -> int:
-    from cvi_agent.tavus.client import TavusClient, TavusError
-
-    if not settings.tavus_api_key:
-        print("cvi-agent: set TAVUS_API_KEY to push personas to Tavus", file=sys.stderr)
-        return 2
-    names = [args.name] if args.name else sorted(personas)
-    unknown = [n for n in names if n not in personas]
-    if unknown:
-        print(
-            f"cvi-agent: no persona {unknown[0]!r} ({', '.join(sorted(personas))})", file=sys.stderr
-        )
-        return 2
-    generated = ensure_dev_key(settings)
-    if generated:
-        print(
-            "cvi-agent: warning: no CVI_API_KEYS; pushing the development key "
-            f"({mask_key(generated)}) as the persona's LLM key",
-            file=sys.stderr,
-        )
-    public_url = args.public_url or settings.public_url
-    if "127.0.0.1" in public_url or "localhost" in public_url:
-        print(
-            f"cvi-agent: warning: CVI_PUBLIC_URL is {public_url}; Tavus cannot reach that",
-            file=sys.stderr,
-        )
-
-    async def push() -> int:
-        async with TavusClient(settings.tavus_api_key, settings.tavus_api_url) as tavus:
-            for name in names:
-                try:
-                    result = await tavus.push_persona(
-                        personas[name], public_url, settings.api_keys[0], args.replica_id
-                    )
-                except TavusError as exc:
-                    print(f"cvi-agent: {name}: {exc}", file=sys.stderr)
-                    return 1
-                what = (
-                    "created" if result.created else f"updated ({len(result.operations)} changes)"
-                )
-                print(f"{name}: {result.persona_id} {what}")
-        return 0
-
-    return asyncio.run(push())
 
 
 # -- conversations -----------------------------------------------------------------------------

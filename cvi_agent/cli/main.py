@@ -1,5 +1,9 @@
-"""`cvi-agent` / `python -m cvi_agent`: serve, personas, and (as they land) bot, conversations,
-simulate, bench."""
+"""`cvi-agent` / `python -m cvi_agent`: the top-level parser and `serve`.
+
+Each command group lives in its own module (personas, conversations and worker, bot and room,
+simulate, videos, bench, soak) and registers its parser here. Commands import what they run
+(the app, uvicorn, the runtime) inside themselves, so `cvi-agent --help` stays fast; the CLI
+is the top layer, so these lazy imports dodge no cycle."""
 
 from __future__ import annotations
 
@@ -7,9 +11,10 @@ import argparse
 import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from cvi_agent.cli.conversations import add_push_arguments, add_record_commands, cmd_personas_push
+from cvi_agent import __version__
+from cvi_agent.cli.conversations import add_record_commands
+from cvi_agent.cli.personas import add_personas_parser
 from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key, mask_key
 from cvi_agent.personas import PersonaError
 
@@ -91,31 +96,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_personas(args: argparse.Namespace) -> int:
-    from cvi_agent.runtime import load_checked_personas
-
-    settings = Settings()
-    if args.dir:
-        settings.personas_dir = Path(args.dir)
-    try:
-        personas = load_checked_personas(settings)
-    except PersonaError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    if args.action == "push":
-        return cmd_personas_push(args, personas, settings)
-    if args.action == "validate":
-        print(f"{len(personas)} persona(s) valid in {settings.personas_dir}")
-        return 0
-    width = max((len(n) for n in personas), default=4)
-    for name in sorted(personas):
-        p = personas[name]
-        tools = ", ".join(f"{t.name}({t.execution})" for t in p.tools) or "-"
-        model = f" model={p.brain.model}" if p.brain.model else ""
-        print(f"{name:<{width}}  {p.brain.kind:<8} {p.persona_name}{model}  tools: {tools}")
-    return 0
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     from cvi_agent.devtools.bench import run_cli
 
@@ -123,7 +103,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvi-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cvi-agent",
+        description="Custom LLM backend, live room orchestration and callback ingestion for "
+        "Tavus CVI personas.",
+    )
+    parser.add_argument("--version", action="version", version=f"cvi-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP server")
@@ -132,11 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.set_defaults(func=cmd_serve)
 
-    personas = sub.add_parser("personas", help="list, validate, or push personas to Tavus")
-    personas.add_argument("action", choices=["list", "validate", "push"])
-    personas.add_argument("--dir", default=None, help="default: $CVI_PERSONAS_DIR or ./personas")
-    add_push_arguments(personas)
-    personas.set_defaults(func=cmd_personas)
+    add_personas_parser(sub)
     add_record_commands(sub)
 
     from cvi_agent.cli.videos import add_videos_parser

@@ -8,7 +8,7 @@ liveness, the console's static files and the OpenAPI docs (public on purpose: th
 secret and describe the same API the README does), plus the provider callbacks under
 `/callbacks/`, which authenticate with their own URL token or HMAC signature (callbacks.py,
 videos/webhooks.py) because Tavus and the video providers cannot send our API key.
-`tests/test_security.py` enumerates `app.routes` and fails for any route outside that list that
+`tests/test_web_security.py` enumerates `app.routes` and fails for any route outside that list that
 answers without a key.
 
 Rate limiting is per API key and per process (with `--workers N` each worker has its own
