@@ -150,7 +150,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_parser(sub)
 
-    from cvi_agent.devtools.bench.cli import add_arguments as add_bench_arguments
+    from cvi_agent.devtools.bench.options import add_arguments as add_bench_arguments
 
     bench = sub.add_parser(
         "bench",

@@ -23,5 +23,6 @@ absolute number; the table ends with the peak RSS of each process.
 Modules: `params` (settings and the request's content), `processes` (the child processes and
 their CPU and memory), `load` (the load generator), `metrics` (the server's Prometheus
 figures), `overhead` and `speculative` (the scenarios), `run` (starting the processes and
-running the scenarios), `stats` and `report` (figures and the table), `cli` (the command).
+running the scenarios), `stats` and `report` (figures and the table), `options` and `cli`
+(the command line).
 """

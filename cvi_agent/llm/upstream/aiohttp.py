@@ -71,7 +71,8 @@ class AiohttpResponse(UpstreamResponse):
 
 
 class AiohttpTransport(UpstreamTransport):
-    """Chat requests through one `aiohttp.ClientSession` per upstream.
+    """Chat requests through one `aiohttp.ClientSession` per upstream; build it on the running
+    loop (aiohttp binds its connector to it), as `Runtime.start` does.
 
     Args:
         endpoint: the upstream's URL and key.
