@@ -3,12 +3,10 @@ the direct transports (test_llm_upstream_client.py), and taken only when a proxy
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
-from cvi_agent.llm.upstream.client import ChatStreamClient
+from cvi_agent.llm.upstream.client import ChatStreamClient, TransportName
 from cvi_agent.llm.upstream.proxy import proxy_for
 from tests.test_llm_upstream_client import PARAMS, collect
 
@@ -33,7 +31,7 @@ async def test_events_and_request_on_the_wire(upstream: FakeUpstream) -> None:
 
 @pytest.mark.parametrize("transport", ["httptools", "aiohttp"])
 async def test_proxy_taken_only_when_one_applies(
-    monkeypatch: pytest.MonkeyPatch, transport: Any
+    monkeypatch: pytest.MonkeyPatch, transport: TransportName
 ) -> None:
     for name in ("http_proxy", "https_proxy", "no_proxy", "all_proxy"):
         monkeypatch.delenv(name, raising=False)
