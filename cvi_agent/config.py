@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,12 @@ class Settings(BaseSettings):
     upstream_reply_timeout: float = Field(
         default=30.0,
         validation_alias=_env("CVI_UPSTREAM_REPLY_TIMEOUT", "upstream_reply_timeout"),
+    )
+    # The HTTP client that carries upstream requests (cvi_agent/llm/upstream/): the hand-written
+    # httptools one, or aiohttp's. ARCHITECTURE.md "Upstream transport" has the measurements.
+    upstream_transport: Literal["httptools", "aiohttp"] = Field(
+        default="httptools",
+        validation_alias=_env("CVI_UPSTREAM_TRANSPORT", "upstream_transport"),
     )
     breaker_failures: int = Field(
         default=3, ge=1, validation_alias=_env("CVI_BREAKER_FAILURES", "breaker_failures")

@@ -97,7 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cvi_agent.devtools.bench import run_cli
+    from cvi_agent.devtools.bench.cli import run_cli
 
     return run_cli(args)
 
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_parser(sub)
 
-    from cvi_agent.devtools.bench import add_arguments as add_bench_arguments
+    from cvi_agent.devtools.bench.options import add_arguments as add_bench_arguments
 
     bench = sub.add_parser(
         "bench",

@@ -30,7 +30,8 @@ from typing import Any
 
 import httpx
 
-from cvi_agent.devtools.bench import Child, percentile, process_tree
+from cvi_agent.devtools.bench.processes import Child, process_tree, rss_mb
+from cvi_agent.devtools.bench.stats import percentile
 from cvi_agent.devtools.fakes.server import free_port
 
 SOAK_KEY = "soak-key-0123456789"
@@ -79,18 +80,6 @@ class Stats:
             self.errors.append(what)
         else:
             self.errors[-1] = f"(and more) {what}"
-
-
-def current_rss_mb(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return round(total, 1)
 
 
 def _persona_yaml(upstream_url: str) -> str:
@@ -262,7 +251,7 @@ async def _load(
                 stats.rss.append(
                     (
                         round(time.monotonic() - started, 1),
-                        current_rss_mb(process_tree(server.proc.pid) if server.proc else []),
+                        rss_mb(process_tree(server.proc.pid) if server.proc else []),
                     )
                 )
                 if progress:
