@@ -19,14 +19,8 @@ from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.llm.upstream.client import ChatStreamClient, TransportName
 from cvi_agent.llm.upstream.errors import UpstreamConnectionError, UpstreamHTTPError
-from tests.test_llm_turns import wait_until
-
-PARAMS: dict[str, Any] = {
-    "model": "fake",
-    "stream": True,
-    "stream_options": {"include_usage": True},
-    "messages": [{"role": "user", "content": "héllo ✓"}],
-}
+from tests.support import wait_until
+from tests.upstream_support import PARAMS, collect
 
 
 @pytest.fixture(params=["httptools", "aiohttp"])
@@ -42,11 +36,6 @@ def short_keepalive_upstream() -> Iterator[FakeUpstream]:
     with LoopbackServer(fake, timeout_keep_alive=0.2) as server:
         fake.url = server.url  # type: ignore[attr-defined]
         yield fake
-
-
-async def collect(client: ChatStreamClient, params: dict[str, Any] = PARAMS) -> list[Any]:
-    async with await client.stream(params) as stream:
-        return [event async for event in stream]
 
 
 async def test_events_and_request_on_the_wire(

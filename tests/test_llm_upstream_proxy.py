@@ -8,7 +8,7 @@ import pytest
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
 from cvi_agent.llm.upstream.client import ChatStreamClient, TransportName
 from cvi_agent.llm.upstream.proxy import proxy_for
-from tests.test_llm_upstream_client import PARAMS, collect
+from tests.upstream_support import PARAMS, collect
 
 
 async def test_events_and_request_on_the_wire(upstream: FakeUpstream) -> None:
