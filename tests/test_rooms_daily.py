@@ -149,7 +149,5 @@ async def test_daily_refused_profile_is_logged_and_the_join_goes_ahead(
     with pytest.raises(RoomJoinError, match="not a valid room URL"):
         await room.join("not a url")  # the join was still attempted
     assert room.applied_profiles is None
-    assert any(
-        "could not set the subscription profiles" in r.getMessage() for r in caplog.records
-    )
+    assert any("could not set the subscription profiles" in r.getMessage() for r in caplog.records)
     await room.leave()

@@ -100,6 +100,9 @@ class _DailyHandler(daily.EventHandler):
     def on_error(self, message: Any) -> None:
         self._forward("_daily_error", message)
 
+    def on_subscription_profiles_updated(self, profiles: Any) -> None:
+        self._forward("_daily_profiles", profiles)
+
 
 _PERMANENT_DAILY = ("Failed to parse url", "InvalidUrl", "Invalid client settings")
 _INNER_ERROR = re.compile(r'error: "([^"]{1,200})"')
@@ -193,6 +196,7 @@ class DailyRoom(BaseRoom):
         # What daily reported back once the profiles were set (None until then).
         self.applied_profiles: dict[str, Any] | None = None
         self._profiled: Any = None  # the client the profiles were set on
+        self._profiles_updated: asyncio.Event | None = None
         self._client: Any = None
         self._handler: Any = None
 
@@ -225,14 +229,19 @@ class DailyRoom(BaseRoom):
             return self.applied_profiles
         assert self._loop is not None
         future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
+        updated = self._profiles_updated = asyncio.Event()
         client.update_subscription_profiles(
             self.subscription_profiles, completion=self._completion(future)
         )
         try:
             async with asyncio.timeout(PROFILE_TIMEOUT):
                 error = _arg(await future, 0)
+                if not error:
+                    # The completion says daily took them; the copy `subscription_profiles()`
+                    # reads is refreshed by the event that follows.
+                    await updated.wait()
         except TimeoutError:
-            error = "no answer from daily"
+            error = None if future.done() and not _arg(future.result(), 0) else "no answer"
         self._profiled = client
         if error:
             log.warning("daily: could not set the subscription profiles: %s", error)
@@ -338,6 +347,10 @@ class DailyRoom(BaseRoom):
         log.debug("daily call state: %s", state)
         if state == "left" and self._state == "joined":
             self._connection_lost("Daily reported the call as left")
+
+    def _daily_profiles(self, profiles: Any) -> None:
+        if self._profiles_updated is not None:
+            self._profiles_updated.set()
 
     def _daily_error(self, message: Any) -> None:
         if self._state in ("joined", "reconnecting"):
