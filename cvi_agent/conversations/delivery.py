@@ -27,6 +27,7 @@ twice, whichever path delivered the first.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -411,18 +412,25 @@ class InteractionDelivery:
             if keyed
             else (f"interaction|{conversation.id}|{uuid.uuid4().hex}")
         )
-        await self.add_events(
-            [
-                EventRecord(
-                    conversation_id=conversation.id,
-                    source="api",
-                    kind=kind,
-                    dedupe_key=dedupe,
-                    payload=dict(done.message, delivery=done.record()),
-                    occurred_at=now(),
-                )
-            ]
+        record = EventRecord(
+            conversation_id=conversation.id,
+            source="api",
+            kind=kind,
+            dedupe_key=dedupe,
+            payload=dict(done.message, delivery=done.record()),
+            occurred_at=now(),
         )
+        try:
+            await self.add_events([record])
+        except Exception as exc:
+            # It left: the caller must hear so, or they would send it again.
+            log.warning(
+                "%s for %s was delivered (%s) but not recorded: %s",
+                done.message["event_type"],
+                conversation.id,
+                done.via,
+                exc,
+            )
 
     # -- the REST path --------------------------------------------------------------------------
 
@@ -495,27 +503,28 @@ class InteractionDelivery:
         room, so nothing else would show it)."""
         if exc.attempts == 0 and isinstance(exc, TavusRateLimited | TavusNotConfigured):
             return  # refused here before anything was sent
-        await self.add_events(
-            [
-                EventRecord(
-                    conversation_id=cid,
-                    source="api",
-                    kind="interaction.error",
-                    dedupe_key=f"interaction-error|{cid}|{uuid.uuid4().hex}",
-                    payload={
-                        "event_type": message["event_type"],
-                        "via": "rest",
-                        "code": error.code,
-                        "error": exc.message,
-                        "http_status": exc.status or None,
-                        "tavus": exc.body,
-                        "attempts": exc.attempts,
-                        "request_id": request_id,
-                    },
-                    occurred_at=now(),
-                )
-            ]
-        )
+        with contextlib.suppress(Exception):  # the answer matters more than this note
+            await self.add_events(
+                [
+                    EventRecord(
+                        conversation_id=cid,
+                        source="api",
+                        kind="interaction.error",
+                        dedupe_key=f"interaction-error|{cid}|{uuid.uuid4().hex}",
+                        payload={
+                            "event_type": message["event_type"],
+                            "via": "rest",
+                            "code": error.code,
+                            "error": exc.message,
+                            "http_status": exc.status or None,
+                            "tavus": exc.body,
+                            "attempts": exc.attempts,
+                            "request_id": request_id,
+                        },
+                        occurred_at=now(),
+                    )
+                ]
+            )
 
     # -- the bot path ---------------------------------------------------------------------------
 
