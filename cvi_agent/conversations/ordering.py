@@ -23,6 +23,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import Any
 
 import redis.asyncio as redis
 
@@ -105,7 +106,7 @@ class RedisTurns(LocalTurns):
         self.redis = client
         self.ticket_ttl = ticket_ttl
         self.poll = poll
-        self._drop: object = client.register_script(_DROP_DEAD_HEAD)
+        self._drop: Any = client.register_script(_DROP_DEAD_HEAD)
 
     @contextlib.asynccontextmanager
     async def turn(self, conversation_id: str, max_wait: float) -> AsyncIterator[None]:
@@ -152,7 +153,7 @@ class RedisTurns(LocalTurns):
                     await self.redis.rpush(queue, token)
                 else:
                     other = _text(head)
-                    await self._drop(keys=[queue, f"{queue}:{other}"], args=[other])  # type: ignore[operator]
+                    await self._drop(keys=[queue, f"{queue}:{other}"], args=[other])
             except (redis.RedisError, OSError) as exc:
                 log.warning("interaction order: Redis unavailable (%s); going ahead", exc)
                 return
