@@ -206,7 +206,9 @@ class Simulation:
                 self._loop.call_soon_threadsafe(self.inbox.receive, message)
 
     async def _start_standin(self) -> str:
-        server = LoopbackServer(self.standin.app)
+        # Inside a server (the console's button), leave the process's logging as it is:
+        # uvicorn applies its own logging configuration unless told not to.
+        server = LoopbackServer(self.standin.app, log_config=None, log_level=None)
         await asyncio.to_thread(server.start)
         self._standin_server = server
         self.standin.url = server.url
