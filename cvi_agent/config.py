@@ -145,6 +145,28 @@ class Settings(BaseSettings):
     interaction_timeout: float = Field(
         default=5.0, gt=0, validation_alias=_env("CVI_INTERACTION_TIMEOUT", "interaction_timeout")
     )
+    # Interactions (conversations/delivery.py): through Tavus's send-app-message, the bot, or
+    # whichever fits the conversation; how long one may wait its turn, for a rate-limit slot, a
+    # Retry-After or a retry; and the client-side limit on requests to Tavus per API key.
+    interactions_via: Literal["auto", "rest", "bot"] = Field(
+        default="auto", validation_alias=_env("CVI_INTERACTIONS_VIA", "interactions_via")
+    )
+    interaction_budget: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        validation_alias=_env("CVI_INTERACTION_BUDGET", "interaction_budget"),
+    )
+    tavus_rate_limit_rps: float = Field(
+        default=10.0,
+        ge=0,
+        validation_alias=_env("CVI_TAVUS_RATE_LIMIT_RPS", "tavus_rate_limit_rps"),
+    )
+    tavus_rate_limit_burst: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("CVI_TAVUS_RATE_LIMIT_BURST", "tavus_rate_limit_burst"),
+    )
     # Access control (security.py): per-key token bucket (per process; 0 = off) and CORS.
     rate_limit_rps: float = Field(
         default=100.0, ge=0, validation_alias=_env("CVI_RATE_LIMIT_RPS", "rate_limit_rps")

@@ -36,7 +36,13 @@ def test_conversations_commands_use_our_api(
         assert cid in capsys.readouterr().out
         assert main(["conversations", "--url", url, "get", cid]) == 0
         assert json.loads(capsys.readouterr().out)["conversation"]["id"] == cid
-        assert main(["conversations", "--url", url, "interact", cid, '{"type": "interrupt"}']) == 1
+        # No bot: the interaction goes through Tavus's send-app-message API.
+        assert main(["conversations", "--url", url, "interact", cid, '{"type": "interrupt"}']) == 0
+        sent = json.loads(capsys.readouterr().out)
+        assert sent["via"] == "rest" and sent["delivered"] is True
+        assert fake_tavus.app_messages[cid] == [sent["message"]]
+        interact_via_bot = ["interact", cid, '{"type": "interrupt"}', "--via", "bot"]
+        assert main(["conversations", "--url", url, *interact_via_bot]) == 1
         assert "No bot is attached" in capsys.readouterr().err
         assert main(["conversations", "--url", url, "end", cid]) == 0
         assert json.loads(capsys.readouterr().out)["conversation"]["status"] == "ended"

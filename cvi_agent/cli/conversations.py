@@ -51,6 +51,15 @@ def add_record_commands(sub: Any) -> None:
     interact = actions.add_parser("interact", help="send an interaction (JSON body)")
     interact.add_argument("id")
     interact.add_argument("body", help='e.g. \'{"type": "echo", "text": "Hello"}\'')
+    interact.add_argument(
+        "--via",
+        choices=("auto", "rest", "bot"),
+        default=None,
+        help="Tavus's API (rest) or the bot (default: the server's CVI_INTERACTIONS_VIA)",
+    )
+    interact.add_argument(
+        "--idempotency-key", default=None, help="makes a retry safe: sent at most once"
+    )
     conv.set_defaults(func=cmd_conversations)
 
 
@@ -164,7 +173,14 @@ def cmd_conversations(args: argparse.Namespace) -> int:
                 except ValueError as exc:
                     print(f"cvi-agent: the body is not JSON: {exc}", file=sys.stderr)
                     return 2
-                resp = http.post(f"/api/conversations/{args.id}/interactions", json=interaction)
+                resp = http.post(
+                    f"/api/conversations/{args.id}/interactions",
+                    json=interaction,
+                    params={"via": args.via} if args.via else None,
+                    headers={"Idempotency-Key": args.idempotency_key}
+                    if args.idempotency_key
+                    else None,
+                )
     except httpx.HTTPError as exc:
         print(f"cvi-agent: cannot reach {base}: {exc}", file=sys.stderr)
         return 1

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key
+from cvi_agent.conversations.delivery import check_standin_url
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.simulate.engine import Printer, Simulation
 from cvi_agent.devtools.simulate.report import SimulationReport, render_table
@@ -124,6 +125,9 @@ def cmd_simulate(args: Any) -> int:
                 conversation_id=conversation_id,
                 printer=printer,
                 linger=args.linger,
+                # The stand-in for Tavus's API listens on loopback: only a server on this
+                # machine can deliver to it.
+                rest=check_standin_url(server_url) is None,
             )
             return await simulation.run()
 

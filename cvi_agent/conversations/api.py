@@ -4,12 +4,9 @@ Same keys as the LLM endpoint (`Authorization: Bearer K` or `x-api-key: K`; on t
 also `?key=K` or the subprotocol `bearer.K` / `key.K`, since browsers cannot set headers there). Every
 error is in the OpenAI error shape.
 
-Interactions reach the conversation's bot wherever its worker runs: the request is published
-on the conversation's command channel and the bot answers on a reply channel, so a 200 means
-the bot sent it into the room. 409 `bot_not_attached`: no bot is attached (none was started, it
-left, or the conversation ended) — retrying will not help. 503 `bot_starting` /
-`bot_unavailable` / `bot_timeout`: a bot is wanted but not reachable right now (starting,
-being taken over after a worker died) — retry after `Retry-After`.
+Interactions reach the replica through Tavus's send-app-message API or through the
+conversation's bot wherever its worker runs (`conversations/delivery.py` chooses, delivers in
+order and records); the answer says which path delivered it.
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ import json
 import logging
 import secrets
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
@@ -31,6 +28,7 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from cvi_agent.bus import BusUnavailable, events_channel
 from cvi_agent.config import Settings
 from cvi_agent.conversations.callbacks import callback_url, stop_bot
+from cvi_agent.conversations.delivery import VIAS, Via, check_standin_url
 from cvi_agent.conversations.deps import conversations_of, require_conversations
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
 from cvi_agent.protocol.callbacks import redact_url
@@ -215,6 +213,12 @@ class CreateConversation(BaseModel):
         description="with conversation_url: the id of the existing conversation",
     )
     meeting_token: str | None = Field(default=None, max_length=4096)
+    interactions_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="with conversation_url: a stand-in for Tavus's API on this machine (the "
+        "simulator's) that takes this conversation's REST interactions",
+    )
 
 
 async def _tavus_persona_id(record: ConversationService, name: str) -> str:
@@ -278,6 +282,13 @@ async def create_conversation(request: Request) -> JSONResponse:
         )
     if body.conversation_url is not None:
         return await _attach_conversation(record, body)
+    if body.interactions_url is not None:
+        raise ApiError(
+            400,
+            "interactions_url goes with conversation_url.",
+            "invalid_request",
+            "interactions_url",
+        )
     cb_url = callback_url(record.settings)
     try:
         persona_id = body.persona_id or await _tavus_persona_id(record, body.persona or "")
@@ -349,12 +360,15 @@ async def _attach_conversation(
             "invalid_url",
             "conversation_url",
         )
+    meta: dict[str, Any] = {"attached": True, "bot_requested": body.bot}
+    if body.interactions_url is not None:
+        why = check_standin_url(body.interactions_url)
+        if why is not None:
+            raise ApiError(400, f"interactions_url {why}.", "invalid_url", "interactions_url")
+        meta["interactions_url"] = body.interactions_url
     cid = body.conversation_id or "local-" + secrets.token_hex(6)
     await record.store.upsert_conversation(
-        cid,
-        persona=body.persona,
-        conversation_url=redact_url(url),
-        meta={"attached": True, "bot_requested": body.bot},
+        cid, persona=body.persona, conversation_url=redact_url(url), meta=meta
     )
     await record.add_events(
         [
@@ -394,16 +408,20 @@ async def _attach_conversation(
     dependencies=_auth,
     summary="Send an interaction (echo, respond, interrupt, context, sensitivity, tool result)",
 )
-async def send_interaction(request: Request, conversation_id: str) -> dict[str, Any]:
-    """Send an interaction into the conversation's room through its bot, wherever it runs.
+async def send_interaction(request: Request, conversation_id: str) -> JSONResponse:
+    """Send an interaction to the conversation's replica, through Tavus's API or the bot.
 
     The body is `{"type": "echo", "text": …}`, `respond`, `interrupt`, `overwrite_context`,
-    `append_context`, `sensitivity` or `tool_result`. A 200 means the bot sent it into the
-    room (the reply has the exact message). 400 for an invalid body, 404 for an unknown
-    conversation. 409 `conversation_ended` or `bot_not_attached`: retrying will not help.
-    503 `bot_starting`, `bot_unavailable` or `bot_timeout` (with `Retry-After`): a bot is
-    wanted but not reachable right now. Send an `Idempotency-Key` header to make a retry
-    safe: a repeated key is answered without sending twice.
+    `append_context`, `sensitivity` or `tool_result`. `?via=rest|bot|auto` overrides
+    `CVI_INTERACTIONS_VIA` for this request. Per conversation, interactions leave in the order
+    they were accepted. 200: delivered (`via` says how; `message` is the exact message). 202:
+    `delivery: "uncertain"`: Tavus answered 504 (or did not answer) and it may have been
+    delivered; check before sending it again. 400 invalid body, 404 unknown conversation,
+    409 `conversation_ended` (here or at Tavus) or `bot_not_attached`, 413 over the path's
+    limit (65,536 bytes REST, 4,096 bot), 429 `tavus_rate_limited`, 502 `tavus_not_delivered`,
+    503 `bot_starting` / `bot_unavailable` / `bot_timeout` (with `Retry-After`). Send an
+    `Idempotency-Key` header to make a retry safe: a repeated key is answered from the record
+    (`replayed: true`) without sending twice.
     """
     record = _record(request)
     raw = await read_json_object(request, record.settings.max_body_bytes)
@@ -415,18 +433,18 @@ async def send_interaction(request: Request, conversation_id: str) -> dict[str, 
         raise ApiError(400, message, "invalid_interaction", param) from None
     if conversation.status == "ended":
         raise ApiError(409, "The conversation has ended.", "conversation_ended")
-    request_id = (request.headers.get("idempotency-key") or "").strip()[:128] or uuid.uuid4().hex
+    via = request.query_params.get("via")
+    if via is not None and via not in VIAS:
+        raise ApiError(400, "via must be auto, rest or bot.", "invalid_via", "via")
+    key = (request.headers.get("idempotency-key") or "").strip()[:128]
+    request_id = key or uuid.uuid4().hex
     try:
-        reply = await record.send_interaction(conversation_id, interaction, request_id)
+        done = await record.send_interaction(
+            conversation_id, interaction, request_id, via=cast(Via | None, via), keyed=bool(key)
+        )
     except DeliveryError as exc:
-        headers = {"Retry-After": "1"} if exc.retryable else None
-        raise ApiError(exc.status, exc.message, exc.code, headers=headers) from None
-    return {
-        "delivered": True,
-        "request_id": request_id,
-        "message": reply.get("message"),
-        "worker": reply.get("worker"),
-    }
+        raise ApiError(exc.status, exc.message, exc.code, headers=exc.headers()) from None
+    return JSONResponse(done.as_dict(), status_code=done.status)
 
 
 @router.post("/{conversation_id}/end", dependencies=_auth, summary="End on Tavus, stop the bot")
