@@ -227,7 +227,7 @@ async def test_the_path_is_chosen_by_setting_and_per_request(
 async def test_auto_falls_back_when_the_first_path_surely_did_not_deliver(
     app_server: AppFactory, fake_tavus: FakeTavus, standin: FakeTavus
 ) -> None:
-    server = app_server(interaction_budget=3)
+    server = app_server(interaction_budget=10)
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         cid = await create(http)
         bot = await bot_for(cid)
@@ -529,7 +529,11 @@ async def test_order_is_kept_across_two_services(
         first = asyncio.create_task(interact(http_a, cid, {"type": "echo", "text": "A first"}))
         await eventually(lambda: _true(sends(fake_tavus, cid) >= 1))
         second = asyncio.create_task(interact(http_b, cid, {"type": "echo", "text": "B second"}))
-        await asyncio.sleep(0.02)
+
+        async def both_queued() -> bool:  # B's ticket is behind A's: B counts as accepted
+            return int(await redis_client.llen("cvi:iturn:" + cid)) >= 2
+
+        await eventually(both_queued)
         third = asyncio.create_task(interact(http_a, cid, {"type": "echo", "text": "A third"}))
         for response in await asyncio.gather(first, second, third):
             assert response.status_code == 200, response.text
