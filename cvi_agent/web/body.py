@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from cvi_agent.web.errors import ApiError
 
@@ -26,11 +27,18 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(
+                    413, f"Request body too large (limit {limit} bytes).", "body_too_large"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left mid-body, or missed CVI_BODY_TIMEOUT (web/connections.py closed it):
+        # nobody reads this answer, but it ends the route quietly instead of as a 500.
+        raise ApiError(408, "The request body did not arrive.", "body_incomplete") from None
     return b"".join(chunks)
 
 
