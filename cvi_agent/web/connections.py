@@ -157,7 +157,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         cap = self.limits.max_connections
-        if cap and (len(self.connections) > cap or len(self.tasks) >= cap):
+        upgrade = self.parser.should_upgrade() and self._should_upgrade()  # not ours to refuse
+        if cap and not upgrade and (len(self.connections) > cap or len(self.tasks) >= cap):
             metrics.connection_refused("too_many_connections")
             self.app = _busy  # read once below, for this request only
             try:
@@ -201,13 +202,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         metrics.slow_client(phase)
         self.logger.info("closed a connection whose request %s did not arrive in time", phase)
         cycle = self.cycle
+        # A 408 only where the client expects the next response: not while an earlier
+        # (pipelined) request's response is still being written.
+        idle = not self.pipeline and (cycle is None or cycle.response_complete)
         if phase == BODY and cycle is not None and not cycle.response_complete:
-            answered = cycle.response_started
+            started = cycle.response_started
             cycle.disconnected = True  # the app's receive() says http.disconnect, send() no-ops
             cycle.message_event.set()
-            if not answered:
+            if not started and not self.pipeline:
                 self.transport.write(self._timeout_response(phase))
-        elif phase == HEADERS and self._request_bytes:
+        elif phase == HEADERS and self._request_bytes and idle:
             self.transport.write(self._timeout_response(phase))
         self.transport.close()
 
