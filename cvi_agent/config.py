@@ -162,7 +162,7 @@ class Settings(BaseSettings):
         validation_alias=_env("CVI_RATE_LIMIT_BYTES_BURST", "rate_limit_bytes_burst"),
     )
     rate_limit_concurrent: int = Field(
-        default=200,
+        default=500,
         ge=0,
         validation_alias=_env("CVI_RATE_LIMIT_CONCURRENT", "rate_limit_concurrent"),
     )
