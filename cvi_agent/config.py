@@ -177,6 +177,35 @@ class Settings(BaseSettings):
     cors_origins_raw: str = Field(
         default="", validation_alias=_env("CVI_CORS_ORIGINS", "cors_origins_raw")
     )
+    # Per key and process besides the request count (security.py): request bytes per second
+    # (a token bucket; its burst is at least one largest body) and requests in flight, a
+    # streaming reply or live feed holding its slot until it ends. 0 = off.
+    rate_limit_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        validation_alias=_env("CVI_RATE_LIMIT_BYTES", "rate_limit_bytes"),
+    )
+    rate_limit_bytes_burst: int = Field(
+        default=8 * 1024 * 1024,
+        ge=0,
+        validation_alias=_env("CVI_RATE_LIMIT_BYTES_BURST", "rate_limit_bytes_burst"),
+    )
+    rate_limit_concurrent: int = Field(
+        default=500,
+        ge=0,
+        validation_alias=_env("CVI_RATE_LIMIT_CONCURRENT", "rate_limit_concurrent"),
+    )
+    # Connections (web/connections.py, web/server.py): deadlines for a request's headers and
+    # declared body, and the cap on open connections per process (0 = off).
+    header_timeout: float = Field(
+        default=10.0, ge=0, validation_alias=_env("CVI_HEADER_TIMEOUT", "header_timeout")
+    )
+    body_timeout: float = Field(
+        default=30.0, ge=0, validation_alias=_env("CVI_BODY_TIMEOUT", "body_timeout")
+    )
+    max_connections: int = Field(
+        default=1000, ge=0, validation_alias=_env("CVI_MAX_CONNECTIONS", "max_connections")
+    )
 
     @cached_property
     def api_keys(self) -> tuple[str, ...]:

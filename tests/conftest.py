@@ -63,7 +63,7 @@ def serve(tmp_path: Path) -> Iterator[ServerFactory]:
     def start(upstream: FakeUpstream | None = None, **overrides: Any) -> LoopbackServer:
         url = getattr(upstream, "url", "http://127.0.0.1:9")
         settings = make_settings(tmp_path, url, **overrides)
-        server = LoopbackServer(create_app(settings)).start()
+        server = LoopbackServer(create_app(settings), settings=settings).start()
         started.append(server)
         return server
 

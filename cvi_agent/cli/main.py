@@ -29,10 +29,9 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cvi_agent.app import create_app
     from cvi_agent.runtime import load_checked_personas
+    from cvi_agent.web.server import serve
 
     settings = Settings()
     host = args.host or settings.host
@@ -76,24 +75,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Workers import the app factory themselves; pass the generated key through the env.
         os.environ["CVI_API_KEYS"] = settings.api_keys_raw
         os.environ["CVI_CALLBACK_TOKEN"] = settings.callback_token
-        uvicorn.run(
-            "cvi_agent.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=args.workers,
-            log_level=settings.log_level,
-            access_log=False,
-        )
+        serve(None, settings, workers=args.workers, host=host, port=port)
         return 0
-    uvicorn.run(
-        create_app(settings, personas),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        access_log=False,
-    )
-    return 0
+    return 0 if serve(create_app(settings, personas), settings, host=host, port=port) else 3
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

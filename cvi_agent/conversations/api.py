@@ -16,6 +16,7 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import secrets
 import uuid
 from typing import Any, cast
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 WS_PROTOCOL = "cvi-agent"
 MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parameters
+_AFTER_RANGE = f"after must be an event id (0 to {MAX_EVENT_ID})."
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
@@ -99,12 +101,18 @@ def _encode_cursor(conversation: ConversationRecord) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[float, str]:
+    """What `_encode_cursor` made, or a 400: anything the database cannot bind (a NaN, an
+    escaped lone surrogate, a NUL) is refused here, not a 500 there."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, cid = json.loads(raw)
-        if not isinstance(cid, str) or "\x00" in cid:
+        if not isinstance(cid, str) or "\x00" in cid or isinstance(created_at, bool):
             raise ValueError("not one of our cursors")
-        return float(created_at), cid
+        cid.encode("utf-8")  # an escaped lone surrogate cannot be encoded (UnicodeError)
+        before = float(created_at)
+        if not math.isfinite(before):
+            raise ValueError("not one of our cursors")
+        return before, cid
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ApiError(400, "Invalid cursor.", "invalid_cursor", "cursor") from None
 
@@ -166,8 +174,8 @@ async def list_events(
     await _conversation(record, conversation_id)
     if not 1 <= limit <= 1000:
         raise ApiError(400, "limit must be between 1 and 1000.", "invalid_limit", "limit")
-    if after > MAX_EVENT_ID:
-        raise ApiError(400, "after must be an event id.", "invalid_after", "after")
+    if not 0 <= after <= MAX_EVENT_ID:
+        raise ApiError(400, _AFTER_RANGE, "invalid_after", "after")
     events = await record.store.list_events(
         conversation_id, after_id=after, limit=limit + 1, order="id"
     )
@@ -552,7 +560,7 @@ async def live(ws: WebSocket, conversation_id: str) -> None:
     if after is None:
         await _deny(
             ws,
-            ApiError(400, "after must be an event id.", "invalid_after", "after"),
+            ApiError(400, _AFTER_RANGE, "invalid_after", "after"),
             4400,
         )
         return
@@ -585,11 +593,13 @@ def _ws_after(value: str | None) -> int | None:
     """`?after=` as an event id (validated here so a bad one is a 400 in the OpenAI shape)."""
     if value is None or value == "":
         return 0
+    if len(value) > 20:  # no event id has more digits (and int() refuses past 4300)
+        return None
     try:
         after = int(value)
     except ValueError:
         return None
-    return max(after, 0) if after <= MAX_EVENT_ID else None
+    return after if 0 <= after <= MAX_EVENT_ID else None
 
 
 async def _stream(

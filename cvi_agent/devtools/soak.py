@@ -453,6 +453,8 @@ def run_soak(params: SoakParams, progress: bool = False) -> dict[str, Any]:
             CVI_VAR_DIR=str(work / "var"),
             CVI_LOG_LEVEL="warning",
             CVI_RATE_LIMIT_RPS="0",  # one key drives the whole load: no per-key limit
+            CVI_RATE_LIMIT_CONCURRENT="0",
+            CVI_RATE_LIMIT_BYTES="0",
             CVI_VIDEO_POLL_INTERVAL="0",
         )
         server = Child(

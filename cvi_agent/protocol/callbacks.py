@@ -11,9 +11,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from cvi_agent.protocol.timestamps import parse_timestamp as parse_timestamp  # re-exported
 
 MAX_ID_LENGTH = 128
 
@@ -53,31 +54,6 @@ def stable_hash(value: Any) -> str:
     """A hash that does not depend on key order or whitespace (128 bits, hex)."""
     canonical = json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
-
-
-def parse_timestamp(value: Any) -> float | None:
-    """ISO-8601 strings (`…Z`, with or without microseconds) or Unix seconds/milliseconds."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
-        return seconds / 1000.0 if seconds > 1e11 else seconds
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        try:
-            return parse_timestamp(float(text))
-        except ValueError:
-            pass
-        try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    return None
 
 
 def shutdown_code(reason: Any) -> str:

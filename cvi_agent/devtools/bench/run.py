@@ -125,8 +125,10 @@ def _processes(params: BenchParams) -> Iterator[tuple[Child, Child, Child]]:
             "CVI_VAR_DIR": str(workdir / "var"),
             "CVI_DATABASE_URL": f"sqlite+aiosqlite:///{workdir / 'cvi.db'}",
             "CVI_LOG_LEVEL": "warning",
-            # One key drives the whole load: the per-key rate limit would measure itself.
+            # One key drives the whole load: the per-key limits would measure themselves.
             "CVI_RATE_LIMIT_RPS": "0",
+            "CVI_RATE_LIMIT_CONCURRENT": "0",
+            "CVI_RATE_LIMIT_BYTES": "0",
         }
         if params.server_src:
             server_env["PYTHONPATH"] = str(Path(params.server_src).resolve())
