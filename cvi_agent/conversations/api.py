@@ -33,8 +33,8 @@ from cvi_agent.config import Settings
 from cvi_agent.conversations.callbacks import callback_url, stop_bot
 from cvi_agent.conversations.deps import conversations_of, require_conversations
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
-from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
+from cvi_agent.protocol.redact import redact_url
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.tavus.client import (
