@@ -4,7 +4,6 @@ simulate, bench."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -16,23 +15,22 @@ from cvi_agent.personas import PersonaError
 Command = Callable[[argparse.Namespace], int]
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from cvi_agent.app import create_app
     from cvi_agent.runtime import load_checked_personas
+    from cvi_agent.web.logs import (
+        configure_logging,
+        configured_secrets,
+        install_log_filters,
+        log_config,
+    )
 
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    _setup_logging(settings.log_level)
+    configure_logging(settings.log_level, *configured_secrets(settings))
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:
@@ -45,6 +43,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"cvi-agent: (stored in {settings.var_dir / 'dev-api-key'})", flush=True)
         if ensure_dev_callback_token(settings):
             print(f"cvi-agent: development callback token in {settings.var_dir}", flush=True)
+    install_log_filters(*configured_secrets(settings, personas))  # the generated ones too
     if not settings.callback_tokens:
         print("cvi-agent: CVI_CALLBACK_TOKEN is not set: /callbacks/tavus answers 503", flush=True)
     else:
@@ -78,6 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             port=port,
             workers=args.workers,
             log_level=settings.log_level,
+            log_config=log_config(settings.log_level),  # again in each worker process
             access_log=False,
         )
         return 0
@@ -86,6 +86,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=host,
         port=port,
         log_level=settings.log_level,
+        log_config=log_config(settings.log_level),
         access_log=False,
     )
     return 0
