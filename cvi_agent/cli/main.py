@@ -20,6 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from cvi_agent.app import create_app
     from cvi_agent.runtime import load_checked_personas
+    from cvi_agent.web.edges import SERVER_PROTOCOLS
     from cvi_agent.web.logs import (
         configure_logging,
         configured_secrets,
@@ -79,6 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             log_level=settings.log_level,
             log_config=log_config(settings.log_level),  # again in each worker process
             access_log=False,
+            **SERVER_PROTOCOLS,
         )
         return 0
     uvicorn.run(
@@ -88,6 +90,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         log_level=settings.log_level,
         log_config=log_config(settings.log_level),
         access_log=False,
+        **SERVER_PROTOCOLS,
     )
     return 0
 
