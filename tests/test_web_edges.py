@@ -128,6 +128,7 @@ def test_refused_websocket_is_one_line_with_its_reason_and_no_error(server: Serv
     assert "404" in lines[1] and "No conversation" in lines[1], lines
     assert all(" INFO " in line or " WARNING " in line for line in lines), lines
     assert "ERROR" not in log and "without completing handshake" not in log, log[-3000:]
+    assert "connection rejected" not in log and '"WebSocket ' not in log, log[-3000:]
 
 
 # -- (b) Upgrade: h2c --------------------------------------------------------------------------
@@ -146,6 +147,8 @@ def test_h2c_upgrade_offer_is_served_as_http11_with_its_body(server: ServerProce
         status, _, body = read_response(sock)
         assert status == b"HTTP/1.1 200 OK", (status, body)
         assert json.loads(body)["choices"][0]["message"]["content"] == "hello edges"
+    time.sleep(0.2)
+    assert "WARNING" not in server.log_text(), server.log_text()[-3000:]  # a declined offer
 
 
 # -- (c) HTTP/1.0 ------------------------------------------------------------------------------
@@ -197,7 +200,7 @@ def test_only_unusual_connections_leave_the_fast_parser(tmp_path: Path) -> None:
                 return {type(c).__name__ for c in state.connections}
 
         assert served_by(chat_request("1.1", CHAT)) == {"HttpToolsProtocol"}
-        assert served_by(chat_request("1.1", CHAT, H2C)) == {"H11Protocol"}
+        assert served_by(chat_request("1.1", CHAT, H2C)) == {"QuietH11Protocol"}
         assert served_by(chat_request("1.1", CHAT, "Connection: keep-alive\r\n")) == {
             "HttpToolsProtocol"
         }

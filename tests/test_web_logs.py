@@ -28,6 +28,7 @@ from cvi_agent.videos.jogg import signature
 from cvi_agent.web.logs import (
     DENIAL_FORMAT,
     FORMAT,
+    REJECTED_FORMAT,
     DenialLines,
     RedactingFilter,
     configured_secrets,
@@ -128,6 +129,8 @@ def test_a_line_that_cannot_be_checked_is_withheld_not_printed() -> None:
 def test_uvicorns_refusal_line_is_dropped_and_the_accepted_one_kept() -> None:
     drop = DenialLines()
     assert not drop.filter(record(DENIAL_FORMAT, "127.0.0.1:5", "/live", 401))
+    assert not drop.filter(record(REJECTED_FORMAT, 401, "Unauthorized"))
+    assert drop.filter(record(REJECTED_FORMAT, 500, "Internal Server Error"))
     assert drop.filter(record('%s - "WebSocket %s" [accepted]', "127.0.0.1:5", "/live"))
 
 

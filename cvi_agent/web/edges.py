@@ -15,7 +15,7 @@ and httptools 0.9, so the connections that start with one go to uvicorn's h11 im
   --http2` sends on `http://`): httptools tells llhttp that an upgrade request has no body, so
   the body is dropped (the route answers 400) and the connection is unusable afterwards. h11
   reads the body, and the offer is simply declined (RFC 9110 §7.8: the response is plain
-  HTTP/1.1).
+  HTTP/1.1), logged at DEBUG, not as uvicorn's WARNING per request.
 
 The choice is made once per connection, from the first request's head (request line and
 headers): a connection is handed to one protocol for its life, as uvicorn's own HTTP/2 sniffer
@@ -67,6 +67,15 @@ def needs_h11(head: bytes) -> bool:
     return connection_upgrade and upgrade is not None and upgrade != b"websocket"
 
 
+class QuietH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol, declining an upgrade offer other than websocket at DEBUG instead
+    of a WARNING per request: a server may ignore `Upgrade` (RFC 9110 §7.8), and every `curl
+    --http2` on `http://` offers one."""
+
+    def _unsupported_upgrade_warning(self) -> None:
+        self.logger.debug("Declined an upgrade offer: served as HTTP/1.1.")
+
+
 class HTTPProtocol(asyncio.Protocol):
     """Reads a connection's first request head, then hands the connection to `fast` or to
     `careful` (`needs_h11`). Subclass to change either (e.g. with deadlines of their own).
@@ -80,7 +89,7 @@ class HTTPProtocol(asyncio.Protocol):
     """
 
     fast: ClassVar[type[asyncio.Protocol]] = HttpToolsProtocol
-    careful: ClassVar[type[asyncio.Protocol]] = H11Protocol
+    careful: ClassVar[type[asyncio.Protocol]] = QuietH11Protocol
 
     def __init__(
         self,

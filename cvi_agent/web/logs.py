@@ -37,6 +37,8 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 MIN_SECRET_LENGTH = 6
 #: uvicorn's line for a websocket handshake refused with an HTTP response (every implementation).
 DENIAL_FORMAT = '%s - "WebSocket %s" %d'
+#: The websockets library's line for the same refusal (uvicorn hands it the `uvicorn.error` logger).
+REJECTED_FORMAT = "connection rejected (%d %s)"
 _WITHHELD = "(a log line was withheld: it could not be checked for secrets)"
 _DONE = "_cvi_redacted"
 
@@ -107,11 +109,18 @@ class RedactingFilter(logging.Filter):
 
 
 class DenialLines(logging.Filter):
-    """Drops uvicorn's status-only line for a websocket handshake refused with an HTTP response:
-    the app logs each refusal itself, once, with its reason (`web/security.deny_websocket`)."""
+    """Drops the status-only lines of a websocket handshake refused with a 4xx response —
+    uvicorn's `"WebSocket /path" 401` and the websockets library's `connection rejected (401
+    Unauthorized)`, both on `uvicorn.error`: the app logs each refusal itself, once, with its
+    reason (`web/security.deny_websocket`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg != DENIAL_FORMAT
+        if record.msg == DENIAL_FORMAT:
+            return False
+        if record.msg == REJECTED_FORMAT and isinstance(record.args, tuple) and record.args:
+            status = record.args[0]
+            return not (isinstance(status, int) and 400 <= status < 500)
+        return True
 
 
 _REDACTION = RedactingFilter()
