@@ -20,6 +20,7 @@ import httpx
 
 from cvi_agent.config import Settings
 from cvi_agent.personas import PersonaError
+from cvi_agent.web.logs import configure_logging, configured_secrets, install_log_filters
 
 
 def add_record_commands(sub: Any) -> None:
@@ -67,20 +68,16 @@ def add_record_commands(sub: Any) -> None:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import logging
-
     from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, *configured_secrets(settings))
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:
         print(f"cvi-agent: cannot load personas:\n{exc}", file=sys.stderr)
         return 2
+    install_log_filters(*configured_secrets(settings, personas))  # their upstream keys too
     print(
         f"cvi-agent worker: database {_safe_url(settings.database_url)}, "
         f"bus {'redis' if settings.redis_url else 'in-process (single process only)'}, "

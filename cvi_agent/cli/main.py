@@ -8,7 +8,6 @@ is the top layer, so these lazy imports dodge no cycle."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
 
@@ -21,22 +20,16 @@ from cvi_agent.personas import PersonaError
 Command = Callable[[argparse.Namespace], int]
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
     from cvi_agent.app import create_app
     from cvi_agent.runtime import load_checked_personas
+    from cvi_agent.web.logs import configure_logging, configured_secrets, install_log_filters
     from cvi_agent.web.server import serve
 
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    _setup_logging(settings.log_level)
+    configure_logging(settings.log_level, *configured_secrets(settings))
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:
@@ -49,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"cvi-agent: (stored in {settings.var_dir / 'dev-api-key'})", flush=True)
         if ensure_dev_callback_token(settings):
             print(f"cvi-agent: development callback token in {settings.var_dir}", flush=True)
+    install_log_filters(*configured_secrets(settings, personas))  # the generated ones too
     if not settings.callback_tokens:
         print("cvi-agent: CVI_CALLBACK_TOKEN is not set: /callbacks/tavus answers 503", flush=True)
     else:

@@ -21,6 +21,7 @@ from cvi_agent.devtools.simulate.engine import Printer, Simulation
 from cvi_agent.devtools.simulate.report import SimulationReport, render_table
 from cvi_agent.devtools.simulate.script import DEFAULT_SCRIPT, load_script
 from cvi_agent.rooms.local_server import LocalRoomServer
+from cvi_agent.web.logs import configured_secrets, install_log_filters
 
 
 def add_simulate_parser(sub: Any) -> None:
@@ -110,6 +111,8 @@ def cmd_simulate(args: Any) -> int:
         server = LoopbackServer(create_app(settings, personas)).start()
         server_url = server.url
         printer(f"started a server on {server_url} (database {settings.database_url})")
+    # After uvicorn set up its loggers: no key or token in whatever they, or httpx, print.
+    install_log_filters(*configured_secrets(settings, personas), key, token)
 
     async def main() -> SimulationReport:
         async with LocalRoomServer("127.0.0.1", 0) as rooms:

@@ -32,8 +32,8 @@ from cvi_agent.conversations.callbacks import callback_url, stop_bot
 from cvi_agent.conversations.delivery import VIAS, Via, check_standin_url
 from cvi_agent.conversations.deps import conversations_of, require_conversations
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
-from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
+from cvi_agent.protocol.redact import redact_url
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.tavus.client import (
@@ -47,6 +47,7 @@ from cvi_agent.tavus.client import (
 from cvi_agent.web.auth import constant_time_in, require_key
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
+from cvi_agent.web.security import deny_websocket
 
 log = logging.getLogger(__name__)
 
@@ -531,14 +532,6 @@ def _ws_key(ws: WebSocket) -> tuple[str | None, str | None]:
     return None, chosen
 
 
-async def _deny(ws: WebSocket, error: ApiError, close_code: int) -> None:
-    """Refuse the handshake with the HTTP error when the server can, else close with a code."""
-    try:
-        await ws.send_denial_response(error.response())
-    except RuntimeError:
-        await ws.close(close_code, error.message[:120])
-
-
 @router.websocket("/{conversation_id}/live")
 async def live(ws: WebSocket, conversation_id: str) -> None:
     """Every event of the conversation as it is stored: first the backlog (after `?after=`),
@@ -550,26 +543,16 @@ async def live(ws: WebSocket, conversation_id: str) -> None:
     settings: Settings = ws.app.state.settings
     key, subprotocol = _ws_key(ws)
     if not key or not constant_time_in(key, settings.api_keys):
-        await _deny(
-            ws,
-            ApiError(401, "Missing or invalid API key.", "invalid_api_key"),
-            4401,
-        )
+        await deny_websocket(ws, ApiError(401, "Missing or invalid API key.", "invalid_api_key"))
         return
     after = _ws_after(ws.query_params.get("after"))
     if after is None:
-        await _deny(
-            ws,
-            ApiError(400, _AFTER_RANGE, "invalid_after", "after"),
-            4400,
-        )
+        await deny_websocket(ws, ApiError(400, _AFTER_RANGE, "invalid_after", "after"))
         return
     record = conversations_of(ws.app.state)
     if record is None or await record.store.get_conversation(conversation_id) is None:
-        await _deny(
-            ws,
-            ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found"),
-            4404,
+        await deny_websocket(
+            ws, ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found")
         )
         return
     await ws.accept(subprotocol=subprotocol)

@@ -12,8 +12,8 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from cvi_agent.protocol.redact import redact_url
 from cvi_agent.protocol.timestamps import parse_timestamp as parse_timestamp  # re-exported
 
 MAX_ID_LENGTH = 128
@@ -63,15 +63,6 @@ def shutdown_code(reason: Any) -> str:
         if text.startswith(prefix) or text.replace(" ", "_").startswith(prefix):
             return code
     return "other"
-
-
-def redact_url(url: Any) -> Any:
-    """The callback URL Tavus echoes back (`webhook_url`) carries our token: never store it."""
-    if not isinstance(url, str) or "?" not in url:
-        return url
-    parts = urlsplit(url)
-    query = [(k, "***" if k.lower() == "token" else v) for k, v in parse_qsl(parts.query, True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 def _identifier(value: Any, field: str) -> str:

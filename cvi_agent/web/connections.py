@@ -93,6 +93,24 @@ _BUSY_BODY = _error_body(
 )
 
 
+def timeout_response(limits: ConnectionLimits, phase: str) -> bytes:
+    """The 408 a client gets when its request `phase` (HEADERS or BODY) missed its deadline."""
+    timeout = limits.header_timeout if phase == HEADERS else limits.body_timeout
+    setting = "CVI_HEADER_TIMEOUT" if phase == HEADERS else "CVI_BODY_TIMEOUT"
+    body = _error_body(
+        408,
+        f"The request {phase} did not arrive within {timeout:g} s ({setting}).",
+        "request_timeout",
+    )
+    return b"".join(
+        (
+            b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n",
+            b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
+            body,
+        )
+    )
+
+
 async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
     """The app that answers a request beyond the connection cap."""
     headers = [
@@ -216,17 +234,4 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _timeout_response(self, phase: str) -> bytes:
-        timeout = self.limits.header_timeout if phase == HEADERS else self.limits.body_timeout
-        setting = "CVI_HEADER_TIMEOUT" if phase == HEADERS else "CVI_BODY_TIMEOUT"
-        body = _error_body(
-            408,
-            f"The request {phase} did not arrive within {timeout:g} s ({setting}).",
-            "request_timeout",
-        )
-        return b"".join(
-            (
-                b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n",
-                b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body),
-                body,
-            )
-        )
+        return timeout_response(self.limits, phase)

@@ -26,6 +26,7 @@ operations. Only accepted keys get a bucket, so the tables are as small as `CVI_
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -47,6 +48,8 @@ CALLBACK_PREFIX = "/callbacks/"
 #: The LLM endpoint's paths: refusals there are counted in `cvi_chat_requests` too.
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 WS_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
+
+log = logging.getLogger(__name__)
 
 
 def public_paths(app: FastAPI) -> frozenset[str]:
@@ -284,7 +287,20 @@ def rate_limited(limiter: RateLimiter, wait: float) -> ApiError:
 
 
 async def deny_websocket(ws: WebSocket, error: ApiError) -> None:
-    """Refuse a handshake with the HTTP error when the server can, else close with 4xxx."""
+    """Refuse a handshake with the HTTP error when the server can, else close with 4xxx.
+
+    Logged here, once, with the reason (INFO: the client's doing, not ours); the path is logged
+    without its query string, which may hold a key. `web/logs.DenialLines` drops uvicorn's own
+    status-only line for the same refusal."""
+    client = ws.client
+    log.info(
+        "%s - websocket %s refused: %d %s (%s)",
+        f"{client.host}:{client.port}" if client else "-",
+        ws.scope["path"],
+        error.status,
+        error.message,
+        error.code,
+    )
     try:
         await ws.send_denial_response(error.response())
     except RuntimeError:

@@ -8,7 +8,9 @@ from typing import Any
 import uvicorn
 
 from cvi_agent.config import Settings
-from cvi_agent.web.connections import ConnectionLimits, GuardedHttpToolsProtocol, limits_of
+from cvi_agent.web.connections import ConnectionLimits, limits_of
+from cvi_agent.web.edges import SERVER_PROTOCOLS
+from cvi_agent.web.logs import log_config
 
 #: The app factory `--workers` processes import (each builds its own app from the environment).
 APP_FACTORY = "cvi_agent.app:create_app"
@@ -24,14 +26,16 @@ class ServerConfig(uvicorn.Config):
 
 
 def uvicorn_options(settings: Settings, **overrides: Any) -> dict[str, Any]:
-    """uvicorn `Config` arguments: ours (our HTTP protocol, no access log, the settings' host,
-    port and log level), then `overrides`."""
+    """uvicorn `Config` arguments: ours (our HTTP and websocket protocols, `web/edges.py`; the
+    redacting log configuration, `web/logs.py`, which `--workers` processes apply again; no
+    access log; the settings' host, port and log level), then `overrides`."""
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level,
+        "log_config": log_config(settings.log_level),
         "access_log": False,
-        "http": GuardedHttpToolsProtocol,
+        **SERVER_PROTOCOLS,
     }
     options.update(overrides)
     return options

@@ -46,6 +46,7 @@ class LoopbackServer:
         config.setdefault("log_level", "warning")
         config.setdefault("access_log", False)
         config.setdefault("lifespan", "on")
+        config.setdefault("log_config", None)  # in-process: leave the host's logging alone
         if settings is None:
             cfg = uvicorn.Config(app, host=host, port=self.port, **config)
         else:
