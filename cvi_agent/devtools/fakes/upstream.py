@@ -3,7 +3,8 @@
 Raw ASGI so that it costs as little CPU as possible when it shares the machine with the
 server under test (bench). It records every request, and when each client disconnected;
 `GET /_fake/records?since=N` hands those records to another process (bench runs it as its own
-process: `python -m cvi_agent.devtools.fakes.upstream --port P --ttft 0.3 --tps 50`).
+process: `python -m cvi_agent.devtools.fakes.upstream --port P --ttft 0.3 --tps 50`). Upstreams
+that never end a reply on their own are in `MISBEHAVIOURS` (`--misbehave-by-model`).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,13 +26,21 @@ Scope = dict[str, Any]
 
 @dataclass
 class ReplyStep:
-    """One scripted step of a reply."""
+    """One scripted step of a reply: a content chunk, a tool-call chunk, or `raw` bytes.
+
+    A misbehaving upstream is a few steps of `raw` bytes repeated: `repeat` times, `sleep`
+    seconds before each (a line that never ends, comments forever, data lines with no blank
+    line after them); see `MISBEHAVIOURS`. An empty `raw` sends nothing: the upstream only
+    holds the stream open for `sleep` seconds (a reply that hangs mid-way).
+    """
 
     content: str | None = None
     tool_name: str | None = None
     tool_arguments: str = ""
     tool_id: str | None = None
     sleep: float = 0.0
+    raw: bytes | None = None  # sent verbatim instead of a chunk
+    repeat: int = 1
 
 
 @dataclass
@@ -100,6 +109,8 @@ class FakeUpstream:
         self.keep_records = True
         self._random = random.Random(self.config.seed)
         self.active = 0
+        # A request whose `model` names one of `MISBEHAVIOURS` is answered that way.
+        self.misbehave_by_model = False
 
     def push(self, *plans: Plan) -> None:
         self.plans.extend(plans)
@@ -181,7 +192,12 @@ class FakeUpstream:
         )
         if self.keep_records:
             self.records.append(record)
-        plan = self.plans.popleft() if self.plans else self._default_plan(body)
+        if self.plans:
+            plan = self.plans.popleft()
+        elif self.misbehave_by_model and body.get("model") in MISBEHAVIOURS:
+            plan = MISBEHAVIOURS[body["model"]]()
+        else:
+            plan = self._default_plan(body)
         if plan.status != 200:
             await self._json(
                 send,
@@ -308,6 +324,16 @@ class FakeUpstream:
                 raise ConnectionResetError("scripted reset")
             if n and gap:
                 await asyncio.sleep(gap)
+            if step.raw is not None:
+                for _ in range(step.repeat):
+                    # Always a turn of the loop: a send to a closed connection does not yield,
+                    # and the disconnect must be seen.
+                    await asyncio.sleep(step.sleep)
+                    if step.raw:
+                        await send(
+                            {"type": "http.response.body", "body": step.raw, "more_body": True}
+                        )
+                continue
             if step.sleep:
                 await asyncio.sleep(step.sleep)
             if step.content is not None:
@@ -332,6 +358,57 @@ class FakeUpstream:
         await send({"type": "http.response.body", "body": tail + DONE, "more_body": False})
 
 
+def _long_line() -> Plan:
+    """One token, then a line that never ends (64 KiB at a time, as fast as it is read)."""
+    return Plan(steps=[ReplyStep(content="Hello "), ReplyStep(raw=b"x" * 65536, repeat=100_000)])
+
+
+def _comments() -> Plan:
+    """One token, then an SSE comment every 10 ms, for a minute: the reply never ends."""
+    return Plan(
+        steps=[
+            ReplyStep(content="Hello "),
+            ReplyStep(raw=b": keepalive\n", repeat=6000, sleep=0.01),
+        ]
+    )
+
+
+def _data_lines() -> Plan:
+    """One token, then `data:` lines (16 KiB each, every millisecond, for a minute) with no blank
+    line after them: one event that never ends."""
+    return Plan(
+        steps=[
+            ReplyStep(content="Hello "),
+            ReplyStep(raw=b"data: " + b"y" * 16384 + b"\n", repeat=60_000, sleep=0.001),
+        ]
+    )
+
+
+def _empty_events() -> Plan:
+    """One token, then well-formed chunks with nothing in them, every millisecond, for a minute."""
+    chunk = b'data: {"choices":[{"index":0,"delta":{}}]}\n\n'
+    return Plan(
+        steps=[ReplyStep(content="Hello "), ReplyStep(raw=chunk, repeat=60_000, sleep=0.001)]
+    )
+
+
+def _hang() -> Plan:
+    """One token, then silence for a minute with the stream open."""
+    return Plan(steps=[ReplyStep(content="Hello "), ReplyStep(raw=b"", sleep=60.0)])
+
+
+# Upstreams that never end a reply on their own, by name (`--misbehave-by-model` serves one to
+# each request for a model of that name): what the reader's bounds and the reply budget are
+# tested against.
+MISBEHAVIOURS: dict[str, Callable[[], Plan]] = {
+    "long-line": _long_line,
+    "comments": _comments,
+    "data-lines": _data_lines,
+    "empty-events": _empty_events,
+    "hang": _hang,
+}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Serve a fake upstream on its own (bench runs it as a separate process)."""
     import uvicorn
@@ -344,6 +421,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--words", type=int, default=20, help="chunks in a generated reply")
     parser.add_argument("--tool-call-share", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--misbehave-by-model",
+        action="store_true",
+        help=f"answer a request for model {', '.join(sorted(MISBEHAVIOURS))} that way",
+    )
     args = parser.parse_args(argv)
     fake = FakeUpstream(
         FakeUpstreamConfig(
@@ -355,6 +437,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             record_bodies=False,
         )
     )
+    fake.misbehave_by_model = args.misbehave_by_model
     uvicorn.run(
         fake,
         host=args.host,
