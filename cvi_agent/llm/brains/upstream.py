@@ -22,6 +22,7 @@ from cvi_agent.llm.breaker import CircuitBreaker
 from cvi_agent.llm.upstream.client import ChatStreamClient
 from cvi_agent.llm.upstream.errors import (
     UpstreamConnectionError,
+    UpstreamDeadline,
     UpstreamHTTPError,
     UpstreamTimeout,
 )
@@ -160,7 +161,8 @@ class UpstreamBrain:
         """The reply from the first target that produces a token within its share of the
         first-token budget; raises `UpstreamError` when none does (the route then speaks the
         fallback line). A reply already under way is never moved to another target: a failure
-        mid-reply raises, and one that outlives the reply budget ends with `length`."""
+        mid-reply raises, and one that outlives the reply budget ends with `length` at the
+        budget, whatever the upstream does (a timer on the stream, not a check per event)."""
         loop = asyncio.get_running_loop()
         budget = self.persona.brain.first_token_timeout or ctx.settings.upstream_first_token_timeout
         reply_budget = self.persona.brain.reply_timeout or ctx.settings.upstream_reply_timeout
@@ -181,25 +183,26 @@ class UpstreamBrain:
             later = sum(1 for t in targets[i + 1 :] if t.breaker.state != "open")
             attempt = remaining / (later + 1)
             emitted = False
-            events = self._stream_target(ctx, target, attempt)
+            cut: str | None = None  # why the reply budget ran out (the error's text: no cycle)
+            events = self._stream_target(ctx, target, attempt, reply_deadline)
             try:
                 async for event in events:
                     if not emitted and type(event) is not Finish:
                         emitted = True
                         target.breaker.success()
-                    if emitted and loop.time() > reply_deadline:
-                        log.warning(
-                            "persona %s: reply from %s exceeded %gs; ending it",
-                            self.persona.name,
-                            target.name,
-                            reply_budget,
-                        )
-                        yield Finish("length")
-                        return
                     if type(event) is Finish and not emitted:
                         raise UpstreamError(f"{target.name} sent an empty reply")
                     yield event
                 return
+            except UpstreamDeadline as exc:
+                if not emitted:  # a reply budget shorter than the first-token one: spent
+                    target.breaker.failure()
+                    metrics.upstream_failed(target.breaker.name)
+                    failure = UpstreamError(
+                        f"{target.name} said nothing within the reply budget of {reply_budget:g}s"
+                    )
+                    break
+                cut = str(exc)
             except UpstreamError as exc:
                 target.breaker.failure()
                 metrics.upstream_failed(target.breaker.name)
@@ -215,11 +218,27 @@ class UpstreamBrain:
                 )
             finally:
                 await events.aclose()  # type: ignore[attr-defined]
-        raise failure or UpstreamError(f"no first token within {budget:g}s")
+            if cut is not None:
+                log.warning(
+                    "persona %s: reply from %s exceeded %gs (%s); ending it",
+                    self.persona.name,
+                    target.name,
+                    reply_budget,
+                    cut,
+                )
+                yield Finish("length")
+                return
+        try:
+            raise failure or UpstreamError(f"no first token within {budget:g}s")
+        finally:
+            failure = None  # its traceback holds this frame, which must not hold it back
 
     async def _stream_target(
-        self, ctx: TurnContext, target: _Target, first_token_timeout: float
+        self, ctx: TurnContext, target: _Target, first_token_timeout: float, reply_deadline: float
     ) -> AsyncIterator[BrainEvent]:
+        """One target's reply, every tool round of it; raises `UpstreamDeadline` at
+        `reply_deadline` (the loop's clock) and `UpstreamError` on any failure."""
+        loop = asyncio.get_running_loop()
         messages: list[dict[str, Any]] = list(
             ctx.state.get("raw_messages")
             or [m.model_dump(exclude_none=True) for m in ctx.request.messages]
@@ -233,12 +252,17 @@ class UpstreamBrain:
             calls: dict[int, _Call] = {}
             text_parts: list[str] = []
             finish_reason = "stop"
-            deadline = asyncio.get_running_loop().time() + first_token_timeout
+            # A later round (after server tools) may have less than a first-token budget left.
+            deadline = min(loop.time() + first_token_timeout, reply_deadline)
+            if deadline <= loop.time():
+                raise UpstreamDeadline("the budget was spent before this tool round")
             sent_at = time.perf_counter()
             try:
                 async with asyncio.timeout_at(deadline):
                     stream = await target.client.stream(params)
             except TimeoutError as exc:
+                if deadline == reply_deadline:
+                    raise UpstreamDeadline("the upstream had not answered yet") from exc
                 raise UpstreamError(
                     f"no answer from upstream within {first_token_timeout:g}s"
                 ) from exc
@@ -246,6 +270,7 @@ class UpstreamBrain:
                 raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
             except UpstreamConnectionError as exc:
                 raise UpstreamError(f"upstream request failed: {exc}") from exc
+            stream.expire_at(reply_deadline)
             try:
                 async with stream:
                     got_first = False
@@ -310,6 +335,8 @@ class UpstreamBrain:
                             if reason:
                                 finish_reason = reason
             except TimeoutError as exc:
+                if deadline == reply_deadline:
+                    raise UpstreamDeadline("the upstream had sent no token yet") from exc
                 raise UpstreamError(
                     f"no first token from upstream within {first_token_timeout:g}s"
                 ) from exc

@@ -8,15 +8,22 @@ over as the dict `json` made of it (no model object per chunk: this is the hot p
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
+import time
 from collections import deque
 from types import TracebackType
 from typing import Any, Literal
 
 from cvi_agent.llm.upstream.base import UpstreamEndpoint, UpstreamResponse, UpstreamTransport
 from cvi_agent.llm.upstream.decoder import SSEDecoder
-from cvi_agent.llm.upstream.errors import UpstreamConnectionError, UpstreamHTTPError, error_message
+from cvi_agent.llm.upstream.errors import (
+    UpstreamConnectionError,
+    UpstreamDeadline,
+    UpstreamHTTPError,
+    error_message,
+)
 from cvi_agent.llm.upstream.httptools import HttptoolsTransport
 from cvi_agent.llm.upstream.proxy import ProxyTransport, proxy_for
 
@@ -60,10 +67,20 @@ class ChatStream:
     """One streamed response: `async for event in stream` yields each `data:` JSON value.
 
     Always close it (`async with` or `aclose()`); closing before the end closes the connection,
-    so the upstream stops generating.
+    so the upstream stops generating. `expire_at` bounds it in time, whatever the upstream does.
     """
 
-    __slots__ = ("_decoder", "_ended", "_events", "_response")
+    __slots__ = (
+        "_decoder",
+        "_ended",
+        "_events",
+        "_expired",
+        "_last_data",
+        "_reading",
+        "_response",
+        "_task",
+        "_timer",
+    )
 
     def __init__(self, response: UpstreamResponse) -> None:
         """Decode `response`'s body; the stream owns it and closes it."""
@@ -71,6 +88,11 @@ class ChatStream:
         self._decoder = SSEDecoder()
         self._events: deque[Any] = deque()
         self._ended = False
+        self._reading = False  # a read of the upstream is under way (the task waits on it)
+        self._last_data = time.monotonic()  # when the last bytes came (for the deadline's cause)
+        self._expired = False
+        self._timer: asyncio.TimerHandle | None = None
+        self._task: asyncio.Task[Any] | None = None
 
     def __aiter__(self) -> ChatStream:
         return self
@@ -80,20 +102,67 @@ class ChatStream:
         while not events:
             if self._ended or self._decoder.done:
                 raise StopAsyncIteration
+            self._reading = True
             try:
-                chunk = await self._response.__anext__()
+                # No local name for the bytes: a frame in an error's traceback keeps its
+                # locals, and this one may be megabytes.
+                self._decoder.feed(await self._response.__anext__(), events)
             except StopAsyncIteration:
                 self._ended = True
                 self._decoder.flush(events)
                 continue
-            self._decoder.feed(chunk, events)
+            except asyncio.CancelledError:
+                # The deadline interrupted this read (`_expire`): its error is queued. Any other
+                # cancellation (also one that came at the same moment) goes on.
+                task = self._task
+                if self._expired and task is not None and task.uncancel() == 0:
+                    continue
+                raise
+            finally:
+                self._reading = False
+            self._last_data = time.monotonic()
         event = events.popleft()
         if isinstance(event, BaseException):
-            raise event
+            try:
+                raise event
+            finally:
+                event = None  # or error → traceback → this frame → error: a cycle
         return event
+
+    def expire_at(self, when: float) -> None:
+        """End the stream at `when` (the event loop's clock): from then on the next event is an
+        `UpstreamDeadline`, also when the task is waiting for the upstream at that moment
+        (the wait is interrupted) and also over events already received. One timer for the
+        whole stream, nothing per event. Read the stream in the task that calls this."""
+        if self._timer is not None:
+            self._timer.cancel()
+        self._task = asyncio.current_task()
+        self._timer = asyncio.get_running_loop().call_at(when, self._expire)
+
+    def _expire(self) -> None:
+        self._timer = None
+        events = self._events
+        if not events and (self._ended or self._decoder.done):
+            return  # the whole reply was read: nothing to cut
+        if not self._reading:
+            cause = "its events were still being read (a slow caller)"
+        else:
+            silent = time.monotonic() - self._last_data
+            if silent >= 0.5:
+                cause = f"the upstream had been silent for {silent:.1f}s"
+            else:
+                cause = "the upstream was still sending"
+        self._expired = True
+        events.clear()
+        events.append(UpstreamDeadline(cause))
+        if self._reading and self._task is not None:
+            self._task.cancel()
 
     async def aclose(self) -> None:
         """Close the response (idempotent); see `UpstreamResponse.aclose`."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         await self._response.aclose(done=self._decoder.done)
 
     async def __aenter__(self) -> ChatStream:

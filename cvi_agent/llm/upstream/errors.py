@@ -24,6 +24,12 @@ class UpstreamTimeout(UpstreamConnectionError):
     """Connecting or waiting for the next bytes took longer than its timeout."""
 
 
+class UpstreamDeadline(Exception):
+    """The reply's time ran out with its stream still open (`ChatStream.expire_at`): not a
+    failure of the connection, the end of the reply. The message says what the upstream was
+    doing meanwhile: sending, silent, or waiting for us to read."""
+
+
 def error_message(body: bytes) -> str:
     """The message of an error answer, short enough to log: OpenAI's `error.message` shape
     first, a bare `message` next, else the start of the body."""

@@ -12,7 +12,8 @@ uvicorn already uses, and hands each body chunk over as it arrives.
 - A request on a reused connection that the upstream closed before answering is retried once
   on a new connection (the upstream never saw it).
 - A reader that falls behind pauses the socket (backpressure), so a slow client never makes
-  the server buffer a whole reply.
+  the server buffer a whole reply; the read timeout counts only the upstream's silence, never
+  the time the socket was paused by us.
 """
 
 from __future__ import annotations
@@ -280,6 +281,7 @@ class HttptoolsResponse(UpstreamResponse):
 
     def _resume(self) -> None:
         self._paused = False
+        self._last_read = time.monotonic()  # the upstream's silence counts from here again
         conn = self._conn
         if conn is not None and conn.transport is not None and conn.alive:
             conn.transport.resume_reading()
@@ -377,6 +379,12 @@ class HttptoolsResponse(UpstreamResponse):
         self._watchdog = None
         if self._finished or self._error is not None or self._conn is None:
             return
+        loop = asyncio.get_running_loop()
+        if self._paused:
+            # We stopped reading (our reader is behind): the silence is ours, not the
+            # upstream's. It is timed again from `_resume`.
+            self._watchdog = loop.call_later(self._read_timeout, self._check_idle)
+            return
         idle = time.monotonic() - self._last_read
         if idle >= self._read_timeout:
             self._fail(UpstreamTimeout(f"no data from upstream for {self._read_timeout:g}s"))
@@ -384,7 +392,6 @@ class HttptoolsResponse(UpstreamResponse):
             if conn is not None:
                 conn.close()
             return
-        loop = asyncio.get_running_loop()
         self._watchdog = loop.call_later(self._read_timeout - idle, self._check_idle)
 
 
