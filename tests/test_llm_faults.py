@@ -4,10 +4,13 @@ fallback chain (a second upstream, then a spoken line) and the circuit breaker."
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import httpx
 import openai
 import pytest
 
@@ -83,6 +86,41 @@ FAULTS = {
     "error_event": Plan(raw_chunks=[b'data: {"error": {"message": "overloaded"}}\n\n']),
     "empty_reply": Plan(steps=[], finish_reason="stop"),
 }
+
+
+def delta_chunk(delta: dict[str, Any], finish_reason: Any = None) -> bytes:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish_reason}
+    return b"data: " + json.dumps({"choices": [choice]}).encode() + b"\n\n"
+
+
+def tool_delta(**fields: Any) -> dict[str, Any]:
+    """A tool-call delta, well-formed but for `fields` (`index`, `id`, `name`, `arguments`)."""
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    call.update({k: v for k, v in fields.items() if k in ("index", "id")})
+    function = {"name": "lookup", "arguments": ""}
+    function.update({k: v for k, v in fields.items() if k in ("name", "arguments")})
+    call["function"] = function
+    return {"content": None, "tool_calls": [call]}
+
+
+# Chunks whose fields would reach the caller with the wrong type: each is a malformed chunk.
+MALFORMED = {
+    "content_a_list": delta_chunk({"content": ["a", "b"]}),
+    "content_a_number": delta_chunk({"content": 42}),
+    "content_an_object": delta_chunk({"content": {"text": "hi"}}),
+    "tool_call_name_a_number": delta_chunk(tool_delta(name=7)),
+    "tool_call_arguments_an_object": delta_chunk(tool_delta(arguments={"q": 1})),
+    "tool_call_id_a_number": delta_chunk(tool_delta(id=5)),
+    "tool_call_index_a_string": delta_chunk(tool_delta(index="0")),
+    "tool_calls_an_object": delta_chunk({"tool_calls": {"index": 0}}),
+    "choices_an_object": b'data: {"choices": {"0": {"delta": {"content": "hi"}}}}\n\n',
+}
+FAULTS.update(
+    {
+        f"malformed_{name}": Plan(raw_chunks=[raw, b"data: [DONE]\n\n"])
+        for name, raw in MALFORMED.items()
+    }
+)
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -166,3 +204,63 @@ async def test_circuit_breaker_stops_hammering_a_dead_upstream(
     assert text == "primary is back"
     text, _, _ = await ask(server, "chain")
     assert len(upstream.records) == 5, "closed again: the primary takes the traffic"
+
+
+async def raw_turn(server: LoopbackServer, model: str, stream: bool) -> tuple[str, str | None]:
+    """(text, finish_reason) of one request read as bytes: a non-streamed answer must be a 200
+    and every streamed chunk well-formed (strings where the wire has strings)."""
+    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        if not stream:
+            resp = await http.post("/v1/chat/completions", json=body, headers=headers)
+            assert resp.status_code == 200, resp.text
+            choice = resp.json()["choices"][0]
+            assert isinstance(choice["message"]["content"], str), resp.text
+            assert "tool_calls" not in choice["message"], resp.text
+            return choice["message"]["content"], choice["finish_reason"]
+        text, finish, done = "", None, False
+        async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if line == "data: [DONE]":
+                    done = True
+                elif line.startswith("data: "):
+                    for choice in json.loads(line[6:])["choices"]:
+                        delta = choice["delta"]
+                        assert isinstance(delta.get("content") or "", str), line
+                        assert "tool_calls" not in delta, line
+                        assert isinstance(choice.get("finish_reason") or "", str), line
+                        text += delta.get("content") or ""
+                        finish = choice.get("finish_reason") or finish
+        assert done
+        return text, finish
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+async def test_malformed_chunk_before_any_token_speaks_the_fallback(
+    serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path, name: str, stream: bool
+) -> None:
+    server = serve(None, personas_dir=personas_dir(tmp_path, upstream.url, "http://127.0.0.1:9"))  # type: ignore[attr-defined]
+    upstream.push(Plan(raw_chunks=[MALFORMED[name], b"data: [DONE]\n\n"]))
+    assert await raw_turn(server, "single", stream) == (FALLBACK_LINE, "stop")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize(
+    "name", [*sorted(MALFORMED), "finish_reason_a_number", "finish_reason_an_object"]
+)
+async def test_malformed_chunk_mid_reply_ends_it_cleanly(
+    serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path, name: str, stream: bool
+) -> None:
+    server = serve(None, personas_dir=personas_dir(tmp_path, upstream.url, "http://127.0.0.1:9"))  # type: ignore[attr-defined]
+    bad = {
+        "finish_reason_a_number": delta_chunk({}, finish_reason=7),
+        "finish_reason_an_object": delta_chunk({}, finish_reason={"why": "done"}),
+    }.get(name) or MALFORMED[name]
+    good = delta_chunk({"role": "assistant", "content": "Hello "})
+    upstream.push(
+        Plan(raw_chunks=[good, bad, delta_chunk({"content": "never"}), b"data: [DONE]\n\n"])
+    )
+    assert await raw_turn(server, "single", stream) == ("Hello ", "stop")

@@ -92,6 +92,19 @@ class UpstreamClients:
             await client.aclose()
 
 
+def _check_tool_call(index: object, call_id: object, name: object, arguments: object) -> None:
+    """A tool-call fragment's fields are passed on to the caller as they are: each must have
+    the type the OpenAI wire gives it (else TypeError: a malformed chunk)."""
+    if type(index) is not int:
+        raise TypeError("tool call index is not an integer")
+    if call_id and type(call_id) is not str:
+        raise TypeError("tool call id is not a string")
+    if name and type(name) is not str:
+        raise TypeError("tool call name is not a string")
+    if type(arguments) is not str:
+        raise TypeError("tool call arguments are not a string")
+
+
 @dataclass(slots=True)
 class _Target:
     client: ChatStreamClient
@@ -237,7 +250,8 @@ class UpstreamBrain:
         self, ctx: TurnContext, target: _Target, first_token_timeout: float, reply_deadline: float
     ) -> AsyncIterator[BrainEvent]:
         """One target's reply, every tool round of it; raises `UpstreamDeadline` at
-        `reply_deadline` (the loop's clock) and `UpstreamError` on any failure."""
+        `reply_deadline` (the loop's clock) and `UpstreamError` on any failure, a malformed
+        chunk included: only well-formed strings reach the caller."""
         loop = asyncio.get_running_loop()
         messages: list[dict[str, Any]] = list(
             ctx.state.get("raw_messages")
@@ -301,19 +315,24 @@ class UpstreamBrain:
                                     first_at = time.perf_counter()
                                     ctx.state["upstream_ttft"] = first_at - sent_at
                                 if content:
+                                    if type(content) is not str:
+                                        raise TypeError("content is not a string")
                                     text_parts.append(content)
                                     yield TextDelta(content)
                                 for tc in tool_calls or ():
                                     index = tc.get("index", 0)
+                                    fn = tc.get("function") or {}
+                                    call_id = tc.get("id")
+                                    name = fn.get("name")
+                                    fragment = fn.get("arguments") or ""
+                                    _check_tool_call(index, call_id, name, fragment)
                                     call = calls.get(index)
                                     if call is None:
                                         call = calls[index] = _Call()
-                                    fn = tc.get("function") or {}
-                                    fragment = fn.get("arguments") or ""
-                                    if tc.get("id"):
-                                        call.id = tc["id"]
-                                    if fn.get("name"):
-                                        call.name = fn["name"]
+                                    if call_id:
+                                        call.id = call_id
+                                    if name:
+                                        call.name = name
                                     if ctx.tools.is_server(call.name):
                                         call.arguments.append(fragment)
                                         continue
@@ -333,6 +352,8 @@ class UpstreamBrain:
                                         yield ToolCallDelta(call.client_index, None, None, fragment)
                             reason = choice.get("finish_reason")
                             if reason:
+                                if type(reason) is not str:
+                                    raise TypeError("finish_reason is not a string")
                                 finish_reason = reason
             except TimeoutError as exc:
                 if deadline == reply_deadline:
@@ -344,8 +365,9 @@ class UpstreamBrain:
                 raise UpstreamError(f"upstream stream stalled: {exc}") from exc
             except UpstreamConnectionError as exc:
                 raise UpstreamError(f"upstream stream failed: {exc}") from exc
-            except (AttributeError, TypeError) as exc:
-                raise UpstreamError(f"upstream sent a malformed chunk: {exc}") from exc
+            except (AttributeError, TypeError, KeyError, IndexError) as exc:
+                what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
+                raise UpstreamError(f"upstream sent a malformed chunk: {what}") from exc
 
             server_calls = [c for c in calls.values() if ctx.tools.is_server(c.name)]
             client_calls = [c for c in calls.values() if c.client_index is not None]
