@@ -39,17 +39,18 @@ REPLY_BUDGET = 1.5
 
 
 def test_a_long_line_costs_time_linear_in_its_length() -> None:
-    """A line that arrives in small pieces is not re-scanned nor re-copied at each piece."""
+    """A line that arrives in small pieces is not re-scanned nor re-copied at each piece
+    (measured: 25 ms for these 64k pieces; 1.4 s when each piece re-copied the line so far)."""
     decoder = SSEDecoder()
     out: deque[Any] = deque()
     payload = b'data: "' + b"x" * (MAX_EVENT_BYTES - 64) + b'"'
     started = time.perf_counter()
-    for i in range(0, len(payload), 64):
-        decoder.feed(payload[i : i + 64], out)
+    for i in range(0, len(payload), 16):
+        decoder.feed(payload[i : i + 16], out)
     decoder.feed(b"\n\n", out)
     elapsed = time.perf_counter() - started
     assert len(out) == 1 and out[0] == "x" * (MAX_EVENT_BYTES - 64)
-    assert elapsed < 0.5, f"{elapsed:.2f}s for 16k pieces of one line"
+    assert elapsed < 0.3, f"{elapsed:.2f}s for 64k pieces of one line"
 
 
 @pytest.mark.parametrize(
@@ -427,14 +428,17 @@ def sync_turn(http: httpx.Client, model: str, give_up: float) -> tuple[str, str 
         "stream": True,
         "messages": [{"role": "user", "content": f"hi {started}"}],
     }
-    with http.stream("POST", "/v1/chat/completions", json=body) as resp:
-        for line in resp.iter_lines():
-            if time.monotonic() - started > give_up:
-                break
-            if line.startswith("data: {"):
-                for choice in json.loads(line[6:])["choices"]:
-                    text += choice["delta"].get("content") or ""
-                    finish = choice.get("finish_reason") or finish
+    try:
+        with http.stream("POST", "/v1/chat/completions", json=body, timeout=give_up) as resp:
+            for line in resp.iter_lines():
+                if time.monotonic() - started > give_up:
+                    break
+                if line.startswith("data: {"):
+                    for choice in json.loads(line[6:])["choices"]:
+                        text += choice["delta"].get("content") or ""
+                        finish = choice.get("finish_reason") or finish
+    except httpx.ReadTimeout:
+        pass  # nothing came for `give_up` seconds: the turn has no end
     return text, finish, time.monotonic() - started
 
 
