@@ -33,7 +33,7 @@ async def test_console_drives_a_simulated_conversation(
 ) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is required (Debian package 'chromium'; `make test` installs it)")
-    server = serve(None, callback_token="cb-console")
+    server = serve(None, callback_token="cb-console", local_rooms=True)
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)

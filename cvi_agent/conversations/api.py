@@ -35,6 +35,7 @@ from cvi_agent.conversations.deps import conversations_of, require_conversations
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
 from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
+from cvi_agent.rooms.policy import RoomPolicy, RoomRefused
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.tavus.client import (
@@ -205,7 +206,7 @@ class CreateConversation(BaseModel):
         default=None,
         max_length=2048,
         description="attach to an existing room instead of creating on Tavus "
-        "(a Daily URL, or a ws:// local room)",
+        "(a Daily URL on CVI_ROOM_HOSTS, or a ws:// local room with CVI_LOCAL_ROOMS)",
     )
     conversation_id: str | None = Field(
         default=None,
@@ -248,7 +249,10 @@ async def create_conversation(request: Request) -> JSONResponse:
     (and optionally `conversation_id`), Tavus is not called: an existing room is recorded and
     a bot is sent into it. 201 with the conversation, its URL and whether a bot was
     requested; the bot joins within moments, from whichever worker claims it. 400 for an
-    invalid body, 404 for an unknown `persona`. Tavus's refusals are passed on: 400 with its
+    invalid body, 404 for an unknown `persona`. A bot only joins rooms on the allow-list:
+    `CVI_ROOM_HOSTS` (default Daily's `*.daily.co`), and `ws://` local rooms on this machine
+    with `CVI_LOCAL_ROOMS`; another `conversation_url` is a 400 `room_not_allowed` naming the
+    setting (a URL Tavus returns outside it gets no bot: `bot.refused` says why). Tavus's refusals are passed on: 400 with its
     message, 429 with `Retry-After`, 502 for a bad `TAVUS_API_KEY` or a Tavus outage, 503
     without a key.
     """
@@ -314,7 +318,14 @@ async def create_conversation(request: Request) -> JSONResponse:
             )
         ]
     )
+    bot: dict[str, Any] = {"requested": bool(body.bot and url)}
     if body.bot and url:
+        try:  # Tavus hands out Daily URLs; any other is held to the same allow-list
+            RoomPolicy.from_settings(record.settings).check(str(url))
+        except RoomRefused as exc:
+            log.warning("conversation %s: no bot sent: %s", cid, exc)
+            bot = {"requested": False, "refused": str(exc)}
+    if bot["requested"]:
         await record.leases.offer(
             cid,
             {
@@ -330,7 +341,7 @@ async def create_conversation(request: Request) -> JSONResponse:
             "conversation": conversation.as_dict(),
             "conversation_url": url,
             "tavus": shown,
-            "bot": {"requested": bool(body.bot and url)},
+            "bot": bot,
         },
         status_code=201,
     )
@@ -342,7 +353,12 @@ async def _attach_conversation(
     """A conversation that already exists (created on Tavus by someone else, or a local room):
     record it and start a bot in its room, without calling Tavus."""
     url = body.conversation_url or ""
-    if not url.startswith(("https://", "http://", "ws://", "wss://")):
+    if body.bot:
+        try:
+            RoomPolicy.from_settings(record.settings).check(url)
+        except RoomRefused as exc:
+            raise ApiError(400, str(exc), "room_not_allowed", "conversation_url") from None
+    elif not url.startswith(("https://", "http://", "ws://", "wss://")):
         raise ApiError(
             400,
             "conversation_url must be an http(s) or ws(s) URL.",
