@@ -28,10 +28,11 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from cvi_agent.bus import BusUnavailable, events_channel
+from cvi_agent.bus import BusUnavailable
 from cvi_agent.config import Settings
 from cvi_agent.conversations.callbacks import callback_url, stop_bot
 from cvi_agent.conversations.deps import conversations_of, require_conversations
+from cvi_agent.conversations.feed import MAX_EVENT_ID, Live, event_feed
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
 from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
@@ -53,7 +54,6 @@ from cvi_agent.web.errors import ApiError, validation_message
 log = logging.getLogger(__name__)
 
 WS_PROTOCOL = "cvi-agent"
-MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parameters
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
@@ -593,48 +593,28 @@ def _ws_after(value: str | None) -> int | None:
 async def _stream(
     ws: WebSocket, record: ConversationService, conversation_id: str, after: int
 ) -> None:
-    sent: set[int] = set()
+    """Send the feed (`feed.event_feed`, shared with the SSE stream) while watching the client:
+    whichever ends first cancels the other, so a closed tab frees its subscription at once."""
 
-    async def catch_up() -> None:
-        """Send every stored event not sent yet (the backlog, or what a gap may have lost)."""
-        cursor = after
-        while True:
-            batch = await record.store.list_events(
-                conversation_id, after_id=cursor, limit=500, order="id"
-            )
-            for event in batch:
-                if event.id is not None and event.id not in sent:
-                    sent.add(event.id)
-                    await ws.send_json({"type": "event", "event": event.as_dict()})
-            if len(batch) < 500:
-                return
-            cursor = batch[-1].id or cursor
+    async def send_feed() -> None:
+        feed = event_feed(record.store, record.bus, conversation_id, after)
+        async with contextlib.aclosing(feed):
+            async for item in feed:
+                if isinstance(item, Live):
+                    await ws.send_json({"type": "live", "backlog": item.backlog})
+                else:
+                    await ws.send_json({"type": "event", "event": item})
 
-    async with record.bus.subscribe(events_channel(conversation_id), maxsize=1000) as sub:
-        await catch_up()
-        await ws.send_json({"type": "live", "backlog": len(sent)})
-        closed = asyncio.create_task(_closed(ws))
-        try:
-            while not closed.done():
-                getter = asyncio.create_task(sub.next())
-                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    break
-                message = getter.result()
-                if message is None:  # a gap: resync from the store
-                    await catch_up()
-                    continue
-                event_id = message.get("id")
-                if isinstance(event_id, int):
-                    if event_id in sent:
-                        continue
-                    sent.add(event_id)
-                await ws.send_json({"type": "event", "event": message})
-        finally:
-            closed.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await closed
+    sender = asyncio.create_task(send_feed())
+    closed = asyncio.create_task(_closed(ws))
+    try:
+        await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, closed):
+            task.cancel()
+        await asyncio.gather(sender, closed, return_exceptions=True)
+    if not sender.cancelled():
+        sender.result()  # raise what ended the feed: the bus unavailable, a failed send
 
 
 async def _closed(ws: WebSocket) -> None:
