@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 import time
+import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -29,7 +30,7 @@ from cvi_agent.conversations.service import ConversationService
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.store import EventRecord, SqlStore
 from cvi_agent.store.base import now
-from tests.support import API_KEY, ServerFactory
+from tests.support import API_KEY, REDIS_TEST_URL, ServerFactory
 
 TOKEN = "cb-token-feed-0123456789"
 CID = "c-feed"
@@ -102,11 +103,11 @@ def stream(
     )
 
 
-async def callback(http: httpx.AsyncClient, n: int, size: int = 0) -> None:
+async def callback(http: httpx.AsyncClient, n: int, size: int = 0, cid: str = CID) -> None:
     """One distinct Tavus callback for the conversation: one stored event, published live."""
     body = {
         "event_type": "application.perception_analysis",
-        "conversation_id": CID,
+        "conversation_id": cid,
         "timestamp": f"2025-01-01T00:{n // 60:02d}:{n % 60:02d}Z",
         "properties": {"n": n, **({"padding": "x" * size} if size else {})},
     }
@@ -150,12 +151,16 @@ async def server_tasks(server: LoopbackServer) -> Counter[str]:
     return await asyncio.wrap_future(future)
 
 
-async def test_backlog_then_live_events(serve: ServerFactory) -> None:
-    server = serve(None, callback_token=TOKEN)
+@pytest.mark.parametrize("bus", ["inprocess", pytest.param("redis", marks=pytest.mark.redis)])
+async def test_backlog_then_live_events(serve: ServerFactory, bus: str) -> None:
+    """On the in-process bus, and on Redis (where the subscription is confirmed before the
+    backlog is read)."""
+    cid = f"c-feed-{uuid.uuid4().hex[:8]}"  # Redis is shared: a channel of this test's own
+    server = serve(None, callback_token=TOKEN, redis_url=REDIS_TEST_URL if bus == "redis" else None)
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
-        await callback(http, 0)
-        await callback(http, 1)
-        async with stream(http) as resp:
+        await callback(http, 0, cid=cid)
+        await callback(http, 1, cid=cid)
+        async with stream(http, cid) as resp:
             assert resp.status_code == 200
             assert resp.headers["content-type"].startswith("text/event-stream")
             assert resp.headers["cache-control"] == "no-store"
@@ -168,9 +173,9 @@ async def test_backlog_then_live_events(serve: ServerFactory) -> None:
             assert live.event == "live" and live.data == {"backlog": 2} and live.id is None
 
             for n in (2, 3, 4):
-                await callback(http, n)
-            await callback(http, 4)  # a duplicate delivery is stored once, published once
-            await callback(http, 5)
+                await callback(http, n, cid=cid)
+            await callback(http, 4, cid=cid)  # a duplicate delivery is stored once, published once
+            await callback(http, 5, cid=cid)
             events = await feed.events(4)
             assert numbers(events) == [2, 3, 4, 5]
             ids = [int(m.id or 0) for m in backlog + events]
