@@ -14,6 +14,7 @@ from cvi_agent import __version__
 from cvi_agent.config import Settings
 from cvi_agent.conversations.api import router as api_router
 from cvi_agent.conversations.callbacks import router as callbacks_router
+from cvi_agent.conversations.feed import router as feed_router
 from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
 from cvi_agent.devtools.simulate.routes import RoomHost
 from cvi_agent.devtools.simulate.routes import router as simulations_router
@@ -72,6 +73,7 @@ def create_app(
     app.include_router(llm_router)
     app.include_router(callbacks_router)
     app.include_router(api_router)
+    app.include_router(feed_router)
     app.include_router(videos_router)
     app.include_router(simulations_router)
     app.include_router(metrics_router)

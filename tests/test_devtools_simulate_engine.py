@@ -19,7 +19,7 @@ TOKEN = "cb-token-for-tests"
 
 
 async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
-    server = serve(None, callback_token=TOKEN)
+    server = serve(None, callback_token=TOKEN, local_rooms=True)
     script = load_script().model_copy(update={"words_per_second": 60})
     persona = load_personas(PERSONAS)[script.persona]
     lines: list[str] = []

@@ -475,6 +475,7 @@ def harness(
         max_body_bytes=256 * 1024,
         callback_max_bytes=256 * 1024,
         upstream_connect_timeout=0.5,
+        local_rooms=True,  # so attaching a ws:// room and /api/simulations are accepted too
     )
     h = Harness(create_app(settings_))
     resp = h.request("POST", "/api/conversations", json=TARGET_BODY, headers=AUTH)

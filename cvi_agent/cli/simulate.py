@@ -80,6 +80,8 @@ def cmd_simulate(args: Any) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         if ensure_dev_key(settings):
             ensure_dev_callback_token(settings)
+        if settings.local_rooms is None:  # the server started here is for this local room
+            settings.local_rooms = True
     key = args.key or (
         settings.api_keys[0] if settings.api_keys else _read(settings.var_dir / "dev-api-key")
     )
