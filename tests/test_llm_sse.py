@@ -17,13 +17,14 @@ def decode(raw: bytes) -> Any:
 
 
 def test_role_only_on_first_delta_and_unicode_kept() -> None:
-    enc = ChunkEncoder("m", id_="chatcmpl-1", created=5)
+    enc = ChunkEncoder("m", id_="chatcmpl-1", created=5, fingerprint="fp_0123456789")
     first, second = decode(enc.content("héllo “quoted”\n")), decode(enc.content("x"))
     assert first == {
         "id": "chatcmpl-1",
         "object": "chat.completion.chunk",
         "created": 5,
         "model": "m",
+        "system_fingerprint": "fp_0123456789",
         "choices": [
             {
                 "index": 0,
@@ -71,3 +72,46 @@ def test_finish_usage_done() -> None:
         "total_tokens": 7,
     }
     assert DONE == b"data: [DONE]\n\n"
+
+
+def test_fingerprint_on_every_chunk_including_usage() -> None:
+    enc = ChunkEncoder("m", fingerprint="fp_abcdef0123")
+    chunks = [enc.content("a"), enc.tool_call(0, "c", "f", "{}"), enc.end("stop", (3, 4))]
+    events = [e for raw in chunks for e in raw.split(b"\n\n") if e.startswith(b"data: {")]
+    assert len(events) == 4
+    assert all(json.loads(e[6:])["system_fingerprint"] == "fp_abcdef0123" for e in events)
+
+
+def test_other_choices_and_logprobs() -> None:
+    """`n` > 1: each choice under its index with its own first role; logprobs passed through."""
+    enc = ChunkEncoder("m")
+    logprobs = {"content": [{"token": "a", "logprob": -0.1, "bytes": [97], "top_logprobs": []}]}
+    first = decode(enc.content("a", 0, logprobs))["choices"][0]
+    assert first == {
+        "index": 0,
+        "delta": {"role": "assistant", "content": "a"},
+        "finish_reason": None,
+        "logprobs": logprobs,
+    }
+    other = decode(enc.content("b", 1))["choices"][0]
+    assert other == {
+        "index": 1,
+        "delta": {"role": "assistant", "content": "b"},
+        "finish_reason": None,
+    }
+    assert decode(enc.content("c", 1))["choices"][0]["delta"] == {"content": "c"}
+    assert decode(enc.content("d"))["choices"][0]["delta"] == {"content": "d"}
+    call = decode(enc.tool_call(0, "call_2", "f", "{}", 2))["choices"][0]
+    assert call["index"] == 2 and call["delta"]["role"] == "assistant"
+    tail = [
+        json.loads(e[6:])
+        for e in enc.end("stop", None, {1: "length", 2: "tool_calls"}).split(b"\n\n")
+        if e.startswith(b"data: {")
+    ]
+    assert [(c["choices"][0]["index"], c["choices"][0]["finish_reason"]) for c in tail] == [
+        (0, "stop"),
+        (1, "length"),
+        (2, "tool_calls"),
+    ]
+    for chunk in tail:
+        ChatCompletionChunk.model_validate(chunk)

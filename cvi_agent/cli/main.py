@@ -12,15 +12,16 @@ from pathlib import Path
 from cvi_agent.cli.conversations import add_push_arguments, add_record_commands, cmd_personas_push
 from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key, mask_key
 from cvi_agent.personas import PersonaError
+from cvi_agent.web.request_id import RequestIdFormatter
 
 Command = Callable[[argparse.Namespace], int]
 
 
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    handler = logging.StreamHandler()
+    # A line written while a request is handled ends with its x-request-id.
+    handler.setFormatter(RequestIdFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -383,7 +383,7 @@ class Target:
     path: str
     model: str
     headers: dict[str, str]
-    tools: bool  # send the tool definition in the body (the server adds the persona's)
+    tools: bool  # send the tool definition in the body (as Tavus sends a persona's client tools)
 
     def request(self, text: str, conversation: str | None) -> bytes:
         body: dict[str, Any] = {
@@ -901,7 +901,7 @@ async def _run_async(
         "/v1/chat/completions",
         PERSONA,
         {"Authorization": f"Bearer {BENCH_KEY}"},
-        tools=False,
+        tools=True,
     )
     progress.start()
     report: dict[str, Any] = {}

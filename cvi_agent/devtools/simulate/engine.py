@@ -93,6 +93,7 @@ class Simulation:
         printer: Printer | None = None,
         linger: float = 0.0,
         bot_timeout: float = 15.0,
+        tools: list[dict[str, Any]] | None = None,
     ) -> None:
         """Prepare the two room peers and the HTTP clients; nothing connects until `run`.
 
@@ -111,6 +112,8 @@ class Simulation:
                 by hand (from the console or the API).
             bot_timeout: how long to wait for the bot to join, for a tool result, or for
                 an interaction to reach the replica, before reporting an error.
+            tools: the tools every LLM request declares, as Tavus sends the persona's
+                `layers.llm.tools` (its client tools); without them none is callable.
         """
         self.server_url = server_url.rstrip("/")
         self.api_key = api_key
@@ -122,6 +125,7 @@ class Simulation:
         self.print = printer or (lambda line: None)
         self.linger = linger
         self.bot_timeout = bot_timeout
+        self.request_tools: dict[str, Any] = {"tools": tools} if tools else {}
         self.report = SimulationReport(self.conversation_id, script.persona)
         self.base_system = system_prompt
         self.context = script.conversational_context
@@ -277,7 +281,10 @@ class Simulation:
 
         try:
             stream = await self.llm.chat.completions.create(
-                model=self.script.persona, stream=True, messages=cast(Any, messages)
+                model=self.script.persona,
+                stream=True,
+                messages=cast(Any, messages),
+                **self.request_tools,
             )
             async with stream:
                 async for _chunk in stream:
@@ -294,7 +301,10 @@ class Simulation:
         text: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         stream = await self.llm.chat.completions.create(
-            model=self.script.persona, stream=True, messages=cast(Any, messages)
+            model=self.script.persona,
+            stream=True,
+            messages=cast(Any, messages),
+            **self.request_tools,
         )
         async with stream:
             async for chunk in stream:
