@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
-from cvi_agent.llm.sse import DONE, ChunkEncoder
+from cvi_agent.llm.sse import DONE, ChunkEncoder, EventStreamResponse
 from cvi_agent.protocol.chat import ChatCompletionChunk
+from cvi_agent.web.errors import ApiError
 
 
 def decode(raw: bytes) -> Any:
@@ -115,3 +118,54 @@ def test_other_choices_and_logprobs() -> None:
     ]
     for chunk in tail:
         ChatCompletionChunk.model_validate(chunk)
+
+
+async def respond(body: Any, ping: float = 15.0) -> list[dict[str, Any]]:
+    """Run an `EventStreamResponse` as ASGI, the client never leaving; the messages it sent."""
+    sent: list[dict[str, Any]] = []
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    response = EventStreamResponse(body, ping=ping, start_headers=lambda: [(b"x-extra", b"1")])
+    await response({"type": "http"}, receive, send)  # type: ignore[arg-type]
+    return sent
+
+
+async def test_a_pulled_stream_starts_with_its_first_chunk_and_can_still_fail() -> None:
+    """The status is decided by the first chunk: an `ApiError` before it is the HTTP error."""
+
+    async def fails_at_once() -> AsyncIterator[bytes]:
+        raise ApiError(503, "down", "upstream_unavailable", headers={"x-cvi-fallback": "x"})
+        yield b""  # pragma: no cover
+
+    sent = await respond(fails_at_once())
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 503
+    assert (b"x-cvi-fallback", b"x") in sent[0]["headers"]
+    assert json.loads(sent[1]["body"])["error"]["code"] == "upstream_unavailable"
+
+    async def fails_later() -> AsyncIterator[bytes]:
+        yield ChunkEncoder("m").content("hi")
+        raise ApiError(502, "broke", "upstream_error")
+
+    sent = await respond(fails_later())
+    assert sent[0]["status"] == 200 and (b"x-extra", b"1") in sent[0]["headers"]
+    assert sent[-1]["more_body"] is False and sent[-1]["body"].endswith(DONE)
+    assert json.loads(sent[-1]["body"][6:].split(b"\n\n")[0])["error"]["code"] == "upstream_error"
+
+
+async def test_a_keep_alive_before_the_first_chunk_starts_the_stream() -> None:
+    async def slow_then_fails() -> AsyncIterator[bytes]:
+        await asyncio.sleep(0.15)
+        raise ApiError(504, "late", "upstream_timeout")
+        yield b""  # pragma: no cover
+
+    sent = await respond(slow_then_fails(), ping=0.05)
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 200
+    assert sent[1]["body"] == b": ping\n\n"
+    assert b"upstream_timeout" in sent[-1]["body"] and sent[-1]["body"].endswith(DONE)

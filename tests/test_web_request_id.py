@@ -10,6 +10,8 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan
@@ -109,3 +111,13 @@ async def test_log_lines_of_a_request_carry_its_id(
     assert failures and all(line.endswith(" request_id=find-me-7") for line in failures)
     logging.getLogger("cvi_agent.test").warning("outside any request")
     assert log_lines[-1].endswith("outside any request")
+
+
+async def test_a_refused_websocket_handshake_carries_one(server: LoopbackServer) -> None:
+    ws_url = server.url.replace("http://", "ws://")
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(ws_url + "/api/conversations/c1/live"):
+            pass
+    response = refused.value.response
+    assert response.status_code == 401
+    assert response.headers["x-request-id"].startswith("req_")

@@ -25,6 +25,8 @@ MAX_LENGTH = 128
 # What we echo back as is: bounded, and nothing a log line or a header could be forged with.
 _SAFE = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,%d}" % MAX_LENGTH)
 
+_STARTS = frozenset({"http.response.start", "websocket.http.response.start"})
+
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "cvi_request_id", default=None
 )
@@ -49,7 +51,8 @@ class RequestId:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
+        kind = scope["type"]
+        if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
         raw: bytes | None = None
@@ -68,7 +71,8 @@ class RequestId:
         def send_with_id(message: Message) -> Awaitable[None]:
             # Not a coroutine of its own: the caller awaits `send`'s directly, so every body
             # message (a streamed chunk) costs one plain call here, not one more coroutine.
-            if message["type"] == "http.response.start":
+            # (A refused websocket handshake is an HTTP response too.)
+            if message["type"] in _STARTS:
                 message["headers"] = [*message.get("headers", ()), header]
             return send(message)
 

@@ -95,7 +95,9 @@ class TurnContext:
         side_effects_allowed: False while the turn tracker may still supersede or abandon
             the generation; side-effecting tools then wait for the turn to settle.
         state: per-request scratch space shared by the route, the brain and the recorder
-            (`raw_messages`, `raw_tools`, `started`, `upstream_ttft`, `answers`).
+            (`raw` (the parsed body, what the upstream brain forwards), `raw_messages`,
+            `raw_tools`, `request_id`, `started`, `upstream_ttft`, `answers`, `fallback`
+            (llm/failure.py)).
     """
 
     request: ChatCompletionRequest
