@@ -22,6 +22,7 @@ from cvi_agent.personas import Persona
 from cvi_agent.runtime import Runtime, load_checked_personas
 from cvi_agent.videos.webhooks import router as videos_router
 from cvi_agent.web.errors import install_error_handlers
+from cvi_agent.web.logs import configured_secrets, install_log_filters
 from cvi_agent.web.metrics import router as metrics_router
 from cvi_agent.web.request_id import RequestId
 from cvi_agent.web.security import install_security
@@ -42,6 +43,8 @@ def create_app(
     settings = settings or Settings()
     if personas is None:
         personas = load_checked_personas(settings)
+    # Whoever configured logging (our commands, uvicorn's CLI), no secret in a line (web/logs.py).
+    install_log_filters(*configured_secrets(settings, personas))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

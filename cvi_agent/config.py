@@ -8,6 +8,7 @@ from __future__ import annotations
 import secrets
 from functools import cached_property
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -58,6 +59,12 @@ class Settings(BaseSettings):
     upstream_reply_timeout: float = Field(
         default=30.0,
         validation_alias=_env("CVI_UPSTREAM_REPLY_TIMEOUT", "upstream_reply_timeout"),
+    )
+    # The HTTP client that carries upstream requests (cvi_agent/llm/upstream/): the hand-written
+    # httptools one, or aiohttp's. ARCHITECTURE.md "Upstream transport" has the measurements.
+    upstream_transport: Literal["httptools", "aiohttp"] = Field(
+        default="httptools",
+        validation_alias=_env("CVI_UPSTREAM_TRANSPORT", "upstream_transport"),
     )
     breaker_failures: int = Field(
         default=3, ge=1, validation_alias=_env("CVI_BREAKER_FAILURES", "breaker_failures")
@@ -138,6 +145,28 @@ class Settings(BaseSettings):
     interaction_timeout: float = Field(
         default=5.0, gt=0, validation_alias=_env("CVI_INTERACTION_TIMEOUT", "interaction_timeout")
     )
+    # Interactions (conversations/delivery.py): through Tavus's send-app-message, the bot, or
+    # whichever fits the conversation; how long one may wait its turn, for a rate-limit slot, a
+    # Retry-After or a retry; and the client-side limit on requests to Tavus per API key.
+    interactions_via: Literal["auto", "rest", "bot"] = Field(
+        default="auto", validation_alias=_env("CVI_INTERACTIONS_VIA", "interactions_via")
+    )
+    interaction_budget: float = Field(
+        default=10.0,
+        gt=0,
+        le=120,
+        validation_alias=_env("CVI_INTERACTION_BUDGET", "interaction_budget"),
+    )
+    tavus_rate_limit_rps: float = Field(
+        default=10.0,
+        ge=0,
+        validation_alias=_env("CVI_TAVUS_RATE_LIMIT_RPS", "tavus_rate_limit_rps"),
+    )
+    tavus_rate_limit_burst: int = Field(
+        default=10,
+        ge=1,
+        validation_alias=_env("CVI_TAVUS_RATE_LIMIT_BURST", "tavus_rate_limit_burst"),
+    )
     # Access control (security.py): per-key token bucket (per process; 0 = off) and CORS.
     rate_limit_rps: float = Field(
         default=100.0, ge=0, validation_alias=_env("CVI_RATE_LIMIT_RPS", "rate_limit_rps")
@@ -147,6 +176,35 @@ class Settings(BaseSettings):
     )
     cors_origins_raw: str = Field(
         default="", validation_alias=_env("CVI_CORS_ORIGINS", "cors_origins_raw")
+    )
+    # Per key and process besides the request count (security.py): request bytes per second
+    # (a token bucket; its burst is at least one largest body) and requests in flight, a
+    # streaming reply or live feed holding its slot until it ends. 0 = off.
+    rate_limit_bytes: int = Field(
+        default=4 * 1024 * 1024,
+        ge=0,
+        validation_alias=_env("CVI_RATE_LIMIT_BYTES", "rate_limit_bytes"),
+    )
+    rate_limit_bytes_burst: int = Field(
+        default=8 * 1024 * 1024,
+        ge=0,
+        validation_alias=_env("CVI_RATE_LIMIT_BYTES_BURST", "rate_limit_bytes_burst"),
+    )
+    rate_limit_concurrent: int = Field(
+        default=500,
+        ge=0,
+        validation_alias=_env("CVI_RATE_LIMIT_CONCURRENT", "rate_limit_concurrent"),
+    )
+    # Connections (web/connections.py, web/server.py): deadlines for a request's headers and
+    # declared body, and the cap on open connections per process (0 = off).
+    header_timeout: float = Field(
+        default=10.0, ge=0, validation_alias=_env("CVI_HEADER_TIMEOUT", "header_timeout")
+    )
+    body_timeout: float = Field(
+        default=30.0, ge=0, validation_alias=_env("CVI_BODY_TIMEOUT", "body_timeout")
+    )
+    max_connections: int = Field(
+        default=1000, ge=0, validation_alias=_env("CVI_MAX_CONNECTIONS", "max_connections")
     )
 
     @cached_property

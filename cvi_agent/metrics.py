@@ -73,6 +73,24 @@ UPSTREAM_FAILURES = Counter(
     ["upstream", "outcome"],
 )
 
+SLOW_CLIENTS = Counter(
+    "cvi_slow_clients_closed",
+    "Connections closed because a request's `headers` or declared `body` did not arrive within "
+    "CVI_HEADER_TIMEOUT / CVI_BODY_TIMEOUT (a connection that sent nothing counts as `headers`).",
+    ["phase"],
+)
+CONNECTIONS_REFUSED = Counter(
+    "cvi_connections_refused",
+    "Requests answered 503 because the process was at CVI_MAX_CONNECTIONS.",
+    ["reason"],
+)
+THROTTLED = Counter(
+    "cvi_requests_throttled",
+    "Requests refused with 429 by a per-key limit: `requests` (CVI_RATE_LIMIT_RPS), `bytes` "
+    "(CVI_RATE_LIMIT_BYTES) or `concurrent` (CVI_RATE_LIMIT_CONCURRENT).",
+    ["limit"],
+)
+
 _children: dict[tuple[Any, ...], Any] = {}
 
 
@@ -126,6 +144,18 @@ def upstream_skipped(upstream: str) -> None:
 
 def upstream_failed(upstream: str) -> None:
     _child(UPSTREAM_FAILURES, upstream, "failed").inc()
+
+
+def slow_client(phase: str) -> None:
+    _child(SLOW_CLIENTS, phase).inc()
+
+
+def connection_refused(reason: str) -> None:
+    _child(CONNECTIONS_REFUSED, reason).inc()
+
+
+def throttled(limit: str) -> None:
+    _child(THROTTLED, limit).inc()
 
 
 def render() -> bytes:

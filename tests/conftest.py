@@ -20,6 +20,7 @@ from cvi_agent.store import SqlStore, open_store
 from tests.support import (
     API_KEY,
     DATABASES,
+    PERSONAS,
     TAVUS_KEY,
     ServerFactory,
     clear_app_environment,
@@ -62,7 +63,7 @@ def serve(tmp_path: Path) -> Iterator[ServerFactory]:
     def start(upstream: FakeUpstream | None = None, **overrides: Any) -> LoopbackServer:
         url = getattr(upstream, "url", "http://127.0.0.1:9")
         settings = make_settings(tmp_path, url, **overrides)
-        server = LoopbackServer(create_app(settings)).start()
+        server = LoopbackServer(create_app(settings), settings=settings).start()
         started.append(server)
         return server
 
@@ -120,3 +121,14 @@ def fake_tavus() -> Iterator[Any]:
     with LoopbackServer(fake.app) as server:
         fake.url = server.url
         yield fake
+
+
+@pytest.fixture
+def tavus_cli_env(monkeypatch: pytest.MonkeyPatch, fake_tavus: Any, tmp_path: Path) -> None:
+    """The environment the CLI reads, pointing at the fake Tavus and our test keys."""
+    monkeypatch.setenv("TAVUS_API_KEY", TAVUS_KEY)
+    monkeypatch.setenv("TAVUS_API_URL", fake_tavus.url)
+    monkeypatch.setenv("CVI_API_KEYS", API_KEY)
+    monkeypatch.setenv("CVI_PERSONAS_DIR", str(PERSONAS))
+    monkeypatch.setenv("CVI_PUBLIC_URL", "https://agent.example")
+    monkeypatch.setenv("CVI_VAR_DIR", str(tmp_path / "var"))

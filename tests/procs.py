@@ -30,7 +30,9 @@ class ServerProcess:
         *,
         token: str = TOKEN,
         env: dict[str, str] | None = None,
+        args: list[str] | None = None,
     ) -> None:
+        self.args = list(args or [])
         self.token = token
         self.extra_env = dict(env or {})
         self.workdir = workdir
@@ -70,7 +72,7 @@ class ServerProcess:
         self.logs.append(log_path)
         with log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "cvi_agent", "serve"],
+                [sys.executable, "-m", "cvi_agent", "serve", *self.args],
                 cwd=self.workdir,
                 env=self.env(),
                 stdout=log,

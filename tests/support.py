@@ -6,8 +6,10 @@ Everything a test reads lives in this repository: the shipped personas and `test
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -111,3 +113,12 @@ async def fresh_database_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
         yield url
     finally:
         await drop_pg_database(name)
+
+
+async def wait_until(condition: Any, within: float = 3.0) -> None:
+    """Poll `condition` every 10 ms until it holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)

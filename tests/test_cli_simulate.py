@@ -35,3 +35,9 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
     assert report["summary"]["interruptions"] == 1
     assert report["recorded"]["status"] == "ended"
     assert report["recorded"]["events_by_source"]["room"] > 10
+    # `cvi-agent simulate` exercises both delivery paths and reports each one's latency.
+    legs = report["summary"]["interactions"]
+    assert set(legs) == {"rest", "bot"}
+    assert all(leg["count"] > 0 and leg["lost"] == 0 for leg in legs.values())
+    assert all(leg["replica_ms_p50"] is not None for leg in legs.values())
+    assert {i["via"] for i in report["interactions"]} == {"rest", "bot"}

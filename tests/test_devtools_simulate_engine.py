@@ -91,3 +91,28 @@ async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
     } <= kinds
     # the echo sent through the API was spoken by the replica
     assert any("breakfast buffet" in (u["text"] or "") for u in record["utterances"])
+
+    # Both delivery paths, as the script asks: over REST (the stand-in for Tavus's API hands
+    # them to the replica, not the room) and through the bot, each with its latency.
+    legs = report.summary()["interactions"]
+    assert set(legs) == {"rest", "bot"}, legs
+    assert legs["rest"]["count"] == 3 and legs["bot"]["count"] == 3
+    assert legs["rest"]["lost"] == legs["bot"]["lost"] == 0
+    assert all(i.via == i.asked for i in report.interactions)
+    assert all(i.replica_ms is not None and i.replica_ms >= 0 for i in report.interactions)
+    assert "interactions via rest: 3" in table and "interactions via bot: 3" in table
+    by_source = {
+        (e["source"], e["kind"])
+        for e in record["events"]
+        if e["kind"].startswith("interaction.conversation.")
+    }
+    assert {
+        ("api", "interaction.conversation.interrupt"),
+        ("api", "interaction.conversation.echo"),
+        ("api", "interaction.conversation.overwrite_llm_context"),
+        ("bot", "interaction.conversation.echo"),
+        ("bot", "interaction.conversation.append_llm_context"),
+        ("bot", "interaction.conversation.respond"),
+    } <= by_source
+    assert ("bot", "interaction.conversation.interrupt") not in by_source
+    assert any("pool is open" in (u["text"] or "") for u in record["utterances"])

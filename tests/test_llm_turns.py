@@ -22,7 +22,7 @@ from cvi_agent.llm.brains.base import TurnContext
 from cvi_agent.llm.tools import ToolCallContext
 from cvi_agent.llm.turns import Generation, GenerationReader
 from cvi_agent.protocol.chat import ChatCompletionRequest
-from tests.support import API_KEY, ServerFactory
+from tests.support import API_KEY, ServerFactory, wait_until
 
 SYSTEM = {"role": "system", "content": "You are a storyteller on a live video call."}
 BOOKINGS: list[dict[str, Any]] = []
@@ -123,14 +123,6 @@ async def sdk(server: LoopbackServer) -> AsyncIterator[openai.AsyncOpenAI]:
 
 def cancelled(reason: str) -> float:
     return REGISTRY.get_sample_value("cvi_turns_cancelled_total", {"reason": reason}) or 0.0
-
-
-async def wait_until(condition: Any, within: float = 3.0) -> None:
-    deadline = time.monotonic() + within
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 async def test_longer_transcript_supersedes_the_running_generation(

@@ -109,3 +109,45 @@ def test_describe_daily_errors_in_one_line() -> None:
     )
     assert describe_daily_error('Failed to parse url: InvalidUrl("x")') == "not a valid room URL"
     assert describe_daily_error("x\n" * 300).count("\n") == 0
+
+
+MEDIA = ("camera", "microphone", "screenVideo", "screenAudio")
+
+
+def _states(profiles: dict[str, Any] | None) -> dict[str, str]:
+    assert profiles is not None
+    return {m: profiles["base"][m]["subscriptionState"] for m in MEDIA}
+
+
+async def test_daily_bot_listens_only_before_it_joins() -> None:
+    """The profile is set on daily's real CallClient before `join` is called: the join below
+    fails at once (a malformed URL), and the profile daily reports back is already listen-only."""
+    room = DailyRoom(join_timeout=10)
+    with pytest.raises(RoomJoinError, match="not a valid room URL"):
+        await room.join("not a url")
+    assert _states(room.applied_profiles) == dict.fromkeys(MEDIA, "unsubscribed")
+    await room.leave()
+
+
+async def test_daily_default_profile_would_receive_every_stream() -> None:
+    """What the listen-only profile saves: daily-python's own default subscribes to everyone's
+    camera, microphone and screen; a room given that default keeps it."""
+    default = {"base": dict.fromkeys(MEDIA, "subscribed")}
+    room = DailyRoom(subscription_profiles=default)
+    profiles = await room.prepare()
+    assert _states(profiles) == dict.fromkeys(MEDIA, "subscribed")
+    listen_only = DailyRoom()
+    assert _states(await listen_only.prepare()) == dict.fromkeys(MEDIA, "unsubscribed")
+    await room.leave()
+    await listen_only.leave()
+
+
+async def test_daily_refused_profile_is_logged_and_the_join_goes_ahead(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    room = DailyRoom(subscription_profiles={"base": {"camera": "nonsense"}}, join_timeout=10)
+    with pytest.raises(RoomJoinError, match="not a valid room URL"):
+        await room.join("not a url")  # the join was still attempted
+    assert room.applied_profiles is None
+    assert any("could not set the subscription profiles" in r.getMessage() for r in caplog.records)
+    await room.leave()

@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from cvi_agent.config import Settings
+from cvi_agent.web.logs import configured_secrets, install_log_filters, redaction_filter
 
 log = logging.getLogger("cvi_agent.bot")
 
@@ -29,13 +30,14 @@ class _Lines(logging.Formatter):
         stamp = self.formatTime(record, "%H:%M:%S")
         message = record.getMessage()
         if record.exc_info and record.levelno >= logging.ERROR:
-            message += "\n" + self.formatException(record.exc_info)
+            # exc_text: the traceback as the redaction filter left it (web/logs.py)
+            message += "\n" + (record.exc_text or self.formatException(record.exc_info))
         if record.name == "cvi_agent.bot" and record.levelno < logging.WARNING:
             return f"{stamp} {message}"
         return f"{stamp} {record.levelname.lower()} {record.name}: {message}"
 
 
-def _setup_logging(level: str, verbose: bool) -> None:
+def _setup_logging(level: str, verbose: bool, *secrets: str) -> None:
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Lines())
     root = logging.getLogger()
@@ -44,10 +46,12 @@ def _setup_logging(level: str, verbose: bool) -> None:
     logging.getLogger("websockets").setLevel(logging.WARNING)
     if not verbose:
         logging.getLogger("daily").setLevel(logging.WARNING)
+    install_log_filters(*secrets)  # no key, token or meeting token in a line
 
 
 def _fail(message: str, code: int) -> int:
-    print(f"cvi-agent bot: {message}", file=sys.stderr, flush=True)
+    # The room URL in a join error carries the meeting token (`?t=`): masked like a log line.
+    print(f"cvi-agent bot: {redaction_filter().redact(message)}", file=sys.stderr, flush=True)
     return code
 
 
@@ -108,7 +112,9 @@ def cmd_bot(args: argparse.Namespace) -> int:
     )
     if kind == "daily":
         route_native_logs()  # daily's JSON lines become debug logs; stderr stays readable
-    _setup_logging(settings.log_level, args.verbose)
+    _setup_logging(
+        settings.log_level, args.verbose, *configured_secrets(settings), args.meeting_token or ""
+    )
     if args.join_timeout <= 0:
         return _fail("--join-timeout must be positive", EXIT_USAGE)
     persona = None

@@ -1,6 +1,6 @@
-"""CLI commands for the conversation record: `worker`, `personas push`, `conversations …`.
+"""CLI commands for the conversation record: `worker`, `conversations …`.
 
-`personas push` talks to Tavus directly (TAVUS_API_KEY). `conversations …` talks to our own API
+`conversations …` talks to our own API
 (`--url`, default CVI_PUBLIC_URL), because creating a conversation also starts its bot and
 records it, which only a running server can do.
 """
@@ -18,8 +18,9 @@ from typing import Any
 
 import httpx
 
-from cvi_agent.config import Settings, ensure_dev_key, mask_key
+from cvi_agent.config import Settings
 from cvi_agent.personas import PersonaError
+from cvi_agent.web.logs import configure_logging, configured_secrets, install_log_filters
 
 
 def add_record_commands(sub: Any) -> None:
@@ -51,35 +52,32 @@ def add_record_commands(sub: Any) -> None:
     interact = actions.add_parser("interact", help="send an interaction (JSON body)")
     interact.add_argument("id")
     interact.add_argument("body", help='e.g. \'{"type": "echo", "text": "Hello"}\'')
-    conv.set_defaults(func=cmd_conversations)
-
-
-def add_push_arguments(personas_parser: argparse.ArgumentParser) -> None:
-    personas_parser.add_argument("name", nargs="?", default=None, help="push: one persona only")
-    personas_parser.add_argument("--replica-id", default=None, help="push: default_replica_id")
-    personas_parser.add_argument(
-        "--public-url", default=None, help="push: how Tavus reaches us (default $CVI_PUBLIC_URL)"
+    interact.add_argument(
+        "--via",
+        choices=("auto", "rest", "bot"),
+        default=None,
+        help="Tavus's API (rest) or the bot (default: the server's CVI_INTERACTIONS_VIA)",
     )
+    interact.add_argument(
+        "--idempotency-key", default=None, help="makes a retry safe: sent at most once"
+    )
+    conv.set_defaults(func=cmd_conversations)
 
 
 # -- worker ------------------------------------------------------------------------------------
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    import logging
-
     from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
-    logging.basicConfig(
-        level=getattr(logging, settings.log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(settings.log_level, *configured_secrets(settings))
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:
         print(f"cvi-agent: cannot load personas:\n{exc}", file=sys.stderr)
         return 2
+    install_log_filters(*configured_secrets(settings, personas))  # their upstream keys too
     print(
         f"cvi-agent worker: database {_safe_url(settings.database_url)}, "
         f"bus {'redis' if settings.redis_url else 'in-process (single process only)'}, "
@@ -122,57 +120,6 @@ def _safe_url(url: str) -> str:
     from sqlalchemy.engine import make_url
 
     return make_url(url).render_as_string(hide_password=True)
-
-
-# -- personas push -----------------------------------------------------------------------------
-
-
-def cmd_personas_push(
-    args: argparse.Namespace, personas: dict[str, Any], settings: Settings
-) -> int:
-    from cvi_agent.tavus.client import TavusClient, TavusError
-
-    if not settings.tavus_api_key:
-        print("cvi-agent: set TAVUS_API_KEY to push personas to Tavus", file=sys.stderr)
-        return 2
-    names = [args.name] if args.name else sorted(personas)
-    unknown = [n for n in names if n not in personas]
-    if unknown:
-        print(
-            f"cvi-agent: no persona {unknown[0]!r} ({', '.join(sorted(personas))})", file=sys.stderr
-        )
-        return 2
-    generated = ensure_dev_key(settings)
-    if generated:
-        print(
-            "cvi-agent: warning: no CVI_API_KEYS; pushing the development key "
-            f"({mask_key(generated)}) as the persona's LLM key",
-            file=sys.stderr,
-        )
-    public_url = args.public_url or settings.public_url
-    if "127.0.0.1" in public_url or "localhost" in public_url:
-        print(
-            f"cvi-agent: warning: CVI_PUBLIC_URL is {public_url}; Tavus cannot reach that",
-            file=sys.stderr,
-        )
-
-    async def push() -> int:
-        async with TavusClient(settings.tavus_api_key, settings.tavus_api_url) as tavus:
-            for name in names:
-                try:
-                    result = await tavus.push_persona(
-                        personas[name], public_url, settings.api_keys[0], args.replica_id
-                    )
-                except TavusError as exc:
-                    print(f"cvi-agent: {name}: {exc}", file=sys.stderr)
-                    return 1
-                what = (
-                    "created" if result.created else f"updated ({len(result.operations)} changes)"
-                )
-                print(f"{name}: {result.persona_id} {what}")
-        return 0
-
-    return asyncio.run(push())
 
 
 # -- conversations -----------------------------------------------------------------------------
@@ -223,7 +170,14 @@ def cmd_conversations(args: argparse.Namespace) -> int:
                 except ValueError as exc:
                     print(f"cvi-agent: the body is not JSON: {exc}", file=sys.stderr)
                     return 2
-                resp = http.post(f"/api/conversations/{args.id}/interactions", json=interaction)
+                resp = http.post(
+                    f"/api/conversations/{args.id}/interactions",
+                    json=interaction,
+                    params={"via": args.via} if args.via else None,
+                    headers={"Idempotency-Key": args.idempotency_key}
+                    if args.idempotency_key
+                    else None,
+                )
     except httpx.HTTPError as exc:
         print(f"cvi-agent: cannot reach {base}: {exc}", file=sys.stderr)
         return 1

@@ -1,39 +1,35 @@
-"""`cvi-agent` / `python -m cvi_agent`: serve, personas, and (as they land) bot, conversations,
-simulate, bench."""
+"""`cvi-agent` / `python -m cvi_agent`: the top-level parser and `serve`.
+
+Each command group lives in its own module (personas, conversations and worker, bot and room,
+simulate, videos, bench, soak) and registers its parser here. Commands import what they run
+(the app, uvicorn, the runtime) inside themselves, so `cvi-agent --help` stays fast; the CLI
+is the top layer, so these lazy imports dodge no cycle."""
 
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
-from cvi_agent.cli.conversations import add_push_arguments, add_record_commands, cmd_personas_push
+from cvi_agent import __version__
+from cvi_agent.cli.conversations import add_record_commands
+from cvi_agent.cli.personas import add_personas_parser
 from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key, mask_key
 from cvi_agent.personas import PersonaError
-from cvi_agent.web.request_id import RequestIdFormatter
 
 Command = Callable[[argparse.Namespace], int]
 
 
-def _setup_logging(level: str) -> None:
-    handler = logging.StreamHandler()
-    # A line written while a request is handled ends with its x-request-id.
-    handler.setFormatter(RequestIdFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), handlers=[handler])
-
-
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from cvi_agent.app import create_app
     from cvi_agent.runtime import load_checked_personas
+    from cvi_agent.web.logs import configure_logging, configured_secrets, install_log_filters
+    from cvi_agent.web.server import serve
 
     settings = Settings()
     host = args.host or settings.host
     port = args.port or settings.port
-    _setup_logging(settings.log_level)
+    configure_logging(settings.log_level, *configured_secrets(settings))
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:
@@ -46,6 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"cvi-agent: (stored in {settings.var_dir / 'dev-api-key'})", flush=True)
         if ensure_dev_callback_token(settings):
             print(f"cvi-agent: development callback token in {settings.var_dir}", flush=True)
+    install_log_filters(*configured_secrets(settings, personas))  # the generated ones too
     if not settings.callback_tokens:
         print("cvi-agent: CVI_CALLBACK_TOKEN is not set: /callbacks/tavus answers 503", flush=True)
     else:
@@ -72,59 +69,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Workers import the app factory themselves; pass the generated key through the env.
         os.environ["CVI_API_KEYS"] = settings.api_keys_raw
         os.environ["CVI_CALLBACK_TOKEN"] = settings.callback_token
-        uvicorn.run(
-            "cvi_agent.app:create_app",
-            factory=True,
-            host=host,
-            port=port,
-            workers=args.workers,
-            log_level=settings.log_level,
-            access_log=False,
-        )
+        serve(None, settings, workers=args.workers, host=host, port=port)
         return 0
-    uvicorn.run(
-        create_app(settings, personas),
-        host=host,
-        port=port,
-        log_level=settings.log_level,
-        access_log=False,
-    )
-    return 0
-
-
-def cmd_personas(args: argparse.Namespace) -> int:
-    from cvi_agent.runtime import load_checked_personas
-
-    settings = Settings()
-    if args.dir:
-        settings.personas_dir = Path(args.dir)
-    try:
-        personas = load_checked_personas(settings)
-    except PersonaError as exc:
-        print(str(exc), file=sys.stderr)
-        return 1
-    if args.action == "push":
-        return cmd_personas_push(args, personas, settings)
-    if args.action == "validate":
-        print(f"{len(personas)} persona(s) valid in {settings.personas_dir}")
-        return 0
-    width = max((len(n) for n in personas), default=4)
-    for name in sorted(personas):
-        p = personas[name]
-        tools = ", ".join(f"{t.name}({t.execution})" for t in p.tools) or "-"
-        model = f" model={p.brain.model}" if p.brain.model else ""
-        print(f"{name:<{width}}  {p.brain.kind:<8} {p.persona_name}{model}  tools: {tools}")
-    return 0
+    return 0 if serve(create_app(settings, personas), settings, host=host, port=port) else 3
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    from cvi_agent.devtools.bench import run_cli
+    from cvi_agent.devtools.bench.cli import run_cli
 
     return run_cli(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="cvi-agent", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="cvi-agent",
+        description="Custom LLM backend, live room orchestration and callback ingestion for "
+        "Tavus CVI personas.",
+    )
+    parser.add_argument("--version", action="version", version=f"cvi-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="run the HTTP server")
@@ -133,11 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     serve.set_defaults(func=cmd_serve)
 
-    personas = sub.add_parser("personas", help="list, validate, or push personas to Tavus")
-    personas.add_argument("action", choices=["list", "validate", "push"])
-    personas.add_argument("--dir", default=None, help="default: $CVI_PERSONAS_DIR or ./personas")
-    add_push_arguments(personas)
-    personas.set_defaults(func=cmd_personas)
+    add_personas_parser(sub)
     add_record_commands(sub)
 
     from cvi_agent.cli.videos import add_videos_parser
@@ -152,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_soak_parser(sub)
 
-    from cvi_agent.devtools.bench import add_arguments as add_bench_arguments
+    from cvi_agent.devtools.bench.options import add_arguments as add_bench_arguments
 
     bench = sub.add_parser(
         "bench",

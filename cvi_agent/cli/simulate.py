@@ -15,11 +15,13 @@ from pathlib import Path
 from typing import Any
 
 from cvi_agent.config import Settings, ensure_dev_callback_token, ensure_dev_key
+from cvi_agent.conversations.delivery import check_standin_url
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.simulate.engine import Printer, Simulation
 from cvi_agent.devtools.simulate.report import SimulationReport, render_table
 from cvi_agent.devtools.simulate.script import DEFAULT_SCRIPT, load_script
 from cvi_agent.rooms.local_server import LocalRoomServer
+from cvi_agent.web.logs import configured_secrets, install_log_filters
 
 
 def add_simulate_parser(sub: Any) -> None:
@@ -109,6 +111,8 @@ def cmd_simulate(args: Any) -> int:
         server = LoopbackServer(create_app(settings, personas)).start()
         server_url = server.url
         printer(f"started a server on {server_url} (database {settings.database_url})")
+    # After uvicorn set up its loggers: no key or token in whatever they, or httpx, print.
+    install_log_filters(*configured_secrets(settings, personas), key, token)
 
     async def main() -> SimulationReport:
         async with LocalRoomServer("127.0.0.1", 0) as rooms:
@@ -125,6 +129,9 @@ def cmd_simulate(args: Any) -> int:
                 conversation_id=conversation_id,
                 printer=printer,
                 linger=args.linger,
+                # The stand-in for Tavus's API listens on loopback: only a server on this
+                # machine can deliver to it.
+                rest=check_standin_url(server_url) is None,
             )
             return await simulation.run()
 

@@ -4,12 +4,9 @@ Same keys as the LLM endpoint (`Authorization: Bearer K` or `x-api-key: K`; on t
 also `?key=K` or the subprotocol `bearer.K` / `key.K`, since browsers cannot set headers there). Every
 error is in the OpenAI error shape.
 
-Interactions reach the conversation's bot wherever its worker runs: the request is published
-on the conversation's command channel and the bot answers on a reply channel, so a 200 means
-the bot sent it into the room. 409 `bot_not_attached`: no bot is attached (none was started, it
-left, or the conversation ended) — retrying will not help. 503 `bot_starting` /
-`bot_unavailable` / `bot_timeout`: a bot is wanted but not reachable right now (starting,
-being taken over after a worker died) — retry after `Retry-After`.
+Interactions reach the replica through Tavus's send-app-message API or through the
+conversation's bot wherever its worker runs (`conversations/delivery.py` chooses, delivers in
+order and records); the answer says which path delivered it.
 """
 
 from __future__ import annotations
@@ -19,9 +16,10 @@ import base64
 import contextlib
 import json
 import logging
+import math
 import secrets
 import uuid
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Depends, Request, WebSocket
 from fastapi.responses import JSONResponse
@@ -31,10 +29,11 @@ from starlette.websockets import WebSocketDisconnect, WebSocketState
 from cvi_agent.bus import BusUnavailable, events_channel
 from cvi_agent.config import Settings
 from cvi_agent.conversations.callbacks import callback_url, stop_bot
+from cvi_agent.conversations.delivery import VIAS, Via, check_standin_url
 from cvi_agent.conversations.deps import conversations_of, require_conversations
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
-from cvi_agent.protocol.callbacks import redact_url
 from cvi_agent.protocol.interactions import InteractionRequest
+from cvi_agent.protocol.redact import redact_url
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.tavus.client import (
@@ -48,11 +47,13 @@ from cvi_agent.tavus.client import (
 from cvi_agent.web.auth import constant_time_in, require_key
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
+from cvi_agent.web.security import deny_websocket
 
 log = logging.getLogger(__name__)
 
 WS_PROTOCOL = "cvi-agent"
 MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parameters
+_AFTER_RANGE = f"after must be an event id (0 to {MAX_EVENT_ID})."
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 
@@ -101,12 +102,18 @@ def _encode_cursor(conversation: ConversationRecord) -> str:
 
 
 def _decode_cursor(cursor: str) -> tuple[float, str]:
+    """What `_encode_cursor` made, or a 400: anything the database cannot bind (a NaN, an
+    escaped lone surrogate, a NUL) is refused here, not a 500 there."""
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4))
         created_at, cid = json.loads(raw)
-        if not isinstance(cid, str) or "\x00" in cid:
+        if not isinstance(cid, str) or "\x00" in cid or isinstance(created_at, bool):
             raise ValueError("not one of our cursors")
-        return float(created_at), cid
+        cid.encode("utf-8")  # an escaped lone surrogate cannot be encoded (UnicodeError)
+        before = float(created_at)
+        if not math.isfinite(before):
+            raise ValueError("not one of our cursors")
+        return before, cid
     except (ValueError, TypeError, OverflowError, RecursionError):
         raise ApiError(400, "Invalid cursor.", "invalid_cursor", "cursor") from None
 
@@ -168,8 +175,8 @@ async def list_events(
     await _conversation(record, conversation_id)
     if not 1 <= limit <= 1000:
         raise ApiError(400, "limit must be between 1 and 1000.", "invalid_limit", "limit")
-    if after > MAX_EVENT_ID:
-        raise ApiError(400, "after must be an event id.", "invalid_after", "after")
+    if not 0 <= after <= MAX_EVENT_ID:
+        raise ApiError(400, _AFTER_RANGE, "invalid_after", "after")
     events = await record.store.list_events(
         conversation_id, after_id=after, limit=limit + 1, order="id"
     )
@@ -215,6 +222,12 @@ class CreateConversation(BaseModel):
         description="with conversation_url: the id of the existing conversation",
     )
     meeting_token: str | None = Field(default=None, max_length=4096)
+    interactions_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="with conversation_url: a stand-in for Tavus's API on this machine (the "
+        "simulator's) that takes this conversation's REST interactions",
+    )
 
 
 async def _tavus_persona_id(record: ConversationService, name: str) -> str:
@@ -278,6 +291,13 @@ async def create_conversation(request: Request) -> JSONResponse:
         )
     if body.conversation_url is not None:
         return await _attach_conversation(record, body)
+    if body.interactions_url is not None:
+        raise ApiError(
+            400,
+            "interactions_url goes with conversation_url.",
+            "invalid_request",
+            "interactions_url",
+        )
     cb_url = callback_url(record.settings)
     try:
         persona_id = body.persona_id or await _tavus_persona_id(record, body.persona or "")
@@ -349,12 +369,15 @@ async def _attach_conversation(
             "invalid_url",
             "conversation_url",
         )
+    meta: dict[str, Any] = {"attached": True, "bot_requested": body.bot}
+    if body.interactions_url is not None:
+        why = check_standin_url(body.interactions_url)
+        if why is not None:
+            raise ApiError(400, f"interactions_url {why}.", "invalid_url", "interactions_url")
+        meta["interactions_url"] = body.interactions_url
     cid = body.conversation_id or "local-" + secrets.token_hex(6)
     await record.store.upsert_conversation(
-        cid,
-        persona=body.persona,
-        conversation_url=redact_url(url),
-        meta={"attached": True, "bot_requested": body.bot},
+        cid, persona=body.persona, conversation_url=redact_url(url), meta=meta
     )
     await record.add_events(
         [
@@ -394,16 +417,20 @@ async def _attach_conversation(
     dependencies=_auth,
     summary="Send an interaction (echo, respond, interrupt, context, sensitivity, tool result)",
 )
-async def send_interaction(request: Request, conversation_id: str) -> dict[str, Any]:
-    """Send an interaction into the conversation's room through its bot, wherever it runs.
+async def send_interaction(request: Request, conversation_id: str) -> JSONResponse:
+    """Send an interaction to the conversation's replica, through Tavus's API or the bot.
 
     The body is `{"type": "echo", "text": …}`, `respond`, `interrupt`, `overwrite_context`,
-    `append_context`, `sensitivity` or `tool_result`. A 200 means the bot sent it into the
-    room (the reply has the exact message). 400 for an invalid body, 404 for an unknown
-    conversation. 409 `conversation_ended` or `bot_not_attached`: retrying will not help.
-    503 `bot_starting`, `bot_unavailable` or `bot_timeout` (with `Retry-After`): a bot is
-    wanted but not reachable right now. Send an `Idempotency-Key` header to make a retry
-    safe: a repeated key is answered without sending twice.
+    `append_context`, `sensitivity` or `tool_result`. `?via=rest|bot|auto` overrides
+    `CVI_INTERACTIONS_VIA` for this request. Per conversation, interactions leave in the order
+    they were accepted. 200: delivered (`via` says how; `message` is the exact message). 202:
+    `delivery: "uncertain"`: Tavus answered 504 (or did not answer) and it may have been
+    delivered; check before sending it again. 400 invalid body, 404 unknown conversation,
+    409 `conversation_ended` (here or at Tavus) or `bot_not_attached`, 413 over the path's
+    limit (65,536 bytes REST, 4,096 bot), 429 `tavus_rate_limited`, 502 `tavus_not_delivered`,
+    503 `bot_starting` / `bot_unavailable` / `bot_timeout` (with `Retry-After`). Send an
+    `Idempotency-Key` header to make a retry safe: a repeated key is answered from the record
+    (`replayed: true`) without sending twice.
     """
     record = _record(request)
     raw = await read_json_object(request, record.settings.max_body_bytes)
@@ -415,18 +442,18 @@ async def send_interaction(request: Request, conversation_id: str) -> dict[str, 
         raise ApiError(400, message, "invalid_interaction", param) from None
     if conversation.status == "ended":
         raise ApiError(409, "The conversation has ended.", "conversation_ended")
-    request_id = (request.headers.get("idempotency-key") or "").strip()[:128] or uuid.uuid4().hex
+    via = request.query_params.get("via")
+    if via is not None and via not in VIAS:
+        raise ApiError(400, "via must be auto, rest or bot.", "invalid_via", "via")
+    key = (request.headers.get("idempotency-key") or "").strip()[:128]
+    request_id = key or uuid.uuid4().hex
     try:
-        reply = await record.send_interaction(conversation_id, interaction, request_id)
+        done = await record.send_interaction(
+            conversation_id, interaction, request_id, via=cast(Via | None, via), keyed=bool(key)
+        )
     except DeliveryError as exc:
-        headers = {"Retry-After": "1"} if exc.retryable else None
-        raise ApiError(exc.status, exc.message, exc.code, headers=headers) from None
-    return {
-        "delivered": True,
-        "request_id": request_id,
-        "message": reply.get("message"),
-        "worker": reply.get("worker"),
-    }
+        raise ApiError(exc.status, exc.message, exc.code, headers=exc.headers()) from None
+    return JSONResponse(done.as_dict(), status_code=done.status)
 
 
 @router.post("/{conversation_id}/end", dependencies=_auth, summary="End on Tavus, stop the bot")
@@ -505,14 +532,6 @@ def _ws_key(ws: WebSocket) -> tuple[str | None, str | None]:
     return None, chosen
 
 
-async def _deny(ws: WebSocket, error: ApiError, close_code: int) -> None:
-    """Refuse the handshake with the HTTP error when the server can, else close with a code."""
-    try:
-        await ws.send_denial_response(error.response())
-    except RuntimeError:
-        await ws.close(close_code, error.message[:120])
-
-
 @router.websocket("/{conversation_id}/live")
 async def live(ws: WebSocket, conversation_id: str) -> None:
     """Every event of the conversation as it is stored: first the backlog (after `?after=`),
@@ -524,26 +543,16 @@ async def live(ws: WebSocket, conversation_id: str) -> None:
     settings: Settings = ws.app.state.settings
     key, subprotocol = _ws_key(ws)
     if not key or not constant_time_in(key, settings.api_keys):
-        await _deny(
-            ws,
-            ApiError(401, "Missing or invalid API key.", "invalid_api_key"),
-            4401,
-        )
+        await deny_websocket(ws, ApiError(401, "Missing or invalid API key.", "invalid_api_key"))
         return
     after = _ws_after(ws.query_params.get("after"))
     if after is None:
-        await _deny(
-            ws,
-            ApiError(400, "after must be an event id.", "invalid_after", "after"),
-            4400,
-        )
+        await deny_websocket(ws, ApiError(400, _AFTER_RANGE, "invalid_after", "after"))
         return
     record = conversations_of(ws.app.state)
     if record is None or await record.store.get_conversation(conversation_id) is None:
-        await _deny(
-            ws,
-            ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found"),
-            4404,
+        await deny_websocket(
+            ws, ApiError(404, f"No conversation {conversation_id!r}.", "conversation_not_found")
         )
         return
     await ws.accept(subprotocol=subprotocol)
@@ -567,11 +576,13 @@ def _ws_after(value: str | None) -> int | None:
     """`?after=` as an event id (validated here so a bad one is a 400 in the OpenAI shape)."""
     if value is None or value == "":
         return 0
+    if len(value) > 20:  # no event id has more digits (and int() refuses past 4300)
+        return None
     try:
         after = int(value)
     except ValueError:
         return None
-    return max(after, 0) if after <= MAX_EVENT_ID else None
+    return after if 0 <= after <= MAX_EVENT_ID else None
 
 
 async def _stream(

@@ -10,56 +10,35 @@ bus channel, which is what live-feed websockets stream.
 from __future__ import annotations
 
 import logging
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.asyncio import Redis
+
 from cvi_agent.bot.worker import Worker
-from cvi_agent.bus import (
-    WORK_CHANNEL,
-    Bus,
-    BusUnavailable,
-    commands_channel,
-    events_channel,
-    make_bus,
-    request,
-)
+from cvi_agent.bus import WORK_CHANNEL, Bus, events_channel, make_bus
 from cvi_agent.config import Settings
+from cvi_agent.conversations.delivery import Delivered, DeliveryError, InteractionDelivery, Via
+from cvi_agent.conversations.ordering import make_turns
 from cvi_agent.llm.brains.speech import clean_user_text, normalize
 from cvi_agent.llm.recording import TurnRecorder
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.interactions import Interaction
 from cvi_agent.store import EventRecord, Leases, SqlStore, UtteranceRecord
 from cvi_agent.tavus.client import TavusClient
+from cvi_agent.tavus.ratelimit import RateLimiter, make_limiter
+
+__all__ = ["ConversationService", "Delivered", "DeliveryError", "conversation_record"]
 
 log = logging.getLogger(__name__)
-
-
-class DeliveryError(Exception):
-    """An interaction that did not reach the room; `status`/`code` as the API answers it."""
-
-    def __init__(self, status: int, code: str, message: str, retryable: bool) -> None:
-        """One failed delivery, as the API will answer it.
-
-        Args:
-            status: the HTTP status (400, 409 or 503).
-            code: the error's `code` (`bot_not_attached`, `bot_timeout`, …).
-            message: for the API user; safe to show.
-            retryable: whether a retry may succeed (the API then adds `Retry-After`).
-        """
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.retryable = retryable
 
 
 @dataclass
 class ConversationService:
     """The conversation record's per-process service: the one way events get in (stored once,
-    then published on the conversation's bus channel), interactions delivered to whichever
-    worker runs the conversation's bot, and the Tavus client.
+    then published on the conversation's bus channel), interactions delivered through Tavus's
+    API or the conversation's bot wherever it runs (`delivery`), and the Tavus client.
 
     Built by `ConversationService.start` in the app's lifespan (routes reach it as
     `request.app.state.conversations`); `turns` records LLM turns off the hot path, and
@@ -76,6 +55,8 @@ class ConversationService:
         _tavus: the Tavus client; leave it None: `tavus` creates it on first use.
         tavus_persona_ids: Tavus persona ids by `persona_name`, learned when pushing or
             looking them up (a cache for `POST /api/conversations`).
+        redis_client: the Redis client of the interactions' ordering and of the Tavus rate limit,
+            when `CVI_REDIS_URL` is set (closed by `aclose`).
     """
 
     settings: Settings
@@ -88,10 +69,26 @@ class ConversationService:
     _tavus: TavusClient | None = None
     # Tavus persona ids by persona_name, learned when pushing or looking them up.
     tavus_persona_ids: dict[str, str] = field(default_factory=dict)
+    redis_client: Redis | None = None
+    limiter: RateLimiter = field(init=False)
+    delivery: InteractionDelivery = field(init=False)
 
     def __post_init__(self) -> None:
         self.leases = Leases(self.store)
         self.turns = TurnRecorder(self.store, self.publish_many)
+        s = self.settings
+        self.limiter = make_limiter(
+            s.tavus_rate_limit_rps, s.tavus_rate_limit_burst, self.redis_client
+        )
+        self.delivery = InteractionDelivery(
+            settings=s,
+            store=self.store,
+            bus=self.bus,
+            leases=self.leases,
+            add_events=self.add_events,
+            tavus=lambda: self.tavus,
+            turns=make_turns(self.redis_client),
+        )
 
     @classmethod
     async def start(
@@ -106,7 +103,12 @@ class ConversationService:
         `CVI_RUN_WORKER`) an in-process worker; `aclose` undoes it all."""
         bus = make_bus(settings.redis_url)
         await bus.start()
-        record = cls(settings=settings, store=store, bus=bus, personas=personas)
+        client = None
+        if settings.redis_url:
+            client = Redis.from_url(settings.redis_url, socket_connect_timeout=5, socket_timeout=5)
+        record = cls(
+            settings=settings, store=store, bus=bus, personas=personas, redis_client=client
+        )
         record.turns.start()
         if settings.run_worker if run_worker is None else run_worker:
             record.worker = Worker.from_settings(
@@ -116,20 +118,25 @@ class ConversationService:
         return record
 
     async def aclose(self) -> None:
-        """Stop the worker (its leases given back), drain the turn recorder, close the bus
-        and the Tavus client, in that order."""
+        """Stop the worker (its leases given back), drain the turn recorder, close the bus,
+        the interactions' clients, the Tavus client and Redis, in that order."""
         if self.worker is not None:
             await self.worker.aclose()
         await self.turns.aclose()
         await self.bus.aclose()
+        await self.delivery.aclose()
         if self._tavus is not None:
             await self._tavus.aclose()
+        if self.redis_client is not None:
+            await self.redis_client.aclose()
 
     @property
     def tavus(self) -> TavusClient:
         """The Tavus client (created on first use; raises `TavusNotConfigured` without a key)."""
         if self._tavus is None:
-            self._tavus = TavusClient(self.settings.tavus_api_key, self.settings.tavus_api_url)
+            self._tavus = TavusClient(
+                self.settings.tavus_api_key, self.settings.tavus_api_url, limiter=self.limiter
+            )
         return self._tavus
 
     # -- the one way in ------------------------------------------------------------------------
@@ -155,64 +162,28 @@ class ConversationService:
             log.warning("could not publish event %s on the bus: %s", record.id, exc)
 
     async def send_interaction(
-        self, conversation_id: str, interaction: Interaction, request_id: str | None = None
-    ) -> dict[str, Any]:
-        """Deliver an interaction to the conversation's bot, wherever its worker runs, and wait
-        for the bot to confirm it sent it into the room. Returns the bot's reply; raises
-        `DeliveryError` (409 no bot attached; 503 starting / unreachable / no confirmation)."""
-        lease = await self.leases.get(conversation_id)
-        if lease is None:
+        self,
+        conversation_id: str,
+        interaction: Interaction,
+        request_id: str | None = None,
+        *,
+        via: Via | None = None,
+        keyed: bool = False,
+    ) -> Delivered:
+        """Deliver an interaction through Tavus's API or the conversation's bot (`via`, by
+        default `CVI_INTERACTIONS_VIA`); see `conversations/delivery.py`. `keyed`: the
+        `request_id` is the caller's `Idempotency-Key`. Raises `DeliveryError` (404 unknown,
+        409 ended, and every failure of the paths tried)."""
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation is None:
             raise DeliveryError(
-                409,
-                "bot_not_attached",
-                "No bot is attached to this conversation (none was started, or it has left).",
-                False,
+                404, "conversation_not_found", f"No conversation {conversation_id!r}.", False
             )
-        if not lease.held():
-            raise DeliveryError(
-                503,
-                "bot_starting",
-                "The conversation's bot is starting (or being taken over); retry shortly.",
-                True,
-            )
-        command = {
-            "op": "send",
-            "interaction": interaction.model_dump(mode="json", exclude={"event_type"}),
-        }
-        try:
-            receivers, reply = await request(
-                self.bus,
-                commands_channel(conversation_id),
-                command,
-                request_id or uuid.uuid4().hex,
-                self.settings.interaction_timeout,
-            )
-        except BusUnavailable as exc:
-            raise DeliveryError(
-                503, "bus_unavailable", f"The event bus is unavailable ({exc}).", True
-            ) from None
-        if receivers == 0:
-            raise DeliveryError(
-                503,
-                "bot_unavailable",
-                "The conversation's bot is not reachable right now; retry shortly.",
-                True,
-            )
-        if reply is None:
-            raise DeliveryError(
-                503,
-                "bot_timeout",
-                "The conversation's bot did not confirm in time; retry with the same "
-                "Idempotency-Key to avoid sending twice.",
-                True,
-            )
-        if not reply.get("ok"):
-            code = str(reply.get("code") or "send_failed")
-            status = 400 if code == "invalid_interaction" else 503
-            raise DeliveryError(
-                status, code, f"The bot could not send it: {reply.get('error')}", status == 503
-            )
-        return reply
+        if conversation.status == "ended":
+            raise DeliveryError(409, "conversation_ended", "The conversation has ended.", False)
+        return await self.delivery.deliver(
+            conversation, interaction, request_id, via=via, keyed=keyed
+        )
 
     async def announce(self, conversation_id: str, interaction: Interaction) -> None:
         """For other modules (a ready video): best effort, never raises."""

@@ -31,19 +31,16 @@ import tracemalloc
 from collections.abc import Mapping
 from pathlib import Path
 
+import psutil
+
 FRAMES = 8
 TOP = 25
 MB = 2**20
 
 
 def rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
+    """This process's resident memory now, MB."""
+    return float(psutil.Process().memory_info().rss / MB)
 
 
 class _MallInfo2(ctypes.Structure):

@@ -30,7 +30,9 @@ from typing import Any
 
 import httpx
 
-from cvi_agent.devtools.bench import WEATHER_TOOL, Child, percentile, process_tree
+from cvi_agent.devtools.bench.params import WEATHER_TOOL
+from cvi_agent.devtools.bench.processes import Child, process_tree, rss_mb
+from cvi_agent.devtools.bench.stats import percentile
 from cvi_agent.devtools.fakes.server import free_port
 
 SOAK_KEY = "soak-key-0123456789"
@@ -79,18 +81,6 @@ class Stats:
             self.errors.append(what)
         else:
             self.errors[-1] = f"(and more) {what}"
-
-
-def current_rss_mb(pids: list[int]) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) / 1024
-        except OSError:
-            continue
-    return round(total, 1)
 
 
 def _persona_yaml(upstream_url: str) -> str:
@@ -264,7 +254,7 @@ async def _load(
                 stats.rss.append(
                     (
                         round(time.monotonic() - started, 1),
-                        current_rss_mb(process_tree(server.proc.pid) if server.proc else []),
+                        rss_mb(process_tree(server.proc.pid) if server.proc else []),
                     )
                 )
                 if progress:
@@ -466,6 +456,8 @@ def run_soak(params: SoakParams, progress: bool = False) -> dict[str, Any]:
             CVI_VAR_DIR=str(work / "var"),
             CVI_LOG_LEVEL="warning",
             CVI_RATE_LIMIT_RPS="0",  # one key drives the whole load: no per-key limit
+            CVI_RATE_LIMIT_CONCURRENT="0",
+            CVI_RATE_LIMIT_BYTES="0",
             CVI_VIDEO_POLL_INTERVAL="0",
         )
         server = Child(

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 from cvi_agent.llm.brains.upstream import UpstreamError, UpstreamTimedOut, UpstreamUnavailable
-from cvi_agent.llm.upstream.http import UpstreamHTTPError, UpstreamTimeout
+from cvi_agent.llm.upstream.errors import UpstreamHTTPError, UpstreamTimeout
 from cvi_agent.web.errors import ApiError
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """Turn recording, off the hot path: one `llm` event per turn (latency) and questionnaire answers.
 
 Every turn with a conversation id is handed to `TurnRecorder` when its response ends: a
-streamed one by the turn tracker's observer (`TurnRecorder.observe`, i.e. `note_turn`), a
+streamed one by the turn tracker's observer (`TurnRecorder.observe`), a
 non-streamed one by `observe_completion`. The recorder is a bounded in-process queue drained
 by one background task that writes in batches. Nothing here ever waits on the database
 while a reply is streaming. Under overload, turn events are dropped (counted, and logged at most
@@ -140,16 +140,16 @@ class TurnRecorder:
         completed: bool,
         chunks: int,
     ) -> None:
-        """The turn tracker's observer: record one finished turn (see `note_turn`)."""
-        note_turn(
-            self,
-            ctx,
-            completion_id,
-            started=started,
-            first=first,
-            completed=completed,
-            chunks=chunks,
-        )
+        """Record one finished turn without waiting: the turn tracker's observer, and the hook
+        for any other path that answers a turn.
+
+        `started` and `first` are `time.perf_counter()` readings (request parsed, first chunk
+        sent; `first` None when nothing was sent); `completed` False when the client went away
+        first. Cheap and non-blocking; does nothing without a conversation id.
+        """
+        sample = _sample(ctx, completion_id, started, first, completed, chunks)
+        if sample is not None:
+            self.submit(sample)
 
     def start(self) -> None:
         """Start the drain task (idempotent); until then samples only queue up."""
@@ -237,28 +237,6 @@ def _last_user_text(ctx: TurnContext) -> str:
     return ""
 
 
-def note_turn(
-    recorder: TurnRecorder,
-    ctx: TurnContext,
-    completion_id: str,
-    *,
-    started: float,
-    first: float | None,
-    completed: bool,
-    chunks: int,
-) -> None:
-    """Record one finished turn without waiting: the hook for any streaming path.
-
-    `started` and `first` are `time.perf_counter()` readings (request parsed, first chunk
-    sent; `first` None when nothing was sent); `completed` False when the client went away
-    first. Cheap and non-blocking; does nothing without a conversation id. The turn tracker's
-    observer is this function bound to the process's recorder.
-    """
-    sample = _sample(ctx, completion_id, started, first, completed, chunks)
-    if sample is not None:
-        recorder.submit(sample)
-
-
 def _sample(
     ctx: TurnContext,
     completion_id: str,
@@ -311,12 +289,5 @@ async def observe_completion(
         raise
     finally:
         if recorder is not None:
-            note_turn(
-                recorder,
-                ctx,
-                completion_id,
-                started=started,
-                first=time.perf_counter() if answered else None,
-                completed=completed,
-                chunks=1 if answered else 0,
-            )
+            first = time.perf_counter() if answered else None
+            recorder.observe(ctx, completion_id, started, first, completed, 1 if answered else 0)

@@ -72,10 +72,42 @@ def get_chat(request: Request) -> ChatService:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 502, 503, 504)
 }
+
+
+def inline_defs(schema: dict[str, Any]) -> dict[str, Any]:
+    """A pydantic JSON schema (no recursive models) with its `#/$defs/…` references replaced by
+    the definitions, for `openapi_extra`: inside an OpenAPI document those references point at
+    the document's root, where no `$defs` exists, so no client generator (nor schemathesis)
+    could resolve them. A discriminator's `mapping` names such references too: dropped."""
+    defs = schema.pop("$defs", {})
+
+    def resolve(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref")
+            if isinstance(ref, str) and ref.startswith("#/$defs/"):
+                return resolve(defs[ref.removeprefix("#/$defs/")])
+            return {
+                k: (
+                    {"propertyName": v["propertyName"]}
+                    if k == "discriminator" and isinstance(v, dict) and "mapping" in v
+                    else resolve(v)
+                )
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [resolve(v) for v in node]
+        return node
+
+    resolved: dict[str, Any] = resolve(schema)
+    return resolved
+
+
 _BODY_DOC: dict[str, Any] = {
     "requestBody": {
         "required": True,
-        "content": {"application/json": {"schema": ChatCompletionRequest.model_json_schema()}},
+        "content": {
+            "application/json": {"schema": inline_defs(ChatCompletionRequest.model_json_schema())}
+        },
     }
 }
 

@@ -11,9 +11,10 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any, Literal
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+from cvi_agent.protocol.redact import redact_url
+from cvi_agent.protocol.timestamps import parse_timestamp as parse_timestamp  # re-exported
 
 MAX_ID_LENGTH = 128
 
@@ -55,31 +56,6 @@ def stable_hash(value: Any) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def parse_timestamp(value: Any) -> float | None:
-    """ISO-8601 strings (`…Z`, with or without microseconds) or Unix seconds/milliseconds."""
-    if value is None or isinstance(value, bool):
-        return None
-    if isinstance(value, int | float):
-        seconds = float(value)
-        return seconds / 1000.0 if seconds > 1e11 else seconds
-    if isinstance(value, str):
-        text = value.strip()
-        if not text:
-            return None
-        try:
-            return parse_timestamp(float(text))
-        except ValueError:
-            pass
-        try:
-            parsed = datetime.fromisoformat(text.replace("Z", "+00:00").replace(" ", "T", 1))
-        except ValueError:
-            return None
-        if parsed.tzinfo is None:
-            parsed = parsed.replace(tzinfo=UTC)
-        return parsed.timestamp()
-    return None
-
-
 def shutdown_code(reason: Any) -> str:
     """The documented shutdown reason a free-text `shutdown_reason` starts with, or `other`."""
     text = " ".join(str(reason or "").lower().split())
@@ -87,15 +63,6 @@ def shutdown_code(reason: Any) -> str:
         if text.startswith(prefix) or text.replace(" ", "_").startswith(prefix):
             return code
     return "other"
-
-
-def redact_url(url: Any) -> Any:
-    """The callback URL Tavus echoes back (`webhook_url`) carries our token: never store it."""
-    if not isinstance(url, str) or "?" not in url:
-        return url
-    parts = urlsplit(url)
-    query = [(k, "***" if k.lower() == "token" else v) for k, v in parse_qsl(parts.query, True)]
-    return urlunsplit(parts._replace(query=urlencode(query, safe="*")))
 
 
 def _identifier(value: Any, field: str) -> str:

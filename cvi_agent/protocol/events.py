@@ -17,6 +17,8 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AliasChoices, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
+from cvi_agent.protocol.timestamps import parse_timestamp
+
 # -- lenient scalars -----------------------------------------------------------------------------
 
 
@@ -46,7 +48,10 @@ def _to_float(value: Any) -> float | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int | float):
-        number = float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            return None
         return number if math.isfinite(number) else None
     if isinstance(value, str):
         text = value.strip()
@@ -106,6 +111,8 @@ def normalize_event_type(value: str) -> str:
 
 LooseInt = Annotated[int | None, BeforeValidator(_to_int)]
 LooseFloat = Annotated[float | None, BeforeValidator(_to_float)]
+# Unix seconds between 1970 and 9999, else None (never a time no reader can handle).
+LooseTimestamp = Annotated[float | None, BeforeValidator(parse_timestamp)]
 LooseBool = Annotated[bool | None, BeforeValidator(_to_bool)]
 LooseStr = Annotated[str | None, BeforeValidator(_to_str)]
 Role = Annotated[str | None, BeforeValidator(normalize_role)]
@@ -183,7 +190,7 @@ class RoomEvent(BaseModel):
     inference_id: LooseStr = None
     seq: LooseInt = None
     turn_idx: LooseInt = None
-    timestamp: LooseFloat = None
+    timestamp: LooseTimestamp = None
     raw: dict[str, Any] = Field(default_factory=dict, exclude=True, repr=False)
 
     @property

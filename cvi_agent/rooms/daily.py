@@ -100,6 +100,9 @@ class _DailyHandler(daily.EventHandler):
     def on_error(self, message: Any) -> None:
         self._forward("_daily_error", message)
 
+    def on_subscription_profiles_updated(self, profiles: Any) -> None:
+        self._forward("_daily_profiles", profiles)
+
 
 _PERMANENT_DAILY = ("Failed to parse url", "InvalidUrl", "Invalid client settings")
 _INNER_ERROR = re.compile(r'error: "([^"]{1,200})"')
@@ -146,6 +149,21 @@ DAILY_CLIENT_SETTINGS: dict[str, Any] = {
     "publishing": {"camera": {"isPublishing": False}, "microphone": {"isPublishing": False}},
 }
 
+# ...and receives nothing either: the bot needs the room's app-messages and participant events,
+# never the replica's or the user's media. Daily subscribes every participant to the `base`
+# profile, which by default receives everyone's camera, microphone and screen share: a worker
+# running 20 bots would pull 40+ media streams it never plays. (pipecat's Daily transport
+# unsubscribes from video for the same reason.)
+LISTEN_ONLY_PROFILES: dict[str, Any] = {
+    "base": {
+        "camera": "unsubscribed",
+        "microphone": "unsubscribed",
+        "screenVideo": "unsubscribed",
+        "screenAudio": "unsubscribed",
+    }
+}
+PROFILE_TIMEOUT = 5.0
+
 
 class DailyRoom(BaseRoom):
     """A Daily room through daily-python, where a real Tavus replica talks (one CallClient per
@@ -155,6 +173,7 @@ class DailyRoom(BaseRoom):
         self,
         *,
         client_settings: dict[str, Any] | None = None,
+        subscription_profiles: dict[str, Any] | None = None,
         **options: Any,
     ) -> None:
         """Create the room; daily's client is made at the first join.
@@ -162,12 +181,22 @@ class DailyRoom(BaseRoom):
         Args:
             client_settings: daily's client settings for the join; by default a data-only
                 participant (`DAILY_CLIENT_SETTINGS`): no camera, no microphone.
+            subscription_profiles: daily's subscription profiles, set before the first join;
+                by default listen-only (`LISTEN_ONLY_PROFILES`): no one's camera, microphone
+                or screen is received, only app-messages and participant events.
             **options: The join, reconnect and queue policy, passed to `BaseRoom` (see there).
         """
         super().__init__(**options)
         self.client_settings = (
             client_settings if client_settings is not None else DAILY_CLIENT_SETTINGS
         )
+        self.subscription_profiles = (
+            subscription_profiles if subscription_profiles is not None else LISTEN_ONLY_PROFILES
+        )
+        # What daily reported back once the profiles were set (None until then).
+        self.applied_profiles: dict[str, Any] | None = None
+        self._profiled: Any = None  # the client the profiles were set on
+        self._profiles_updated: asyncio.Event | None = None
         self._client: Any = None
         self._handler: Any = None
 
@@ -189,7 +218,40 @@ class DailyRoom(BaseRoom):
 
         return done
 
+    async def prepare(self) -> dict[str, Any] | None:
+        """Set the subscription profiles on daily's client (made here if need be), once per
+        client, before it joins; returns the profiles as daily reports them. Needs no network.
+        A refusal is logged and the join goes ahead: a bot that receives media still works."""
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        client = self._ensure_client()
+        if self._profiled is client:
+            return self.applied_profiles
+        assert self._loop is not None
+        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
+        updated = self._profiles_updated = asyncio.Event()
+        client.update_subscription_profiles(
+            self.subscription_profiles, completion=self._completion(future)
+        )
+        try:
+            async with asyncio.timeout(PROFILE_TIMEOUT):
+                error = _arg(await future, 0)
+                if not error:
+                    # The completion says daily took them; the copy `subscription_profiles()`
+                    # reads is refreshed by the event that follows.
+                    await updated.wait()
+        except TimeoutError:
+            error = None if future.done() and not _arg(future.result(), 0) else "no answer"
+        self._profiled = client
+        if error:
+            log.warning("daily: could not set the subscription profiles: %s", error)
+            return None
+        self.applied_profiles = client.subscription_profiles()
+        log.debug("daily: subscription profiles %s", self.applied_profiles)
+        return self.applied_profiles
+
     async def _connect(self, url: str, meeting_token: str | None) -> None:
+        await self.prepare()
         client = self._ensure_client()
         assert self._loop is not None
         future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
@@ -257,6 +319,7 @@ class DailyRoom(BaseRoom):
     async def _release(self) -> None:
         client, handler = self._client, self._handler
         self._client = self._handler = None
+
         if handler is not None:
             handler.room = None  # nothing more reaches this room
         if client is None:
@@ -284,6 +347,10 @@ class DailyRoom(BaseRoom):
         log.debug("daily call state: %s", state)
         if state == "left" and self._state == "joined":
             self._connection_lost("Daily reported the call as left")
+
+    def _daily_profiles(self, profiles: Any) -> None:
+        if self._profiles_updated is not None:
+            self._profiles_updated.set()
 
     def _daily_error(self, message: Any) -> None:
         if self._state in ("joined", "reconnecting"):

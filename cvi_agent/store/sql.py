@@ -436,6 +436,16 @@ class SqlStore:
             rows = (await conn.execute(query.limit(limit))).all()
         return [_from_row(EventRecord, r) for r in rows]
 
+    async def find_event(self, source: str, dedupe_key: str) -> EventRecord | None:
+        """The event stored for one delivery (`source`, `dedupe_key`), if any: how a repeated
+        request (the same `Idempotency-Key`) learns what the first one did."""
+        query = sa.select(events).where(
+            events.c.source == source, events.c.dedupe_key == dedupe_key
+        )
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(query.limit(1))).first()
+        return _from_row(EventRecord, row) if row is not None else None
+
     async def count_events(
         self, conversation_id: str | None = None, source: str | None = None
     ) -> int:

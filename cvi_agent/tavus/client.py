@@ -1,9 +1,16 @@
-"""Tavus REST client (TAVUS_PROTOCOL §5): personas and conversations, over httpx.
+"""Tavus REST client (TAVUS_PROTOCOL §5): personas, conversations and interactions, over httpx.
 
 Retries are bounded and only where they are safe: 429 and 502/503/504 (and connection
 failures, where nothing reached Tavus) for every method, any 5xx or timeout for idempotent
 ones. `Retry-After` is honoured up to `max_backoff`. Errors are typed, with Tavus's own message
-(`{"error"}` or `{"message"}`). The API key is never logged in full.
+(`{"error"}` or `{"message"}`). The API key is never logged in full. With a `limiter`, every
+request first takes a slot of the key's client-side rate limit (`tavus/ratelimit.py`).
+
+`send_app_message` (Tavus's "Send App Message": an interaction delivered to the replica without
+joining the call) has its own policy, because a repeated interaction is a second thing said:
+429 waits out `Retry-After` and 502 ("could not be delivered, please retry") is retried with
+backoff, both within the caller's budget; a 504 ("may have been delivered; check before
+retrying") or a timeout after the request went out is never retried (`TavusDeliveryUncertain`).
 """
 
 from __future__ import annotations
@@ -15,17 +22,24 @@ import random
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 
 from cvi_agent.config import mask_key
 from cvi_agent.personas import Persona, tavus_persona_payload
+from cvi_agent.tavus.ratelimit import RateLimiter, RateLimitTimeout
 
 log = logging.getLogger(__name__)
 
 DEFAULT_URL = "https://tavusapi.com"
 _IDEMPOTENT = frozenset({"GET", "HEAD", "PUT", "DELETE", "PATCH"})
 _RETRY_ALWAYS = frozenset({429, 502, 503, 504})
+# Tavus refuses larger send-app-message bodies with 413 ("Request body exceeds 65536 bytes").
+APP_MESSAGE_MAX_BYTES = 65_536
+# How long a request waits for a slot of the key's client-side rate limit (not send-app-message,
+# which waits within its caller's budget).
+LIMIT_WAIT = 10.0
 
 
 class TavusError(Exception):
@@ -40,7 +54,19 @@ class TavusError(Exception):
         retry_after: float | None = None,
         method: str = "",
         path: str = "",
+        attempts: int = 1,
     ) -> None:
+        """One failed call, as Tavus answered it.
+
+        Args:
+            message: Tavus's own message (or what went wrong on the way), safe to show.
+            status: the HTTP status; 0 when no response came at all.
+            body: Tavus's answer, parsed JSON when it was JSON.
+            retry_after: seconds Tavus (or our own rate limit) asked us to wait, if it did.
+            method: the HTTP method, for the error's text.
+            path: the request path, for the error's text.
+            attempts: how many times the request was sent before giving up.
+        """
         super().__init__(message)
         self.message = message
         self.status = status
@@ -48,6 +74,7 @@ class TavusError(Exception):
         self.retry_after = retry_after
         self.method = method
         self.path = path
+        self.attempts = attempts
 
     def __str__(self) -> str:
         where = f"{self.method} {self.path}: " if self.method else ""
@@ -77,6 +104,42 @@ class TavusRateLimited(TavusError):
 
 class TavusUnavailable(TavusError):
     """5xx or no response after the allowed retries."""
+
+
+class TavusConversationEnded(TavusError):
+    """send-app-message: the conversation is not active, or its room is no longer available."""
+
+
+class TavusPayloadTooLarge(TavusError):
+    """send-app-message: the body is over `APP_MESSAGE_MAX_BYTES` (refused before sending,
+    or by Tavus with 413)."""
+
+
+class TavusNotDelivered(TavusUnavailable):
+    """send-app-message: surely not delivered, even after the retries the budget allowed (502
+    "could not be delivered", 503, or Tavus could not be reached): sending again is safe."""
+
+
+class TavusDeliveryUncertain(TavusError):
+    """send-app-message: it may have been delivered (504, another 5xx, or no answer after the
+    request went out). Never retried blindly: check before sending it again."""
+
+
+@dataclass(slots=True)
+class AppMessageResult:
+    """A delivered send-app-message: Tavus's answer and what it took.
+
+    Args:
+        status: the HTTP status Tavus answered (2xx).
+        body: Tavus's answer (parsed JSON, text, or None when empty).
+        attempts: how many times it was sent (more than one after a 429 or a 502).
+        waited: seconds spent waiting (rate limit, `Retry-After`, backoff) before it went out.
+    """
+
+    status: int
+    body: Any
+    attempts: int
+    waited: float
 
 
 def _error_class(status: int) -> type[TavusError]:
@@ -154,6 +217,8 @@ class PushResult:
 
 
 class TavusClient:
+    """Tavus's REST API with one key (module doc: retries, typed errors, the rate limit)."""
+
     def __init__(
         self,
         api_key: str,
@@ -164,15 +229,36 @@ class TavusClient:
         backoff: float = 0.5,
         max_backoff: float = 8.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        limiter: RateLimiter | None = None,
+        keyless: bool = False,
     ) -> None:
+        """A client; nothing connects before the first request.
+
+        Args:
+            api_key: `TAVUS_API_KEY`; empty: every call raises `TavusNotConfigured`.
+            base_url: `TAVUS_API_URL` (or a stand-in for Tavus on loopback).
+            timeout: seconds per request (connecting: at most 5).
+            max_retries: retries of a failed request where retrying is safe.
+            backoff: first delay between retries, doubled each time (with jitter).
+            max_backoff: longest delay between retries; a longer `Retry-After` is not waited.
+            transport: an httpx transport (tests).
+            limiter: the key's client-side rate limit, shared by every client of the process.
+            keyless: a stand-in for Tavus that takes no key (the simulator's on loopback):
+                calls go out without `x-api-key` instead of raising `TavusNotConfigured`.
+        """
         self.api_key = api_key
         self.base_url = base_url.rstrip("/")
         self.max_retries = max_retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.limiter = limiter
+        self.keyless = keyless
+        headers = {"user-agent": "cvi-agent"}
+        if api_key:
+            headers["x-api-key"] = api_key
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
-            headers={"x-api-key": api_key, "user-agent": "cvi-agent"},
+            headers=headers,
             timeout=httpx.Timeout(timeout, connect=min(timeout, 5.0)),
             transport=transport,
         )
@@ -194,11 +280,12 @@ class TavusClient:
     async def request(
         self, method: str, path: str, *, json: Any = None, params: dict[str, Any] | None = None
     ) -> Any:
-        if not self.api_key:
+        if not self.api_key and not self.keyless:
             raise TavusNotConfigured("TAVUS_API_KEY is not set", method=method, path=path)
         attempt = 0
         while True:
             retry_after: float | None = None
+            await self._slot(LIMIT_WAIT, method, path)
             try:
                 response = await self._http.request(method, path, json=json, params=params)
             except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
@@ -253,6 +340,127 @@ class TavusClient:
                 self.max_retries,
                 delay,
             )
+            await asyncio.sleep(delay)
+
+    async def _slot(self, max_wait: float, method: str, path: str) -> None:
+        """One slot of the key's rate limit, or `TavusRateLimited` (nothing was sent)."""
+        if self.limiter is None or not self.api_key:
+            return
+        try:
+            await self.limiter.acquire(self.api_key, max_wait)
+        except RateLimitTimeout as exc:
+            raise TavusRateLimited(
+                "our own limit of requests to Tavus for this key is reached",
+                retry_after=exc.retry_after,
+                method=method,
+                path=path,
+                attempts=0,
+            ) from None
+
+    # -- interactions --------------------------------------------------------------------------
+
+    async def send_app_message(
+        self,
+        conversation_id: str,
+        body: bytes,
+        *,
+        budget: float = 10.0,
+        attempt_timeout: float = 5.0,
+        max_attempts: int = 4,
+    ) -> AppMessageResult:
+        """POST one interaction (`body`: its exact JSON bytes) to the conversation's replica.
+
+        Within `budget` seconds of waiting (rate limit, `Retry-After`, backoff): 429 is waited
+        out, 502/503 and connection failures are retried (at most `max_attempts` sends, each
+        answered within `attempt_timeout` seconds). Raises
+        `TavusPayloadTooLarge` before sending a body over `APP_MESSAGE_MAX_BYTES`,
+        `TavusConversationEnded`, `TavusRateLimited` / `TavusNotDelivered` (surely not
+        delivered), `TavusDeliveryUncertain` (504, other 5xx, or no answer once sent), and
+        `TavusAuthError` / `TavusBadRequest` / `TavusNotFound` as for any call.
+        """
+        method, path = (
+            "POST",
+            f"/v2/conversations/{quote(conversation_id, safe='')}/send-app-message",
+        )
+        if not self.api_key and not self.keyless:
+            raise TavusNotConfigured("TAVUS_API_KEY is not set", method=method, path=path)
+        if len(body) > APP_MESSAGE_MAX_BYTES:
+            raise TavusPayloadTooLarge(
+                f"the message is {len(body)} bytes; Tavus takes at most {APP_MESSAGE_MAX_BYTES}",
+                413,
+                method=method,
+                path=path,
+                attempts=0,
+            )
+        started = time.monotonic()
+        deadline = started + max(0.0, budget)
+        attempt = 0
+        waited = 0.0
+        while True:
+            before = time.monotonic()
+            await self._slot(max(0.0, deadline - before), method, path)
+            waited += time.monotonic() - before
+            attempt += 1
+            retry_after: float | None = None
+            try:
+                response = await self._http.post(
+                    path,
+                    content=body,
+                    headers={"content-type": "application/json"},
+                    timeout=httpx.Timeout(attempt_timeout, connect=min(attempt_timeout, 5.0)),
+                )
+            except (httpx.ConnectError, httpx.ConnectTimeout) as exc:
+                error: TavusError = TavusNotDelivered(
+                    f"cannot reach {self.base_url} ({type(exc).__name__})",
+                    method=method,
+                    path=path,
+                    attempts=attempt,
+                )
+            except httpx.TransportError as exc:
+                raise TavusDeliveryUncertain(
+                    f"no answer from {self.base_url} once the message was sent "
+                    f"({type(exc).__name__}); it may have been delivered",
+                    method=method,
+                    path=path,
+                    attempts=attempt,
+                ) from None
+            else:
+                status = response.status_code
+                answer = _body(response) if response.content else None
+                if status < 400:
+                    return AppMessageResult(status, answer, attempt, waited)
+                retry_after = parse_retry_after(response.headers.get("retry-after"))
+                message = error_message(answer, response.reason_phrase or "request failed")
+                error = _app_message_error(status, message)(
+                    message,
+                    status,
+                    body=answer,
+                    retry_after=retry_after,
+                    method=method,
+                    path=path,
+                    attempts=attempt,
+                )
+                if not isinstance(error, TavusRateLimited | TavusNotDelivered):
+                    raise error
+            if attempt >= max_attempts:
+                raise error
+            if isinstance(error, TavusRateLimited):
+                delay = (
+                    retry_after if retry_after is not None else self.backoff * (2 ** (attempt - 1))
+                )
+            else:
+                delay = min(self.max_backoff, self.backoff * (2 ** (attempt - 1)))
+                delay *= 0.5 + random.random() / 2  # jitter
+            if time.monotonic() + delay > deadline:
+                raise error  # waiting longer would break the caller's budget
+            log.info(
+                "tavus send-app-message to %s: %s; attempt %d in %.2fs",
+                conversation_id,
+                error.message if error.status == 0 else f"HTTP {error.status}",
+                attempt + 1,
+                delay,
+            )
+            waited += delay
             await asyncio.sleep(delay)
 
     # -- personas ------------------------------------------------------------------------------
@@ -343,6 +551,23 @@ class TavusClient:
 
     async def delete_conversation(self, conversation_id: str) -> None:
         await self.request("DELETE", f"/v2/conversations/{conversation_id}")
+
+
+def _app_message_error(status: int, message: str) -> type[TavusError]:
+    """What a send-app-message failure means for delivery (Tavus's documented answers)."""
+    lowered = message.lower()
+    if status in (409, 410) or (
+        status in (400, 404)
+        and ("active conversation" in lowered or "no longer available" in lowered)
+    ):
+        return TavusConversationEnded
+    if status == 413:
+        return TavusPayloadTooLarge
+    if status in (502, 503):
+        return TavusNotDelivered
+    if status >= 500:
+        return TavusDeliveryUncertain
+    return _error_class(status)
 
 
 def _body(response: httpx.Response) -> Any:

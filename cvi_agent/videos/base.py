@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Literal, Protocol
 import httpx
 
 from cvi_agent import __version__
+from cvi_agent.protocol.timestamps import in_range
 
 log = logging.getLogger(__name__)
 
@@ -448,12 +449,16 @@ def text_or_none(value: Any) -> str | None:
 
 
 def parse_time(value: Any) -> float | None:
-    """Unix seconds from the date formats providers send: numbers, ISO 8601, `Y-m-d H:M:S.f`."""
+    """Unix seconds from the date formats providers send: numbers, ISO 8601, `Y-m-d H:M:S.f`;
+    None for anything else, including times before 1970 or after 9999."""
     if value is None or isinstance(value, bool):
         return None
     if isinstance(value, int | float):
-        number = float(value)
-        return number / 1000.0 if number > 1e12 else number
+        try:
+            number = float(value)
+        except OverflowError:  # an int past float's range
+            return None
+        return in_range(number / 1000.0 if number > 1e12 else number)
     text = str(value).strip()
     if not text:
         return None
@@ -462,7 +467,7 @@ def parse_time(value: Any) -> float | None:
     except ValueError:
         pass
     else:
-        return number / 1000.0 if number > 1e12 else number
+        return in_range(number / 1000.0 if number > 1e12 else number)
     text = text.replace("Z", "+00:00").replace("z", "+00:00")
     try:
         parsed = datetime.fromisoformat(text)
@@ -477,7 +482,7 @@ def parse_time(value: Any) -> float | None:
             return None
     if parsed.tzinfo is None:
         parsed = parsed.replace(tzinfo=UTC)
-    return parsed.timestamp()
+    return in_range(parsed.timestamp())
 
 
 def content_key(payload: Mapping[str, Any]) -> str:

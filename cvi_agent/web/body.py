@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
 from cvi_agent.web.errors import ApiError
 
@@ -26,15 +27,36 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
     chunks: list[bytes] = []
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > limit:
-            raise ApiError(413, f"Request body too large (limit {limit} bytes).", "body_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > limit:
+                raise ApiError(
+                    413, f"Request body too large (limit {limit} bytes).", "body_too_large"
+                )
+            chunks.append(chunk)
+    except ClientDisconnect:
+        # The client left mid-body, or missed CVI_BODY_TIMEOUT (web/connections.py closed it):
+        # nobody reads this answer, but it ends the route quietly instead of as a 500.
+        raise ApiError(408, "The request body did not arrive.", "body_incomplete") from None
     return b"".join(chunks)
 
 
+#: How deeply a body's arrays and objects may nest, the body object itself counted. Real
+#: requests stay under ten (a tool's JSON-schema parameters are the deepest); the record we store
+#: wraps a callback's body in a few more levels, and pydantic's serializer (every response)
+#: refuses past about 250, so whatever we accept can always be read back.
+MAX_JSON_DEPTH = 64
+
+
 def parse_json_object(body: bytes) -> dict[str, Any]:
+    """`body` as a JSON object we can store and serve back, else `ApiError(400, invalid_json)`.
+
+    Every error the parser can raise is a 400, not only `JSONDecodeError`: an integer literal
+    past Python's int-string limit (4300 digits) is a plain `ValueError`, a deep array a
+    `RecursionError`. Beyond that: no NaN/Infinity or out-of-range floats, no unpaired
+    surrogates, at most `MAX_JSON_DEPTH` levels.
+    """
     if not body.strip():
         raise ApiError(400, "Request body is empty; expected a JSON object.", "invalid_json")
     try:
@@ -57,9 +79,17 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
             400, f"Request body is not valid JSON: {exc.msg} at position {exc.pos}.", "invalid_json"
         ) from None
     except RecursionError:
-        raise ApiError(400, "Request body is nested too deeply.", "invalid_json") from None
+        raise ApiError(400, _TOO_DEEP, "invalid_json") from None
+    except (ValueError, OverflowError):
+        # int("1" * 5000) refuses past sys.get_int_max_str_digits(); nothing else is expected,
+        # but whatever the parser raises is the body's fault, never a 500.
+        raise ApiError(
+            400, "Request body has a number too long to use (over 4300 digits).", "invalid_json"
+        ) from None
     if not isinstance(value, dict):
         raise ApiError(400, "Request body must be a JSON object.", "invalid_json")
+    if _too_deep(value, text):
+        raise ApiError(400, _TOO_DEEP, "invalid_json")
     if ("\\ud" in text or "\\uD" in text) and _lone_surrogate(value):
         # `"\ud800"` parses to a string no UTF-8 encoder (our responses, the database) accepts.
         raise ApiError(
@@ -68,6 +98,25 @@ def parse_json_object(body: bytes) -> dict[str, Any]:
             "invalid_json",
         )
     return value
+
+
+_TOO_DEEP = f"Request body is nested too deeply (at most {MAX_JSON_DEPTH} levels)."
+
+
+def _too_deep(value: dict[str, Any], text: str) -> bool:
+    """Whether `value` nests deeper than `MAX_JSON_DEPTH`. A body with fewer brackets than the
+    limit cannot (two C-speed counts, the common case); else one walk over its containers."""
+    if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                if depth >= MAX_JSON_DEPTH:
+                    return True
+                stack.append((child, depth + 1))
+    return False
 
 
 # `\u0000` preceded by an even number of backslashes (so an escaped backslash followed by

@@ -8,17 +8,25 @@ liveness, the console's static files and the OpenAPI docs (public on purpose: th
 secret and describe the same API the README does), plus the provider callbacks under
 `/callbacks/`, which authenticate with their own URL token or HMAC signature (callbacks.py,
 videos/webhooks.py) because Tavus and the video providers cannot send our API key.
-`tests/test_security.py` enumerates `app.routes` and fails for any route outside that list that
+`tests/test_web_security.py` enumerates `app.routes` and fails for any route outside that list that
 answers without a key.
 
 Rate limiting is per API key and per process (with `--workers N` each worker has its own
-buckets). It runs on the event loop's thread with no `await` between reading and writing a
-bucket, so it needs no lock; each request costs one dict lookup and a few float operations.
-Only accepted keys get a bucket, so the table is as small as `CVI_API_KEYS`.
+buckets), on three measures, each refused with 429 and `Retry-After`: requests
+(`CVI_RATE_LIMIT_RPS`), request bytes (`CVI_RATE_LIMIT_BYTES` per second: a key sending large
+bodies at a few percent of its request rate could otherwise keep the event loop parsing them,
+and every other key waits), and requests in flight (`CVI_RATE_LIMIT_CONCURRENT`: a streaming
+reply or a live feed holds its slot until it ends). The bytes are charged on the declared
+`Content-Length` before the body is read, so a refused body costs the loop nothing but
+discarding it; a chunked body is charged as it arrives and may leave the key in debt, which
+later requests wait out. It all runs on the event loop's thread with no `await` between reading
+and writing a bucket, so it needs no lock; each request costs a few dict lookups and float
+operations. Only accepted keys get a bucket, so the tables are as small as `CVI_API_KEYS`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Callable
@@ -27,7 +35,7 @@ from urllib.parse import parse_qsl
 from fastapi import FastAPI
 from starlette.datastructures import Headers
 from starlette.middleware.cors import CORSMiddleware
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from starlette.websockets import WebSocket
 
 from cvi_agent import metrics
@@ -40,6 +48,8 @@ CALLBACK_PREFIX = "/callbacks/"
 #: The LLM endpoint's paths: refusals there are counted in `cvi_chat_requests` too.
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 WS_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
+
+log = logging.getLogger(__name__)
 
 
 def public_paths(app: FastAPI) -> frozenset[str]:
@@ -54,7 +64,8 @@ def is_public(path: str, exact: frozenset[str]) -> bool:
 
 
 class RateLimiter:
-    """A token bucket per key: `rate` tokens a second, at most `burst` saved up.
+    """A token bucket per key: `rate` tokens a second, at most `burst` saved up; a request
+    costs one token (or its bytes, for the bytes limit).
 
     Not thread-safe by design: call it from one event loop (no lock on the hot path).
     """
@@ -73,22 +84,34 @@ class RateLimiter:
     def enabled(self) -> bool:
         return self.rate > 0
 
-    def take(self, key: str) -> float:
-        """Spend one token of `key`'s bucket: 0.0 when allowed, else seconds until one is due."""
+    def take(self, key: str, cost: float = 1.0) -> float:
+        """Spend `cost` tokens of `key`'s bucket (at most `burst`, so any cost can be paid
+        once the bucket is full): 0.0 when allowed, else seconds until they are due."""
+        if cost > self.burst:
+            cost = self.burst
         now = self.clock()
         bucket = self._buckets.get(key)
         if bucket is None:
-            self._buckets[key] = [self.burst - 1.0, now]
+            self._buckets[key] = [self.burst - cost, now]
             return 0.0
         tokens = bucket[0] + (now - bucket[1]) * self.rate
         if tokens > self.burst:
             tokens = self.burst
         bucket[1] = now
-        if tokens >= 1.0:
-            bucket[0] = tokens - 1.0
+        if tokens >= cost:
+            bucket[0] = tokens - cost
             return 0.0
         bucket[0] = tokens
-        return (1.0 - tokens) / self.rate
+        return (cost - tokens) / self.rate
+
+    def charge(self, key: str, cost: float) -> None:
+        """Spend `cost` tokens whether or not the bucket holds them (what has already arrived
+        cannot be refused): the debt delays the key's next requests."""
+        now = self.clock()
+        bucket = self._buckets.setdefault(key, [self.burst, now])
+        tokens = min(self.burst, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[0] = tokens - cost
+        bucket[1] = now
 
 
 def websocket_key(headers: Headers, query_string: bytes) -> str | None:
@@ -119,12 +142,28 @@ class AccessControl:
     closed with 4401 / 4429)."""
 
     def __init__(
-        self, app: ASGIApp, settings: Settings, limiter: RateLimiter, public: frozenset[str]
+        self,
+        app: ASGIApp,
+        settings: Settings,
+        limiter: RateLimiter,
+        public: frozenset[str],
+        bytes_limiter: RateLimiter | None = None,
     ) -> None:
+        """
+        Args:
+            app: the app behind the check.
+            settings: the API keys and `CVI_RATE_LIMIT_CONCURRENT`.
+            limiter: requests per second per key.
+            public: exact paths that need no key (`public_paths`).
+            bytes_limiter: request bytes per second per key (None: no bytes limit).
+        """
         self.app = app
         self.settings = settings
         self.limiter = limiter
         self.public = public
+        self.bytes = bytes_limiter if bytes_limiter is not None and bytes_limiter.enabled else None
+        self.max_in_flight = settings.rate_limit_concurrent
+        self.in_flight: dict[str, int] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -144,7 +183,6 @@ class AccessControl:
             key = presented_key(headers)
         else:
             key = websocket_key(headers, scope.get("query_string", b""))
-        error: ApiError | None = None
         if not key:
             error = ApiError(
                 401,
@@ -156,14 +194,78 @@ class AccessControl:
             error = ApiError(
                 401, "Invalid API key.", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
             )
-        elif self.limiter.enabled:
-            wait = self.limiter.take(key)
-            if wait:
-                error = rate_limited(self.limiter, wait)
-        if error is None:
+        else:
+            refused = self._throttle(key, headers, kind)
+            if refused is None:
+                await self._admit(key, scope, receive, send, headers)
+                return
+            error = refused
+        await self._refuse(scope, receive, send, error)
+
+    async def _admit(
+        self, key: str, scope: Scope, receive: Receive, send: Send, headers: Headers
+    ) -> None:
+        if self.bytes is not None and "transfer-encoding" in headers:  # chunked: no length
+            receive = self._charged(key, receive)
+        if not self.max_in_flight:
             await self.app(scope, receive, send)
             return
-        await self._refuse(scope, receive, send, error)
+        self.in_flight[key] = self.in_flight.get(key, 0) + 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            left = self.in_flight[key] - 1
+            if left:
+                self.in_flight[key] = left
+            else:
+                del self.in_flight[key]
+
+    def _throttle(self, key: str, headers: Headers, kind: str) -> ApiError | None:
+        """The per-key limits a request of `key` runs into, if any (the cheapest first; a
+        refused request spends nothing of the limits it did not reach)."""
+        if self.max_in_flight and self.in_flight.get(key, 0) >= self.max_in_flight:
+            metrics.throttled("concurrent")
+            return ApiError(
+                429,
+                f"Too many requests in flight for this API key ({self.max_in_flight}, streams "
+                "included, per server process); retry when one has ended.",
+                "concurrency_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        if self.limiter.enabled:
+            wait = self.limiter.take(key)
+            if wait:
+                metrics.throttled("requests")
+                return rate_limited(self.limiter, wait)
+        if self.bytes is not None and kind == "http":
+            declared = headers.get("content-length")
+            size = int(declared) if declared is not None and declared.isdigit() else 0
+            wait = self.bytes.take(key, size) if size else 0.0
+            if wait:
+                metrics.throttled("bytes")
+                return ApiError(
+                    429,
+                    f"Request bytes limit exceeded for this API key ({self.bytes.rate:g} bytes "
+                    f"per second, bursts of {self.bytes.burst:g}, per server process); retry "
+                    f"after {wait:.3f} s.",
+                    "bytes_limit_exceeded",
+                    headers={"Retry-After": str(max(1, math.ceil(wait)))},
+                )
+        return None
+
+    def _charged(self, key: str, receive: Receive) -> Receive:
+        """`receive`, charging the bytes of a body without Content-Length as they arrive."""
+        limiter = self.bytes
+        assert limiter is not None
+
+        async def charged() -> Message:
+            message = await receive()
+            body = message.get("body")
+            if body:
+                limiter.charge(key, len(body))
+            return message
+
+        return charged
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
         if scope["type"] == "http":
@@ -185,7 +287,20 @@ def rate_limited(limiter: RateLimiter, wait: float) -> ApiError:
 
 
 async def deny_websocket(ws: WebSocket, error: ApiError) -> None:
-    """Refuse a handshake with the HTTP error when the server can, else close with 4xxx."""
+    """Refuse a handshake with the HTTP error when the server can, else close with 4xxx.
+
+    Logged here, once, with the reason (INFO: the client's doing, not ours); the path is logged
+    without its query string, which may hold a key. `web/logs.DenialLines` drops uvicorn's own
+    status-only line for the same refusal."""
+    client = ws.client
+    log.info(
+        "%s - websocket %s refused: %d %s (%s)",
+        f"{client.host}:{client.port}" if client else "-",
+        ws.scope["path"],
+        error.status,
+        error.message,
+        error.code,
+    )
     try:
         await ws.send_denial_response(error.response())
     except RuntimeError:
@@ -196,11 +311,15 @@ def install_security(app: FastAPI, settings: Settings) -> RateLimiter:
     """Add access control and, when `CVI_CORS_ORIGINS` lists origins, CORS (outermost, so a
     preflight is answered without a key and refusals carry the CORS headers)."""
     limiter = RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+    # Never a burst below one largest body: that body could then never be sent.
+    burst = max(settings.rate_limit_bytes_burst, settings.max_body_bytes)
+    bytes_limiter = RateLimiter(settings.rate_limit_bytes, burst)
     app.add_middleware(
         AccessControl,
         settings=settings,
         limiter=limiter,
         public=public_paths(app),
+        bytes_limiter=bytes_limiter,
     )
     if settings.cors_origins:
         app.add_middleware(

@@ -11,6 +11,9 @@ from typing import Any
 
 import uvicorn
 
+from cvi_agent.config import Settings
+from cvi_agent.web.server import server_config
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -22,14 +25,33 @@ class LoopbackServer:
     """`with LoopbackServer(app) as srv: srv.url` — a real HTTP server for the block's duration."""
 
     def __init__(
-        self, app: Any, host: str = "127.0.0.1", port: int | None = None, **config: Any
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int | None = None,
+        settings: Settings | None = None,
+        **config: Any,
     ) -> None:
+        """
+        Args:
+            app: the ASGI app.
+            host: the loopback address to bind.
+            port: the port (default: a free one).
+            settings: serve as `cvi-agent serve` does with these settings (our HTTP protocol,
+                its deadlines and connection cap, `web/server.py`); default: plain uvicorn.
+            config: further uvicorn `Config` arguments.
+        """
         self.host = host
         self.port = port or free_port(host)
         config.setdefault("log_level", "warning")
         config.setdefault("access_log", False)
         config.setdefault("lifespan", "on")
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=self.port, **config))
+        config.setdefault("log_config", None)  # in-process: leave the host's logging alone
+        if settings is None:
+            cfg = uvicorn.Config(app, host=host, port=self.port, **config)
+        else:
+            cfg = server_config(app, settings, host=host, port=self.port, **config)
+        self.server = uvicorn.Server(cfg)
         self._thread = threading.Thread(target=self._run, name=f"uvicorn-{self.port}", daemon=True)
         self.loop: asyncio.AbstractEventLoop | None = None
 

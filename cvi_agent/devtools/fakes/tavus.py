@@ -5,6 +5,14 @@ conversations (create, get, list, end, delete) in memory, `x-api-key` auth answe
 (401 `{"message": "Invalid access token"}`), scripted failures (`fail_next`), and — because a
 real Tavus calls back — `send_callback` posts a webhook to a conversation's `callback_url`
 (ending a conversation sends `system.shutdown` by itself).
+
+Send App Message (`POST /v2/conversations/{id}/send-app-message`) keeps each conversation's
+interactions in arrival order (`app_messages`) and hands each to `on_app_message` (the
+simulator's replica), with Tavus's documented refusals: 400 for a conversation that is not
+active, 410 for a room that is gone (`room_gone`), 413 over 65,536 bytes, and on demand
+(`fail_app_messages`) 429 "Too many requests", 502 "could not be delivered" and 504 "may have
+been delivered" (optionally delivering it anyway, as a real 504 may). `app_message_delay` slows
+every answer, so overlapping sends show up in `app_message_spans`.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import asyncio
 import copy
 import json
 import secrets
+import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,6 +47,27 @@ class Failure:
         return (self.method is None or self.method == method) and (
             self.path_prefix is None or path.startswith(self.path_prefix)
         )
+
+
+# Tavus's documented send-app-message refusals (its API reference, "Send App Message").
+APP_MESSAGE_LIMIT = 65_536
+NOT_ACTIVE = "App messages can only be sent to active conversations."
+ROOM_GONE = "The conversation's room is no longer available."
+APP_MESSAGE_ERRORS: dict[str, tuple[int, str]] = {
+    "rate_limited": (429, "Too many requests"),
+    "not_delivered": (502, "The app message could not be delivered. Please retry."),
+    "maybe_delivered": (504, "The app message may have been delivered; check before retrying."),
+}
+
+
+@dataclass
+class AppMessageFailure:
+    """A scripted send-app-message refusal (`FakeTavus.fail_app_messages`)."""
+
+    status: int
+    message: str
+    retry_after: float | None
+    deliver: bool
 
 
 @dataclass
@@ -91,8 +122,30 @@ def apply_json_patch(document: dict[str, Any], operations: Any) -> dict[str, Any
 class FakeTavus:
     """`with LoopbackServer(fake.app) as srv: fake.url = srv.url` — then point a client at it."""
 
-    def __init__(self, api_key: str = "tavus-test-key", *, conversation_url: str | None = None):
+    def __init__(
+        self,
+        api_key: str | None = "tavus-test-key",
+        *,
+        conversation_url: str | None = None,
+        on_app_message: Callable[[str, dict[str, Any]], None] | None = None,
+    ):
+        """A fake with no personas and no conversations yet.
+
+        Args:
+            api_key: the key every request must carry as `x-api-key`; None takes any (the
+                simulator's stand-in, which the server calls without one).
+            conversation_url: the room URL of every conversation created (default: a made-up
+                Daily URL per conversation).
+            on_app_message: called with (conversation id, message) for each delivered
+                send-app-message, on the fake's own thread (the simulator hands it to its loop).
+        """
         self.api_key = api_key
+        self.on_app_message = on_app_message
+        self.app_messages: dict[str, list[dict[str, Any]]] = {}
+        # (conversation id, event_type, started, ended) of every send-app-message answered 2xx
+        self.app_message_spans: list[tuple[str, str, float, float]] = []
+        self.app_message_delay = 0.0
+        self._app_failures: deque[AppMessageFailure] = deque()
         self.url = ""
         # Where created conversations' rooms are: a fixed URL (a LocalRoom in tests) or a
         # made-up Daily URL per conversation.
@@ -111,6 +164,11 @@ class FakeTavus:
                 Route("/v2/conversations", self._conversations, methods=["GET", "POST"]),
                 Route("/v2/conversations/{cid}", self._conversation, methods=["GET", "DELETE"]),
                 Route("/v2/conversations/{cid}/end", self._end, methods=["POST"]),
+                Route(
+                    "/v2/conversations/{cid}/send-app-message",
+                    self._send_app_message,
+                    methods=["POST"],
+                ),
             ]
         )
 
@@ -128,6 +186,38 @@ class FakeTavus:
         for _ in range(count):
             self.failures.append(Failure(status, body, dict(headers or {}), method, path_prefix))
 
+    def fail_app_messages(
+        self,
+        kind: str,
+        *,
+        count: int = 1,
+        retry_after: float | None = None,
+        deliver: bool = False,
+    ) -> None:
+        """The next `count` send-app-messages get Tavus's documented refusal `kind`
+        (`rate_limited` 429, `not_delivered` 502, `maybe_delivered` 504), with `Retry-After`
+        when given; `deliver` delivers the message anyway (a 504 that did arrive)."""
+        status, message = APP_MESSAGE_ERRORS[kind]
+        for _ in range(count):
+            self._app_failures.append(AppMessageFailure(status, message, retry_after, deliver))
+
+    def add_conversation(self, conversation_id: str, **fields: Any) -> dict[str, Any]:
+        """An active conversation created elsewhere (the simulator's), so messages to it are
+        accepted."""
+        conversation = {
+            "conversation_id": conversation_id,
+            "status": "active",
+            "conversation_url": self.conversation_url,
+            "created_at": _now_iso(),
+            **fields,
+        }
+        self.conversations[conversation_id] = conversation
+        return conversation
+
+    def room_gone(self, conversation_id: str) -> None:
+        """The conversation's room was deleted: send-app-message answers 410 from now on."""
+        self.conversations[conversation_id]["room_available"] = False
+
     def requests(self, method: str | None = None, path: str | None = None) -> list[Seen]:
         return [
             s
@@ -138,25 +228,7 @@ class FakeTavus:
     # -- plumbing ------------------------------------------------------------------------------
 
     async def _guard(self, request: Request) -> tuple[Any, Response | None]:
-        raw = await request.body()
-        try:
-            body = json.loads(raw) if raw else None
-        except ValueError:
-            body = raw.decode(errors="replace")
-        self.seen.append(
-            Seen(request.method, request.url.path, body, {k: v for k, v in request.headers.items()})
-        )
-        for i, failure in enumerate(self.failures):
-            if failure.matches(request.method, request.url.path):
-                del self.failures[i]
-                return body, JSONResponse(
-                    failure.body, status_code=failure.status, headers=failure.headers
-                )
-        if request.headers.get("x-api-key") != self.api_key:
-            return body, JSONResponse({"message": "Invalid access token"}, status_code=401)
-        if isinstance(body, str):
-            return body, JSONResponse({"error": "Invalid JSON body"}, status_code=400)
-        return body, None
+        return await self._guard_body(request, await request.body())
 
     @staticmethod
     def _page(items: list[dict[str, Any]], request: Request) -> dict[str, Any]:
@@ -294,6 +366,73 @@ class FakeTavus:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return Response(status_code=200)
+
+    # -- interactions ------------------------------------------------------------------------
+
+    async def _send_app_message(self, request: Request) -> Response:
+        started = time.monotonic()
+        raw = await request.body()
+        if len(raw) > APP_MESSAGE_LIMIT:
+            self.seen.append(Seen(request.method, request.url.path, None, dict(request.headers)))
+            return JSONResponse(
+                {"error": f"Request body exceeds {APP_MESSAGE_LIMIT} bytes"}, status_code=413
+            )
+        body, refused = await self._guard_body(request, raw)
+        if refused is not None:
+            return refused
+        cid = request.path_params["cid"]
+        conversation = self.conversations.get(cid)
+        if conversation is None:
+            return JSONResponse({"error": "Conversation not found"}, status_code=404)
+        if conversation.get("status") != "active":
+            return JSONResponse({"error": NOT_ACTIVE}, status_code=400)
+        if conversation.get("room_available") is False:
+            return JSONResponse({"error": ROOM_GONE}, status_code=410)
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "Invalid request body"}, status_code=400)
+        if self.app_message_delay:
+            await asyncio.sleep(self.app_message_delay)
+        failure = self._app_failures.popleft() if self._app_failures else None
+        if failure is not None:
+            if failure.deliver:
+                self._deliver(cid, body, started)
+            headers = {}
+            if failure.retry_after is not None:
+                headers["Retry-After"] = f"{failure.retry_after:g}"
+            return JSONResponse(
+                {"error": failure.message}, status_code=failure.status, headers=headers
+            )
+        self._deliver(cid, body, started)
+        return JSONResponse({"status": "delivered"}, status_code=200)
+
+    def _deliver(self, cid: str, message: dict[str, Any], started: float) -> None:
+        self.app_messages.setdefault(cid, []).append(message)
+        self.app_message_spans.append(
+            (cid, str(message.get("event_type")), started, time.monotonic())
+        )
+        if self.on_app_message is not None:
+            self.on_app_message(cid, message)
+
+    async def _guard_body(self, request: Request, raw: bytes) -> tuple[Any, Response | None]:
+        """`_guard` for a body already read."""
+        try:
+            body = json.loads(raw) if raw else None
+        except ValueError:
+            body = raw.decode(errors="replace")
+        self.seen.append(
+            Seen(request.method, request.url.path, body, {k: v for k, v in request.headers.items()})
+        )
+        for i, failure in enumerate(self.failures):
+            if failure.matches(request.method, request.url.path):
+                del self.failures[i]
+                return body, JSONResponse(
+                    failure.body, status_code=failure.status, headers=failure.headers
+                )
+        if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
+            return body, JSONResponse({"message": "Invalid access token"}, status_code=401)
+        if isinstance(body, str):
+            return body, JSONResponse({"error": "Invalid JSON body"}, status_code=400)
+        return body, None
 
     # -- callbacks -----------------------------------------------------------------------------
 

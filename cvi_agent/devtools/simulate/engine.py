@@ -10,8 +10,13 @@ What it does, per user turn of the script:
    `utterance.streaming` and a final one (with `is_interrupted`), started/stopped speaking with
    durations from the word count. A client tool call is broadcast as `conversation.tool_call`;
    the bot's `conversation.tool_result` comes back and the reply continues with it.
-3. Interactions the bot sends into the room are honoured: echo is spoken, interrupt cuts the reply
-   short, respond starts a turn, overwrite/append context change the next request's system message.
+3. Interactions are honoured, whichever way the server delivers them: through its bot in the room
+   (Daily's app-message path), or through Tavus's send-app-message REST API, for which the
+   simulator runs a stand-in on loopback (the fake Tavus API) that hands each message straight to
+   the replica, as Tavus does, without broadcasting it into the room. Echo is spoken, interrupt
+   cuts the reply short, respond starts a turn, overwrite/append context change the next
+   request's system message. Each interaction's latency is measured per path: until the API
+   answered, and until the replica had it.
 
 The server's bot joins the same room (attached through `POST /api/conversations`) and records
 everything; at the end the simulator posts `system.shutdown` and `application.transcription_ready`
@@ -29,14 +34,18 @@ import json
 import logging
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
 import httpx
 
-from cvi_agent.devtools.simulate.report import SimulationReport, TurnReport
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.tavus import FakeTavus
+from cvi_agent.devtools.simulate.report import InteractionReport, SimulationReport, TurnReport
 from cvi_agent.devtools.simulate.script import Script, Step
+from cvi_agent.protocol.interactions import InteractionRequest
 from cvi_agent.rooms.base import Participant, RoomListener
 from cvi_agent.rooms.local import LocalRoom
 
@@ -46,25 +55,52 @@ Printer = Callable[[str], None]
 """Where progress lines go: the terminal for the CLI, the log for the server, a list in tests."""
 
 
+def _interaction_key(message: dict[str, Any]) -> str:
+    """What tells one interaction from another (an arrival is matched with its request)."""
+    return json.dumps(
+        [message.get("event_type"), message.get("properties")], sort_keys=True, default=str
+    )
+
+
 class _ReplicaInbox(RoomListener):
-    """Room callbacks for the simulated replica: every interaction lands in one queue.
+    """Everything that reaches the simulated replica lands in one queue: the bot's interactions
+    from the room, and Tavus's REST deliveries from the stand-in (`receive`).
 
     The room calls back synchronously; queueing keeps the handling (which awaits) in one task
-    that handles interactions in the order the bot sent them.
+    that handles interactions in the order they arrived. Arrival is stamped for whoever waits
+    for an interaction (`expect`), at once, so its latency is not the handler's.
     """
 
     def __init__(self, simulated_ids: tuple[str, ...]) -> None:
         self.queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.bot_present = asyncio.Event()
         self.simulated_ids = simulated_ids
+        self._expected: dict[str, deque[asyncio.Future[float]]] = {}
 
-    def on_app_message(self, message: Any, sender: str | None) -> None:
-        """Queue the conversation messages (the bot's interactions); ignore anything else."""
+    def expect(self, message: dict[str, Any]) -> asyncio.Future[float]:
+        """A future resolved with the monotonic time `message` reaches the replica."""
+        future: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        self._expected.setdefault(_interaction_key(message), deque()).append(future)
+        return future
+
+    def receive(self, message: Any) -> None:
+        """Queue a conversation message (an interaction); ignore anything else."""
         if isinstance(message, str):
             with contextlib.suppress(ValueError):
                 message = json.loads(message)
-        if isinstance(message, dict) and message.get("message_type") == "conversation":
-            self.queue.put_nowait(message)
+        if not isinstance(message, dict) or message.get("message_type") != "conversation":
+            return
+        waiting = self._expected.get(_interaction_key(message))
+        while waiting:
+            future = waiting.popleft()
+            if not future.done():
+                future.set_result(time.monotonic())
+                break
+        self.queue.put_nowait(message)
+
+    def on_app_message(self, message: Any, sender: str | None) -> None:
+        """An interaction the bot sent into the room."""
+        self.receive(message)
 
     def on_participant_joined(self, participant: Participant) -> None:
         """Note the server's bot arriving: the script waits for it before the first turn."""
@@ -93,6 +129,7 @@ class Simulation:
         printer: Printer | None = None,
         linger: float = 0.0,
         bot_timeout: float = 15.0,
+        rest: bool = True,
         tools: list[dict[str, Any]] | None = None,
     ) -> None:
         """Prepare the two room peers and the HTTP clients; nothing connects until `run`.
@@ -112,6 +149,9 @@ class Simulation:
                 by hand (from the console or the API).
             bot_timeout: how long to wait for the bot to join, for a tool result, or for
                 an interaction to reach the replica, before reporting an error.
+            rest: run a stand-in for Tavus's send-app-message on loopback and attach it, so
+                the server can deliver interactions over REST to the replica; only when the
+                server runs on this machine (else `via: rest` steps go through the bot).
             tools: the tools every LLM request declares, as Tavus sends the persona's
                 `layers.llm.tools` (its client tools); without them none is callable.
         """
@@ -146,6 +186,11 @@ class Simulation:
         self.inbox = _ReplicaInbox(("tavus-replica-sim", "sim-user"))
         self.replica.listener = self.inbox
         self.human = LocalRoom(user_name=script.user_name, user_id="sim-user", join_timeout=10)
+        self.rest = rest
+        self.standin = FakeTavus(api_key=None, on_app_message=self._from_rest)
+        self._standin_server: LoopbackServer | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._arrivals: set[asyncio.Task[None]] = set()
         self.http = httpx.AsyncClient(
             base_url=self.server_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=15
         )
@@ -157,6 +202,22 @@ class Simulation:
             max_retries=0,
             default_headers={"x-conversation-id": self.conversation_id},
         )
+
+    def _from_rest(self, conversation_id: str, message: dict[str, Any]) -> None:
+        """The stand-in delivered a REST interaction (on its own thread): to the replica."""
+        if self._loop is not None and conversation_id == self.conversation_id:
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the simulation ended
+                self._loop.call_soon_threadsafe(self.inbox.receive, message)
+
+    async def _start_standin(self) -> str:
+        # Inside a server (the console's button), leave the process's logging as it is:
+        # uvicorn applies its own logging configuration unless told not to.
+        server = LoopbackServer(self.standin.app, log_config=None, log_level=None)
+        await asyncio.to_thread(server.start)
+        self._standin_server = server
+        self.standin.url = server.url
+        self.standin.add_conversation(self.conversation_id)
+        return server.url
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -324,7 +385,13 @@ class Simulation:
         first = first or time.monotonic()
         return "".join(text), [calls[i] for i in sorted(calls)], first - started, first
 
-    async def _turn(self, kind: str, text: str, interrupt_after: int | None = None) -> None:
+    async def _turn(
+        self,
+        kind: str,
+        text: str,
+        interrupt_after: int | None = None,
+        interrupt_via: str | None = None,
+    ) -> None:
         """One user turn (or a `respond`): speculative requests, the final one, the reply."""
         self._turn_idx += 1
         inference_id = secrets.token_hex(8)
@@ -349,7 +416,7 @@ class Simulation:
         # The replica starts speaking with the first token (TTS streams): stopped → first token.
         report.u2u_ms = round((first_at - stopped) * 1000, 1)
         if interrupt_after is not None:
-            self._spawn(self._interrupt_via_api(interrupt_after))
+            self._spawn(self._interrupt_via_api(interrupt_after, interrupt_via))
         said, interrupted = await self._replica_speaks(reply, inference_id, interrupt_after)
         report.reply, report.interrupted = said, interrupted
         line = f"  {self.persona_display}: {said}" + (" [interrupted]" if interrupted else "")
@@ -359,11 +426,11 @@ class Simulation:
         elif said:
             self.history.append({"role": "assistant", "content": said})
 
-    async def _interrupt_via_api(self, after_words: int) -> None:
+    async def _interrupt_via_api(self, after_words: int, via: str | None) -> None:
         # Wait until the replica has said `after_words` words, then interrupt through the API.
         await asyncio.sleep(after_words * self._word_delay())
         try:
-            await self.interaction({"type": "interrupt"})
+            await self.interaction({"type": "interrupt"}, via)
         except Exception as exc:  # reported, never fatal: the replica stops holding after 10 s
             self.report.errors.append(f"interrupt failed: {exc}")
 
@@ -474,33 +541,75 @@ class Simulation:
             self._echoes_spoken.append(text)
             self._echo_spoken.notify_all()
 
-    async def _locked_turn(self, kind: str, text: str, interrupt_after: int | None = None) -> None:
+    async def _locked_turn(
+        self,
+        kind: str,
+        text: str,
+        interrupt_after: int | None = None,
+        interrupt_via: str | None = None,
+    ) -> None:
         import openai  # heavy: see the module's docstring
 
         async with self._speech:
             try:
-                await self._turn(kind, text, interrupt_after)
+                await self._turn(kind, text, interrupt_after, interrupt_via)
             except openai.APIError as exc:
                 self.report.errors.append(f"{kind} turn failed: {exc}")
 
     # -- the server's API ---------------------------------------------------------------------
 
-    async def interaction(self, body: dict[str, Any]) -> None:
+    async def interaction(self, body: dict[str, Any], via: str | None = None) -> None:
         """Send an interaction through the server's API, as a developer would.
 
-        It reaches the replica through the bot and the room, so a script step tests that whole
-        path; a bot still joining (409/503) is waited for, briefly.
+        It reaches the replica through the path `via` asks for (the bot and the room, or
+        Tavus's REST API, here the stand-in), so a script step tests that whole path; a bot
+        still joining (409/503) is waited for, briefly. Each is reported with its path and
+        latency; the wait for its arrival at the replica goes on in the background.
         """
+        asked = via or "auto"
+        if asked == "rest" and self._standin_server is None:
+            self.print("  (no stand-in for Tavus's API here: sending through the bot)")
+            asked = "bot"
+        url = f"/api/conversations/{self.conversation_id}/interactions"
+        # Over REST it reaches the replica before the API answers: expect it before sending.
+        expected = InteractionRequest.parse(body).to_message(self.conversation_id)
+        arrival = self.inbox.expect(expected)
         for _ in range(40):  # the bot may still be joining: 503 bot_starting is retryable
-            resp = await self.http.post(
-                f"/api/conversations/{self.conversation_id}/interactions", json=body
-            )
-            if resp.status_code == 200:
+            started = time.monotonic()
+            resp = await self.http.post(url, json=body, params={"via": asked})
+            api_ms = round((time.monotonic() - started) * 1000, 1)
+            if resp.status_code in (200, 202):
+                entry = InteractionReport(
+                    str(body.get("type")), asked, resp.json().get("via"), resp.status_code, api_ms
+                )
+                self.report.interactions.append(entry)
+                self._track(entry, arrival, started)
                 return
             if resp.status_code not in (409, 503):
                 break
             await asyncio.sleep(0.25)
+        arrival.cancel()
+        self.report.interactions.append(
+            InteractionReport(str(body.get("type")), asked, None, resp.status_code, api_ms)
+        )
         raise RuntimeError(f"{body['type']}: HTTP {resp.status_code} {resp.text[:200]}")
+
+    def _track(
+        self, entry: InteractionReport, arrival: asyncio.Future[float], started: float
+    ) -> None:
+        """Fill in when the interaction reached the replica, once it does."""
+
+        async def arrived() -> None:
+            try:
+                at = await asyncio.wait_for(arrival, self.bot_timeout)
+            except TimeoutError:
+                self.report.errors.append(f"{entry.kind} via {entry.via} never reached the replica")
+                return
+            entry.replica_ms = round(max(0.0, at - started) * 1000, 1)
+
+        task = asyncio.create_task(arrived())
+        self._arrivals.add(task)
+        task.add_done_callback(self._arrivals.discard)
 
     async def _callback(self, payload: dict[str, Any]) -> None:
         if not self.callback_token:
@@ -541,18 +650,19 @@ class Simulation:
         and clients are closed whatever happens.
         """
         listener: asyncio.Task[None] | None = None
+        self._loop = asyncio.get_running_loop()
         try:
+            attach: dict[str, Any] = {
+                "persona": self.script.persona,
+                "conversation_id": self.conversation_id,
+                "conversation_url": self.room_url,
+            }
+            if self.rest:
+                attach["interactions_url"] = await self._start_standin()
             await self.replica.join(self.room_url)
             await self.human.join(self.room_url)
             listener = asyncio.create_task(self._handle_room())
-            resp = await self.http.post(
-                "/api/conversations",
-                json={
-                    "persona": self.script.persona,
-                    "conversation_id": self.conversation_id,
-                    "conversation_url": self.room_url,
-                },
-            )
+            resp = await self.http.post("/api/conversations", json=attach)
             if resp.status_code != 201:
                 raise RuntimeError(
                     f"could not attach the bot: HTTP {resp.status_code} {resp.text[:300]}"
@@ -572,6 +682,8 @@ class Simulation:
                 await asyncio.sleep(self.linger)
             async with self._speech:  # let a speech in progress finish
                 pass
+            if self._arrivals:  # every interaction sent has arrived, or timed out
+                await asyncio.gather(*self._arrivals, return_exceptions=True)
             await self._callback(
                 self._envelope(
                     "system.shutdown",
@@ -592,7 +704,11 @@ class Simulation:
             self.report.errors.append(f"{type(exc).__name__}: {exc}")
             log.warning("simulation %s failed: %s", self.conversation_id, exc)
         finally:
-            for task in [*self._tasks, *([listener] if listener is not None else [])]:
+            for task in [
+                *self._tasks,
+                *self._arrivals,
+                *([listener] if listener is not None else []),
+            ]:
                 task.cancel()
             for room in (self.human, self.replica):
                 with contextlib.suppress(Exception):
@@ -601,32 +717,39 @@ class Simulation:
                 await self._collect_record()
             await self.http.aclose()
             await self.llm.close()
+            if self._standin_server is not None:
+                await asyncio.to_thread(self._standin_server.stop)
+                self._standin_server = None
             self.report.duration_s = time.monotonic() - self._started
         return self.report
 
     async def _step(self, step: Step) -> None:
+        path = f" ({step.via})" if step.via else ""
         if step.user is not None:
-            await self._locked_turn("user", step.user, step.interrupt_after_words)
+            await self._locked_turn("user", step.user, step.interrupt_after_words, step.via)
         elif step.respond is not None:
-            self.print(f"  → respond via API: {step.respond}")
+            self.print(f"  → respond via API{path}: {step.respond}")
             before = len(self.report.turns)
-            await self.interaction({"type": "respond", "text": step.respond})
+            await self.interaction({"type": "respond", "text": step.respond}, step.via)
             await self._wait(lambda: len(self.report.turns) > before and not self._speech.locked())
         elif step.echo is not None:
-            self.print(f"  → echo via API: {step.echo}")
-            await self.interaction({"type": "echo", "text": step.echo})
+            self.print(f"  → echo via API{path}: {step.echo}")
+            await self.interaction({"type": "echo", "text": step.echo}, step.via)
             async with self._echo_spoken:
                 await asyncio.wait_for(
                     self._echo_spoken.wait_for(lambda: step.echo in self._echoes_spoken),
                     timeout=self.bot_timeout,
                 )
         elif step.overwrite_context is not None:
-            self.print("  → overwrite_context via API")
-            await self.interaction({"type": "overwrite_context", "context": step.overwrite_context})
+            self.print(f"  → overwrite_context via API{path}")
+            body = {"type": "overwrite_context", "context": step.overwrite_context}
+            await self.interaction(body, step.via)
             await self._wait(lambda: self.context == step.overwrite_context)
         elif step.append_context is not None:
-            self.print("  → append_context via API")
-            await self.interaction({"type": "append_context", "context": step.append_context})
+            self.print(f"  → append_context via API{path}")
+            await self.interaction(
+                {"type": "append_context", "context": step.append_context}, step.via
+            )
             await self._wait(lambda: (step.append_context or "") in self.context)
 
     async def _wait(self, condition: Callable[[], bool]) -> None:

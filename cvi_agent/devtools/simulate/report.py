@@ -53,6 +53,45 @@ class TurnReport:
 
 
 @dataclass
+class InteractionReport:
+    """One interaction sent through the server's API, and how long each leg took.
+
+    Args:
+        kind: the interaction's `type` (`echo`, `interrupt`, …).
+        asked: the `via` the simulation asked for (`rest`, `bot`, `auto`).
+        via: the path the server says delivered it (None when it failed).
+        status: the API's HTTP status.
+        api_ms: request sent → the API's answer.
+        replica_ms: request sent → the simulated replica had it (None: it never arrived).
+    """
+
+    kind: str
+    asked: str
+    via: str | None
+    status: int
+    api_ms: float
+    replica_ms: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready values, for `--json` and the tests."""
+        return {
+            "kind": self.kind,
+            "asked": self.asked,
+            "via": self.via,
+            "status": self.status,
+            "api_ms": self.api_ms,
+            "replica_ms": self.replica_ms,
+        }
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+
+@dataclass
 class SimulationReport:
     """Everything one simulation observed, filled in as it runs; errors are collected, not raised.
 
@@ -62,6 +101,8 @@ class SimulationReport:
         conversation_id: the conversation the simulation created on the server.
         persona: the persona it talked to.
         turns: one entry per spoken reply, in order.
+        interactions: every interaction sent through the API, in order, with its path and
+            latency.
         callbacks: HTTP status the server answered per Tavus callback kind.
         recorded: a summary of what the server recorded (status, events by source, counts).
         errors: every problem met, as one line each.
@@ -71,6 +112,7 @@ class SimulationReport:
     conversation_id: str
     persona: str
     turns: list[TurnReport] = field(default_factory=list)
+    interactions: list[InteractionReport] = field(default_factory=list)
     callbacks: dict[str, int] = field(default_factory=dict)
     recorded: dict[str, Any] = field(default_factory=dict)
     errors: list[str] = field(default_factory=list)
@@ -80,13 +122,7 @@ class SimulationReport:
         """The run in a few numbers (latency percentiles, counts), for the table's last line."""
         ttfts = [t.ttft_ms for t in self.turns if t.ttft_ms is not None]
         u2us = [t.u2u_ms for t in self.turns if t.u2u_ms is not None]
-
-        def pct(values: list[float], q: float) -> float | None:
-            if not values:
-                return None
-            ordered = sorted(values)
-            return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
-
+        pct = _pct
         return {
             "turns": len(self.turns),
             "llm_requests": sum(t.requests for t in self.turns),
@@ -96,8 +132,27 @@ class SimulationReport:
             "u2u_ms_p95": pct(u2us, 0.95),
             "interruptions": sum(t.interrupted for t in self.turns),
             "tool_calls": sum(t.tool is not None for t in self.turns),
+            "interactions": self.interaction_latency(),
             "errors": len(self.errors),
         }
+
+    def interaction_latency(self) -> dict[str, dict[str, Any]]:
+        """Per delivery path: how many, and the API's answer and the replica's receipt
+        latency (p50, max), so the two paths can be compared run by run."""
+        paths: dict[str, dict[str, Any]] = {}
+        for via in sorted({i.via for i in self.interactions if i.via}):
+            mine = [i for i in self.interactions if i.via == via]
+            api = [i.api_ms for i in mine]
+            replica = [i.replica_ms for i in mine if i.replica_ms is not None]
+            paths[via] = {
+                "count": len(mine),
+                "api_ms_p50": round(statistics.median(api), 1) if api else None,
+                "api_ms_max": round(max(api), 1) if api else None,
+                "replica_ms_p50": round(statistics.median(replica), 1) if replica else None,
+                "replica_ms_max": round(max(replica), 1) if replica else None,
+                "lost": len(mine) - len(replica),
+            }
+        return paths
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values, for `cvi-agent simulate --json`."""
@@ -107,6 +162,7 @@ class SimulationReport:
             "duration_s": round(self.duration_s, 2),
             "summary": self.summary(),
             "turns": [t.as_dict() for t in self.turns],
+            "interactions": [i.as_dict() for i in self.interactions],
             "callbacks": self.callbacks,
             "recorded": self.recorded,
             "errors": self.errors,
@@ -142,6 +198,13 @@ def render_table(report: SimulationReport) -> str:
         f"(p95 {s['u2u_ms_p95']}), interruptions {s['interruptions']}, tool calls {s['tool_calls']}, "
         f"errors {s['errors']}"
     )
+    for via, leg in s["interactions"].items():
+        lines.append(
+            f"interactions via {via}: {leg['count']}, API answer p50 {leg['api_ms_p50']} ms "
+            f"(max {leg['api_ms_max']}), at the replica p50 {leg['replica_ms_p50']} ms "
+            f"(max {leg['replica_ms_max']})"
+            + (f", {leg['lost']} never arrived" if leg["lost"] else "")
+        )
     if report.callbacks:
         lines.append("callbacks: " + ", ".join(f"{k} → {v}" for k, v in report.callbacks.items()))
     if report.recorded:

@@ -7,6 +7,7 @@ validated up front so a typo fails with the file and field named, not halfway th
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -18,7 +19,10 @@ class Step(BaseModel):
     """One step of a script: exactly one of user / echo / respond / overwrite / append.
 
     A `user` step is spoken in the room and sent to the LLM as Tavus would; the others go
-    through the server's interactions API and the bot, so a script exercises that path too.
+    through the server's interactions API, so a script exercises those paths too: `via`
+    picks how the server delivers them (`rest`: Tavus's send-app-message, here the
+    simulator's stand-in; `bot`: through the bot and the room; `auto`: the server's
+    choice). On a `user` step, `via` is how its `interrupt_after_words` interrupt is sent.
     """
 
     model_config = ConfigDict(extra="forbid")
@@ -28,6 +32,7 @@ class Step(BaseModel):
     overwrite_context: str | None = Field(default=None, max_length=20_000)
     append_context: str | None = Field(default=None, min_length=1, max_length=20_000)
     interrupt_after_words: int | None = Field(default=None, ge=1, le=1000)
+    via: Literal["auto", "rest", "bot"] | None = None
     pause: float = Field(default=0.0, ge=0, le=30)
 
     @model_validator(mode="after")
@@ -40,6 +45,8 @@ class Step(BaseModel):
             )
         if self.interrupt_after_words is not None and self.user is None:
             raise ValueError("interrupt_after_words goes with a user step")
+        if self.via is not None and self.user is not None and self.interrupt_after_words is None:
+            raise ValueError("via on a user step is for its interrupt_after_words")
         return self
 
 

@@ -25,8 +25,8 @@ from cvi_agent import metrics
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains.base import BrainEvent, Finish, TextDelta, ToolCallDelta, TurnContext
 from cvi_agent.llm.breaker import CircuitBreaker
-from cvi_agent.llm.upstream.http import (
-    ChatStreamClient,
+from cvi_agent.llm.upstream.client import ChatStreamClient
+from cvi_agent.llm.upstream.errors import (
     UpstreamConnectionError,
     UpstreamHTTPError,
     UpstreamTimeout,
@@ -101,6 +101,7 @@ class UpstreamClients:
                 key,
                 connect_timeout=s.upstream_connect_timeout,
                 read_timeout=s.upstream_read_timeout,
+                transport=s.upstream_transport,
             )
             self._clients[(url, key)] = client
         return client

@@ -145,7 +145,9 @@ function addEvent(ev) {
 function renderEventRow(ev) {
   const tr = document.createElement("tr");
   const p = props(ev);
-  const detail = p.speech || p.text || p.name || p.shutdown_reason || p.context || "";
+  let detail = p.speech || p.text || p.name || p.shutdown_reason || p.context || "";
+  const delivery = ev.payload && ev.payload.delivery;  // an interaction the API delivered
+  if (delivery && delivery.via) detail = `${detail} [via ${delivery.via}, ${delivery.status}]`.trim();
   for (const value of [ev.seq ?? ev.id ?? "", ev.source || "", ev.kind || "", ev.role || p.role || "", detail]) {
     const td = document.createElement("td"); td.textContent = String(value); tr.append(td);
   }
@@ -218,9 +220,14 @@ function renderLatency() {
 async function sendInteraction(body) {
   if (!state.current) return;
   $("#control-result").textContent = "sending…";
+  const via = $("#control-via").value;
+  const query = via ? `?via=${encodeURIComponent(via)}` : "";
   try {
-    await api("POST", `/api/conversations/${encodeURIComponent(state.current)}/interactions`, body);
-    $("#control-result").textContent = `sent ${body.type}`;
+    const sent = await api("POST", `/api/conversations/${encodeURIComponent(state.current)}/interactions${query}`, body);
+    const how = sent && sent.via ? ` via ${sent.via}` : "";
+    const uncertain = sent && sent.delivery === "uncertain" ? " (uncertain: check before resending)" : "";
+    const ms = sent && typeof sent.latency_ms === "number" ? ` in ${sent.latency_ms.toFixed(0)} ms` : "";
+    $("#control-result").textContent = `sent ${body.type}${how}${ms}${uncertain}`;
   } catch (err) { $("#control-result").textContent = `${body.type} failed: ${err.message}`; }
 }
 

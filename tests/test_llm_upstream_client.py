@@ -1,4 +1,6 @@
-"""The lean OpenAI-compatible streaming client against the fake upstream on real uvicorn."""
+"""The OpenAI-compatible streaming client against the fake upstream on real uvicorn, over each
+direct transport (httptools, aiohttp): both must pass the same tests. The proxy path has its
+own file (test_llm_upstream_proxy.py)."""
 
 from __future__ import annotations
 
@@ -15,19 +17,17 @@ import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
-from cvi_agent.llm.upstream.http import (
-    ChatStreamClient,
-    UpstreamConnectionError,
-    UpstreamHTTPError,
-)
-from tests.test_llm_turns import wait_until
+from cvi_agent.llm.upstream.client import ChatStreamClient, TransportName
+from cvi_agent.llm.upstream.errors import UpstreamConnectionError, UpstreamHTTPError
+from tests.support import wait_until
+from tests.upstream_support import PARAMS, collect
 
-PARAMS: dict[str, Any] = {
-    "model": "fake",
-    "stream": True,
-    "stream_options": {"include_usage": True},
-    "messages": [{"role": "user", "content": "héllo ✓"}],
-}
+
+@pytest.fixture(params=["httptools", "aiohttp"])
+def transport(request: pytest.FixtureRequest) -> TransportName:
+    """Each direct transport in turn."""
+    name: TransportName = request.param
+    return name
 
 
 @pytest.fixture
@@ -38,15 +38,11 @@ def short_keepalive_upstream() -> Iterator[FakeUpstream]:
         yield fake
 
 
-async def collect(client: ChatStreamClient, params: dict[str, Any] = PARAMS) -> list[Any]:
-    async with await client.stream(params) as stream:
-        return [event async for event in stream]
-
-
-@pytest.mark.parametrize("force_httpx", [False, True], ids=["httptools", "httpx-proxy-path"])
-async def test_events_and_request_on_the_wire(upstream: FakeUpstream, force_httpx: bool) -> None:
+async def test_events_and_request_on_the_wire(
+    upstream: FakeUpstream, transport: TransportName
+) -> None:
     upstream.push(upstream.reply("Once upon a time"))
-    client = ChatStreamClient(upstream.url + "/v1", "sk-test", force_httpx=force_httpx)  # type: ignore[attr-defined]
+    client = ChatStreamClient(upstream.url + "/v1", "sk-test", transport=transport)  # type: ignore[attr-defined]
     try:
         events = await collect(client)
     finally:
@@ -62,10 +58,10 @@ async def test_events_and_request_on_the_wire(upstream: FakeUpstream, force_http
 
 
 async def test_keep_alive_reuse_and_stale_connections(
-    short_keepalive_upstream: FakeUpstream,
+    short_keepalive_upstream: FakeUpstream, transport: TransportName
 ) -> None:
     fake = short_keepalive_upstream
-    client = ChatStreamClient(fake.url + "/v1", "k")  # type: ignore[attr-defined]
+    client = ChatStreamClient(fake.url + "/v1", "k", transport=transport)  # type: ignore[attr-defined]
     try:
         for _ in range(3):
             fake.push(fake.reply("one two"))
@@ -78,11 +74,13 @@ async def test_keep_alive_reuse_and_stale_connections(
     assert events[0]["choices"][0]["delta"]["content"] == "still "
 
 
-async def test_http_errors_carry_the_upstream_message(upstream: FakeUpstream) -> None:
+async def test_http_errors_carry_the_upstream_message(
+    upstream: FakeUpstream, transport: TransportName
+) -> None:
     upstream.push(
         Plan(status=429, error_body={"error": {"message": "slow down", "type": "rate_limit"}})
     )
-    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+    client = ChatStreamClient(upstream.url + "/v1", "k", transport=transport)  # type: ignore[attr-defined]
     try:
         with pytest.raises(UpstreamHTTPError) as caught:
             await client.stream(PARAMS)
@@ -93,8 +91,10 @@ async def test_http_errors_carry_the_upstream_message(upstream: FakeUpstream) ->
         await client.aclose()
 
 
-async def test_malformed_event_and_broken_connection(upstream: FakeUpstream) -> None:
-    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+async def test_malformed_event_and_broken_connection(
+    upstream: FakeUpstream, transport: TransportName
+) -> None:
+    client = ChatStreamClient(upstream.url + "/v1", "k", transport=transport)  # type: ignore[attr-defined]
     try:
         upstream.push(Plan(raw_chunks=[b'data: {"choices": []}\n\n', b"data: {not json\n\n"]))
         with pytest.raises(UpstreamConnectionError, match="not JSON"):
@@ -106,9 +106,11 @@ async def test_malformed_event_and_broken_connection(upstream: FakeUpstream) -> 
         await client.aclose()
 
 
-async def test_closing_early_closes_the_upstream_connection(upstream: FakeUpstream) -> None:
+async def test_closing_early_closes_the_upstream_connection(
+    upstream: FakeUpstream, transport: TransportName
+) -> None:
     upstream.push(Plan(steps=[ReplyStep(content=f"w{i} ", sleep=0.05) for i in range(50)]))
-    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+    client = ChatStreamClient(upstream.url + "/v1", "k", transport=transport)  # type: ignore[attr-defined]
     try:
         stream = await client.stream(PARAMS)
         async for _ in stream:
@@ -122,8 +124,8 @@ async def test_closing_early_closes_the_upstream_connection(upstream: FakeUpstre
     assert disconnected is not None and disconnected - closed < 0.5
 
 
-async def test_unreachable_upstream() -> None:
-    client = ChatStreamClient("http://127.0.0.1:9/v1", "k", connect_timeout=1)
+async def test_unreachable_upstream(transport: TransportName) -> None:
+    client = ChatStreamClient("http://127.0.0.1:9/v1", "k", connect_timeout=1, transport=transport)
     try:
         with pytest.raises(UpstreamConnectionError, match="could not connect"):
             await client.stream(PARAMS)
@@ -153,10 +155,12 @@ async def test_upstream_failure_speaks_the_fallback_line(
     assert finish == "stop"
 
 
-async def test_connection_reused_when_the_body_ends_after_done(upstream: FakeUpstream) -> None:
+async def test_connection_reused_when_the_body_ends_after_done(
+    upstream: FakeUpstream, transport: TransportName
+) -> None:
     chunk = b'data: {"choices": [{"index": 0, "delta": {"content": "hi"}}]}\n\n'
     upstream.push(Plan(raw_chunks=[chunk, b"data: [DONE]\n\n"], end_delay=0.2))
-    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+    client = ChatStreamClient(upstream.url + "/v1", "k", transport=transport)  # type: ignore[attr-defined]
     try:
         started = time.monotonic()
         assert len(await collect(client)) == 1
@@ -203,14 +207,14 @@ def certificate(tmp_path: Path) -> tuple[Path, Path]:
     return key, cert
 
 
-async def test_https_upstream(certificate: tuple[Path, Path]) -> None:
+async def test_https_upstream(certificate: tuple[Path, Path], transport: TransportName) -> None:
     key, cert = certificate
     fake = FakeUpstream()
     with LoopbackServer(fake, ssl_keyfile=str(key), ssl_certfile=str(cert)) as server:
         base = f"https://localhost:{server.port}/v1"
         trusted = ssl.create_default_context(cafile=str(cert))
-        client = ChatStreamClient(base, "k", ssl_context=trusted)
-        untrusted = ChatStreamClient(base, "k")
+        client = ChatStreamClient(base, "k", ssl_context=trusted, transport=transport)
+        untrusted = ChatStreamClient(base, "k", transport=transport)
         try:
             fake.push(fake.reply("over tls"), fake.reply("twice"))
             events = await collect(client)
@@ -224,10 +228,10 @@ async def test_https_upstream(certificate: tuple[Path, Path]) -> None:
             await untrusted.aclose()
 
 
-async def test_backpressure_then_reuse(upstream: FakeUpstream) -> None:
+async def test_backpressure_then_reuse(upstream: FakeUpstream, transport: TransportName) -> None:
     """A reader that falls behind pauses the socket; the connection still serves the next one."""
     upstream.push(upstream.reply(" ".join(f"w{i}" for i in range(300))))
-    client = ChatStreamClient(upstream.url + "/v1", "k")  # type: ignore[attr-defined]
+    client = ChatStreamClient(upstream.url + "/v1", "k", transport=transport)  # type: ignore[attr-defined]
     try:
         stream = await client.stream(PARAMS)
         async with stream:

@@ -67,10 +67,28 @@ async def test_console_drives_a_simulated_conversation(
             echo = "Hello from the console page"
             await page.fill("#control-text", echo)
             await page.click("#controls button[data-action=echo]")
-            await expect(page.locator("#control-result")).to_have_text("sent echo", timeout=20_000)
+            await expect(page.locator("#control-result")).to_contain_text(
+                "sent echo via bot", timeout=20_000
+            )
             await expect(page.locator("#transcript li.replica", has_text=echo)).to_be_visible(
                 timeout=30_000
             )
+
+            # the same over Tavus's REST API (the simulation's stand-in): the replica speaks
+            # it, and the event list shows the interaction with its path
+            over_rest = "Hello over Tavus's API"
+            await page.select_option("#control-via", "rest")
+            await page.fill("#control-text", over_rest)
+            await page.click("#controls button[data-action=echo]")
+            await expect(page.locator("#control-result")).to_contain_text(
+                "sent echo via rest", timeout=20_000
+            )
+            await expect(page.locator("#transcript li.replica", has_text=over_rest)).to_be_visible(
+                timeout=30_000
+            )
+            await expect(
+                page.locator("#events tbody tr", has_text="[via rest, delivered]").first
+            ).to_be_visible()
             await expect(
                 page.locator("#events tbody tr", has_text="interaction.conversation.echo").first
             ).to_be_visible()

@@ -84,7 +84,7 @@ async def bot_for(cid: str) -> RecordingBot:
 
 
 async def test_create_interact_end(app_server: AppFactory, fake_tavus: FakeTavus) -> None:
-    server = app_server()
+    server = app_server(interactions_via="bot")  # the REST path: test_conversations_delivery
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         created = await create(http, conversational_context="A screening call.")
         cid = created["conversation"]["id"]
@@ -179,7 +179,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_no_bot_attached_is_409(app_server: AppFactory) -> None:
-    server = app_server()
+    server = app_server(interactions_via="bot")
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         created = await create(http, bot=False)
         cid = created["conversation"]["id"]
@@ -378,7 +378,7 @@ async def test_ready_video_is_announced_through_the_bot(
 ) -> None:
     """A Tavus video callback on /callbacks/tavus → the videos module → `ConversationService.announce` →
     the bus → the conversation's bot, which says it in the room."""
-    server = app_server()
+    server = app_server(interactions_via="bot")
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         cid = (await create(http))["conversation"]["id"]
         bot = await bot_for(cid)

@@ -1,5 +1,5 @@
 """The soak's memory verdict on synthetic RSS series: warm-up that flattens passes, a steady
-per-conversation leak fails (the one-minute soak itself is in test_soak.py)."""
+per-conversation leak fails (the one-minute soak itself is in test_devtools_soak.py)."""
 
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ def _series(
 
 
 def test_warm_up_that_flattens_is_not_a_leak() -> None:
-    # A one-minute run is too short to tell warm-up from a leak by slope (see test_soak.py).
+    # A one-minute run is too short to tell warm-up from a leak by slope (see test_devtools_soak.py).
     for seconds in (180.0, 600.0):
         for seed in range(5):
             verdict = memory_verdict(_series(seconds, 0.0, seed))
@@ -49,7 +49,7 @@ def test_summary_fields() -> None:
 
 
 def test_half_growths_tell_warm_up_from_a_leak() -> None:
-    # What tests/test_soak.py asserts on its one-minute run (warm-up there is ~30 s at most).
+    # What tests/test_devtools_soak.py asserts on its one-minute run (warm-up there is ~30 s at most).
     for seed in range(5):
         warm = memory_verdict(_series(60.0, 0.0, seed))
         leak = memory_verdict(_series(60.0, 25.0, seed))

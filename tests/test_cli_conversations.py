@@ -1,4 +1,4 @@
-"""`cvi-agent personas push` against the fake Tavus; `cvi-agent conversations …` against our API."""
+"""`cvi-agent conversations …` against our API (which talks to the fake Tavus)."""
 
 from __future__ import annotations
 
@@ -11,36 +11,10 @@ from cvi_agent.app import create_app
 from cvi_agent.cli.main import main
 from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.tavus import FakeTavus
-from tests.support import API_KEY, PERSONAS, TAVUS_KEY, make_settings
+from tests.support import TAVUS_KEY, make_settings
 
 
-@pytest.fixture
-def env(monkeypatch: pytest.MonkeyPatch, fake_tavus: FakeTavus, tmp_path: Path) -> None:
-    monkeypatch.setenv("TAVUS_API_KEY", TAVUS_KEY)
-    monkeypatch.setenv("TAVUS_API_URL", fake_tavus.url)
-    monkeypatch.setenv("CVI_API_KEYS", API_KEY)
-    monkeypatch.setenv("CVI_PERSONAS_DIR", str(PERSONAS))
-    monkeypatch.setenv("CVI_PUBLIC_URL", "https://agent.example")
-    monkeypatch.setenv("CVI_VAR_DIR", str(tmp_path / "var"))
-
-
-@pytest.mark.usefixtures("env")
-def test_personas_push_creates_then_updates(
-    fake_tavus: FakeTavus, capsys: pytest.CaptureFixture[str]
-) -> None:
-    assert main(["personas", "push", "concierge", "--replica-id", "r9"]) == 0
-    first = capsys.readouterr().out
-    assert main(["personas", "push", "concierge"]) == 0
-    second = capsys.readouterr().out
-    [persona] = fake_tavus.personas.values()
-    assert first.startswith(f"concierge: {persona['persona_id']} created")
-    assert "updated" in second
-    assert persona["layers"]["llm"]["base_url"] == "https://agent.example/v1"
-    assert persona["layers"]["llm"]["api_key"] == API_KEY
-    assert main(["personas", "push", "nope"]) == 2
-
-
-@pytest.mark.usefixtures("env")
+@pytest.mark.usefixtures("tavus_cli_env")
 def test_conversations_commands_use_our_api(
     fake_tavus: FakeTavus, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -62,7 +36,13 @@ def test_conversations_commands_use_our_api(
         assert cid in capsys.readouterr().out
         assert main(["conversations", "--url", url, "get", cid]) == 0
         assert json.loads(capsys.readouterr().out)["conversation"]["id"] == cid
-        assert main(["conversations", "--url", url, "interact", cid, '{"type": "interrupt"}']) == 1
+        # No bot: the interaction goes through Tavus's send-app-message API.
+        assert main(["conversations", "--url", url, "interact", cid, '{"type": "interrupt"}']) == 0
+        sent = json.loads(capsys.readouterr().out)
+        assert sent["via"] == "rest" and sent["delivered"] is True
+        assert fake_tavus.app_messages[cid] == [sent["message"]]
+        interact_via_bot = ["interact", cid, '{"type": "interrupt"}', "--via", "bot"]
+        assert main(["conversations", "--url", url, *interact_via_bot]) == 1
         assert "No bot is attached" in capsys.readouterr().err
         assert main(["conversations", "--url", url, "end", cid]) == 0
         assert json.loads(capsys.readouterr().out)["conversation"]["status"] == "ended"

@@ -1,0 +1,70 @@
+"""The overhead scenario: what cvi-agent adds to each streamed reply, against the upstream
+directly and a null TCP relay, measured in the same run (phases alternate between them)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cvi_agent.devtools.bench.load import PhaseStats, Progress, Target, merge_phases, run_phase
+from cvi_agent.devtools.bench.metrics import histogram_quantiles, server_histogram
+from cvi_agent.devtools.bench.params import BenchParams
+from cvi_agent.devtools.bench.processes import Child
+from cvi_agent.devtools.bench.stats import delta, summarize_ms
+
+
+async def overhead_scenario(
+    params: BenchParams,
+    targets: list[Target],
+    children: dict[str, Child],
+    progress: Progress,
+) -> dict[str, Any]:
+    """Phases alternate between the targets (direct, null relay, through cvi-agent)."""
+    if params.warmup_seconds > 0:
+        await run_phase(targets[-1], params, params.warmup_seconds, progress, "warm-up", None)
+    phases: dict[str, list[PhaseStats]] = {t.name: [] for t in targets}
+    overhead0 = server_histogram(children["server"], "cvi_added_overhead_seconds")
+    for round_no in range(1, params.rounds + 1):
+        for target in targets:
+            label = f"overhead round {round_no}/{params.rounds}: {target.name}"
+            stats = await run_phase(target, params, params.phase_seconds, progress, label, children)
+            phases[target.name].append(stats)
+    overhead1 = server_histogram(children["server"], "cvi_added_overhead_seconds")
+    sides = {name: merge_phases(stats) for name, stats in phases.items()}
+    ttft = {name: summarize_ms(side.ttfts) for name, side in sides.items()}
+    gaps = {name: summarize_ms(side.gaps) for name, side in sides.items()}
+    t = sides["through"]
+    server_cpu_per_chunk = t.server_cpu / t.chunks * 1e6 if t.chunks else None
+
+    def added(table: dict[str, dict[str, float | None]], base: str) -> dict[str, float | None]:
+        if base not in table:
+            return {}
+        return {q: delta(table["through"][q], table[base][q]) for q in table["through"]}
+
+    return {
+        "concurrency": params.concurrency,
+        "sides": list(sides),
+        "streams": {name: side.streams for name, side in sides.items()},
+        "ttft_ms": ttft,
+        "added_ttft_ms": added(ttft, "direct"),
+        "added_ttft_over_relay_ms": added(ttft, "relay"),
+        "server_measured_overhead_ms": histogram_quantiles(overhead0, overhead1),
+        "inter_chunk_ms": gaps,
+        "added_inter_chunk_ms": added(gaps, "direct"),
+        "added_inter_chunk_over_relay_ms": added(gaps, "relay"),
+        "chunks_per_second": {
+            name: round(side.chunks / side.seconds, 1) if side.seconds else None
+            for name, side in sides.items()
+        },
+        "chunks": {name: side.chunks for name, side in sides.items()},
+        "server_cpu_us_per_chunk": round(server_cpu_per_chunk, 2)
+        if server_cpu_per_chunk is not None
+        else None,
+        "server_cpu_share": round(t.server_cpu / t.seconds, 3) if t.seconds else None,
+        "cpu_share": {
+            name: {proc: round(sec / side.seconds, 3) for proc, sec in side.cpu.items()}
+            for name, side in sides.items()
+            if side.seconds
+        },
+        "errors": {name: side.errors for name, side in sides.items()},
+        "error_samples": [e for side in sides.values() for e in side.error_samples][:10],
+    }

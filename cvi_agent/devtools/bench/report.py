@@ -1,0 +1,150 @@
+"""The bench's table: every figure beside its direct-to-upstream twin, medians and tails."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cvi_agent.devtools.bench.stats import ratio
+
+
+def _fmt(value: Any, unit: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        text = f"{value:,.3f}" if abs(value) < 10 else f"{value:,.1f}"
+        if value > 0 and unit == "+":
+            return "+" + text
+        return text
+    return f"{value:,}" if isinstance(value, int) else str(value)
+
+
+def _rss(report: dict[str, Any]) -> str:
+    procs = report["processes"]
+
+    def one(values: list[float]) -> str:
+        return " + ".join(f"{v:.0f}" for v in values) or "-"
+
+    return "peak RSS MB: " + ", ".join(
+        f"{name.replace('_', ' ')} {one(procs[name]['peak_rss_mb'])}"
+        for name in ("server", "relay", "upstream", "load_generator")
+        if name in procs
+    )
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as the text table `cvi-agent bench` prints."""
+    p = report["params"]
+    m = report["machine"]
+    lines = [
+        f"cvi-agent bench: {m['cpus']} CPUs, Python {m['python']}, {m['loop']}, "
+        f"server workers {p['workers']}"
+        + (f" from {p['server_src']}" if p.get("server_src") else "")
+        + f"; fake upstream: TTFT {p['upstream_ttft'] * 1000:.0f} ms, "
+        f"{p['tokens_per_second']:g} tokens/s, {p['reply_words']} tokens/reply, "
+        f"tool-call share {p['tool_call_share']:g}",
+    ]
+    rss = _rss(report)
+    o = report.get("overhead")
+    if o:
+        sides: list[str] = o.get("sides") or ["direct", "through"]
+        relay = "relay" in sides
+        head = "".join(f"{side:>11}" for side in sides)
+        lines += [
+            "",
+            f"Overhead: {o['concurrency']} concurrent streams, {p['rounds']} rounds of "
+            f"{p['phase_seconds']:g} s per side, alternating"
+            + (" (relay: a null TCP relay, the cost of any extra hop here)" if relay else ""),
+            f"{'':28}{head}{'added':>10}{'ratio':>8}" + (f"{'over relay':>12}" if relay else ""),
+        ]
+
+        def row(label: str, values: dict[str, Any], extra: str = "") -> str:
+            return f"{label:28}" + "".join(f"{_fmt(values.get(x)):>11}" for x in sides) + extra
+
+        for label, key in (("time to first token", "ttft"), ("inter-chunk gap", "inter_chunk")):
+            table = o[f"{key}_ms"]
+            for q in ("p50", "p95", "p99"):
+                added = _fmt(o[f"added_{key}_ms"].get(q), "+")
+                times = _fmt(ratio(table["through"][q], table["direct"][q]))
+                over = _fmt(o.get(f"added_{key}_over_relay_ms", {}).get(q), "+")
+                lines.append(
+                    row(
+                        f"{label} {q} (ms)",
+                        {x: table[x][q] for x in sides},
+                        f"{added:>10}{times:>8}" + (f"{over:>12}" if relay else ""),
+                    )
+                )
+            server_view = o.get("server_measured_overhead_ms")
+            if key == "ttft" and server_view:
+                lines.append(
+                    "  added, as the server itself measures it (bucket bounds, ms): "
+                    + "  ".join(f"{q} ≤ {_fmt(server_view[q])}" for q in ("p50", "p95", "p99"))
+                )
+        cps = o["chunks_per_second"]
+        lines += [
+            row(
+                "chunks per second",
+                cps,
+                f"{'':>10}{_fmt(ratio(cps.get('through'), cps.get('direct'))):>8}",
+            ),
+            row("streams", o["streams"]),
+            row("errors", o["errors"]),
+            *(
+                row(
+                    "CPU share: " + proc.replace("_", " "),
+                    {x: o["cpu_share"].get(x, {}).get(proc) for x in sides},
+                )
+                for proc in ("server", "relay", "upstream", "load_generator")
+                if any(proc in o["cpu_share"].get(x, {}) for x in sides)
+            ),
+            f"{'server CPU per chunk (µs)':28}{_fmt(o['server_cpu_us_per_chunk']):>11}"
+            f"   (through; one idle wake-up on this machine costs "
+            f"{_fmt(m.get('idle_wakeup_cpu_us'))} µs)",
+            rss,
+        ]
+        if o["error_samples"]:
+            lines.append(f"error samples: {'; '.join(o['error_samples'])}")
+    s = report.get("speculative")
+    if s:
+        lines += [
+            "",
+            f"Speculative: {s['conversations']} conversations, {p['partials']} progressive "
+            f"partials {p['partial_gap'] * 1000:.0f} ms apart, final after "
+            f"{p['end_of_turn'] * 1000:.0f} ms, {p['abandon_share']:.0%} abandoned",
+            f"{'':36}{'direct':>12}{'through':>12}{'ratio':>9}",
+        ]
+        d, t = s["direct"], s["through"]
+        for q in ("p50", "p99"):
+            dv, tv = d["final_ttft_ms"][q], t["final_ttft_ms"][q]
+            lines.append(
+                f"{'final time to first token ' + q + ' (ms)':36}{_fmt(dv):>12}{_fmt(tv):>12}"
+                f"{_fmt(ratio(tv, dv)):>9}"
+            )
+        lines += [
+            f"{'upstream tokens generated':36}{_fmt(d['upstream_tokens_generated']):>12}"
+            f"{_fmt(t['upstream_tokens_generated']):>12}"
+            f"{_fmt(ratio(t['upstream_tokens_generated'], d['upstream_tokens_generated'])):>9}",
+            f"{'tokens spoken (finals)':36}{_fmt(d['tokens_spoken']):>12}"
+            f"{_fmt(t['tokens_spoken']):>12}",
+            f"{'generated per spoken':36}{_fmt(d['generated_per_spoken']):>12}"
+            f"{_fmt(t['generated_per_spoken']):>12}",
+        ]
+        for label, key in (
+            ("disconnect→upstream closed", "cancel_delay_abandoned_ms"),
+            ("superseded: close→upstream closed", "cancel_delay_superseded_ms"),
+        ):
+            for q in ("p50", "p99"):
+                lines.append(
+                    f"{label + ' ' + q:36}{_fmt(d[key][q]):>12}{_fmt(t[key][q]):>12}"
+                    + ("   ms" if q == "p50" else "")
+                )
+        lines += [
+            f"{'replay hits (server metric)':36}{'':>12}{_fmt(s['replay_hits']):>12}",
+            f"{'errors':36}{_fmt(d['errors']):>12}{_fmt(t['errors']):>12}",
+            rss,
+            "(negative close→closed: the upstream was closed by the superseding request before "
+            "the client let go)",
+        ]
+    lines += ["", f"errors: {report['errors']}   took {report['seconds']} s"]
+    if report.get("server_log_tail"):
+        lines += ["server log:", report["server_log_tail"]]
+    return "\n".join(lines)

@@ -1,0 +1,181 @@
+"""The server as `cvi-agent serve` configures it (web/server.py, web/connections.py): deadlines
+for a request's headers and body, the connection cap, and the same configuration in `serve`
+as in these tests. Raw sockets on loopback, so the bytes on the wire are what we assert."""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.web.connections import GuardedHttpToolsProtocol
+from tests.procs import ServerProcess
+from tests.support import API_KEY, ServerFactory
+
+FAST = {"header_timeout": 1.0, "body_timeout": 1.0}
+
+
+def connect(server: LoopbackServer | ServerProcess) -> socket.socket:
+    port = server.port
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, limit: float = 10.0) -> tuple[bytes, float]:
+    """Everything the server sends until it closes the connection, and when that was."""
+    start = time.monotonic()
+    sock.settimeout(limit)
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - start
+
+
+def slow_client_count(server: LoopbackServer | ServerProcess, phase: str) -> float:
+    text = httpx.get(f"http://127.0.0.1:{server.port}/metrics", headers={"x-api-key": API_KEY}).text
+    for line in text.splitlines():
+        if line.startswith(f'cvi_slow_clients_closed_total{{phase="{phase}"}}'):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def trickle(sock: socket.socket, data: bytes, interval: float) -> threading.Thread:
+    """Send `data` a byte every `interval` seconds in the background, until refused."""
+
+    def run() -> None:
+        for byte in data:
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(interval)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_headers_sent_a_byte_at_a_time_are_cut_off(serve: ServerFactory) -> None:
+    server = serve(**FAST)
+    before = slow_client_count(server, "headers")
+    sock = connect(server)
+    # 0.1 s a byte: 10 s for a request line and headers that never end.
+    sender = trickle(sock, b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100, 0.1)
+    data, elapsed = read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert b'"code":"request_timeout"' in data.replace(b" ", b"")
+    assert 0.9 < elapsed < 3.0, elapsed
+    assert slow_client_count(server, "headers") == before + 1
+    sock.close()
+    sender.join(15)
+
+
+def test_a_connection_that_sends_nothing_is_closed(serve: ServerFactory) -> None:
+    server = serve(**FAST)
+    sock = connect(server)
+    data, elapsed = read_until_closed(sock)
+    assert data == b"" and 0.9 < elapsed < 3.0, (data, elapsed)
+
+
+def test_a_declared_body_that_never_comes_is_a_408(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(**FAST)
+    before = slow_client_count(server, "body")
+    sock = connect(server)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"x-api-key: " + API_KEY.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+    )
+    sock.sendall(head + b'{"model": "echo"')
+    data, elapsed = read_until_closed(sock)
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert 0.9 < elapsed < 3.0, elapsed
+    assert slow_client_count(server, "body") == before + 1
+    # The route waiting for the body ended quietly: no traceback, no "unhandled error".
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+    # And the server serves on.
+    assert httpx.get(server.url + "/healthz").status_code == 200
+
+
+def test_a_request_that_arrives_whole_leaves_no_timer(serve: ServerFactory) -> None:
+    """The hot path: the one timer a connection gets at its start is gone once a request
+    arrived whole, and a keep-alive request that arrives whole arms none."""
+    server = serve()
+    with httpx.Client(base_url=server.url, headers={"x-api-key": API_KEY}) as http:
+        for _ in range(3):
+            assert http.get("/v1/models").status_code == 200
+        body = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
+        assert http.post("/v1/chat/completions", json=body).status_code == 200
+        protocols = [
+            p
+            for p in server.server.server_state.connections
+            if isinstance(p, GuardedHttpToolsProtocol)
+        ]
+        assert len(protocols) == 1
+        assert protocols[0]._timer is None
+
+
+def test_connections_beyond_the_cap_get_a_clean_503(serve: ServerFactory) -> None:
+    server = serve(max_connections=2)
+    clients = [httpx.Client(base_url=server.url, headers={"x-api-key": API_KEY}) for _ in range(3)]
+    try:
+        assert clients[0].get("/healthz").status_code == 200
+        assert clients[1].get("/healthz").status_code == 200  # two keep-alive connections open
+        refused = clients[2].get("/v1/models")
+        assert refused.status_code == 503
+        assert refused.headers["retry-after"] == "1"
+        assert refused.headers["connection"] == "close"
+        assert refused.json()["error"]["code"] == "too_many_connections"
+        clients[0].close()
+        deadline = time.monotonic() + 5
+        while len(server.server.server_state.connections) > 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert clients[2].get("/v1/models").status_code == 200
+        metrics = clients[1].get("/metrics").text
+        assert 'cvi_connections_refused_total{reason="too_many_connections"} 1.0' in metrics
+    finally:
+        for client in clients:
+            client.close()
+
+
+@pytest.mark.process
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serve_runs_with_the_same_configuration(tmp_path: Path, workers: int) -> None:
+    """`cvi-agent serve` (one process, or `--workers 2`, which read the limits from the
+    environment) cuts off a slow header sender as the in-process server does."""
+    server = ServerProcess(
+        tmp_path,
+        f"sqlite+aiosqlite:///{tmp_path / 'cvi.db'}",
+        env={"CVI_HEADER_TIMEOUT": "1", "CVI_RUN_WORKER": "false"},
+        args=["--workers", str(workers)],
+    )
+    server.start()
+    try:
+        for _ in range(3):
+            sock = connect(server)
+            sock.sendall(b"GET /healthz HTTP/1.1\r\n")
+            data, elapsed = read_until_closed(sock)
+            sock.close()
+            # uvicorn's supervisor may replace a worker still starting on a busy machine (its
+            # health check); a connection it held is reset, with nothing sent: try again.
+            if data or workers == 1:
+                break
+        assert data.startswith(b"HTTP/1.1 408 "), (data, server.log_text()[-2000:])
+        assert 0.9 < elapsed < 3.0, elapsed
+    finally:
+        server.stop()
