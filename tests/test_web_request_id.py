@@ -15,6 +15,7 @@ from websockets.exceptions import InvalidStatus
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan
+from cvi_agent.web.logs import log_config
 from cvi_agent.web.request_id import RequestIdFormatter
 from tests.support import API_KEY
 
@@ -121,3 +122,9 @@ async def test_a_refused_websocket_handshake_carries_one(server: LoopbackServer)
     response = refused.value.response
     assert response.status_code == 401
     assert response.headers["x-request-id"].startswith("req_")
+
+
+def test_served_logs_use_the_request_id_formatter() -> None:
+    """`cvi-agent serve` (and its worker processes) configure logging from `log_config`."""
+    formatter = log_config("info")["formatters"]["default"]
+    assert formatter["class"] == "cvi_agent.web.request_id.RequestIdFormatter"
