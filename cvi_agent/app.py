@@ -25,6 +25,7 @@ from cvi_agent.videos.webhooks import router as videos_router
 from cvi_agent.web.errors import install_error_handlers
 from cvi_agent.web.logs import configured_secrets, install_log_filters
 from cvi_agent.web.metrics import router as metrics_router
+from cvi_agent.web.request_id import RequestId
 from cvi_agent.web.security import install_security
 
 CONSOLE_DIR = Path(__file__).parent / "web" / "console"
@@ -70,6 +71,7 @@ def create_app(
     app.state.personas = personas
     install_error_handlers(app)
     install_security(app, settings)  # API keys, per-key rate limit, CORS (web/security.py)
+    app.add_middleware(RequestId)  # outermost: refusals and preflights carry x-request-id too
     app.include_router(llm_router)
     app.include_router(callbacks_router)
     app.include_router(api_router)

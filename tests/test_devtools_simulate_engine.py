@@ -32,6 +32,7 @@ async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
             script=script,
             persona_name=persona.persona_name,
             system_prompt=persona.system_prompt,
+            tools=[t.openai_tool() for t in persona.client_tools()],  # as Tavus sends them
             conversation_id="sim-test",
             printer=lines.append,
         )

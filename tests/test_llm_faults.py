@@ -1,6 +1,8 @@
 """Upstream faults, with the real openai SDK as the caller: whatever the upstream does, the
 caller gets a valid SSE stream ending with [DONE] within the persona's first-token budget; the
-fallback chain (a second upstream, then a spoken line) and the circuit breaker."""
+fallback chain (a second upstream, then a spoken line) and the circuit breaker. These personas
+speak their fallback line (`on_upstream_failure: speak`); tests/test_llm_failure.py covers the
+`error` answers."""
 
 from __future__ import annotations
 
@@ -44,6 +46,7 @@ brain:
   fallbacks:
     - {{model: backup-model, base_url: "{backup}/v1"}}
 fallback_text: "{FALLBACK_LINE}"
+on_upstream_failure: speak
 """
     )
     (d / "single.yaml").write_text(
@@ -52,6 +55,7 @@ name: single
 persona_name: Single
 brain: {{kind: upstream, model: m, base_url: "{primary}/v1", first_token_timeout: {budget}, reply_timeout: {reply}}}
 fallback_text: "{FALLBACK_LINE}"
+on_upstream_failure: speak
 """
     )
     return d

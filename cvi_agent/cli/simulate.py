@@ -127,6 +127,7 @@ def cmd_simulate(args: Any) -> int:
                 script=script,
                 persona_name=persona.persona_name,
                 system_prompt=" ".join(p for p in (persona.system_prompt, persona.context) if p),
+                tools=[t.openai_tool() for t in persona.client_tools()],
                 conversation_id=conversation_id,
                 printer=printer,
                 linger=args.linger,

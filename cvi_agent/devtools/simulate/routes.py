@@ -138,6 +138,7 @@ async def start_simulation(request: Request) -> JSONResponse:
         script=script,
         persona_name=persona.persona_name,
         system_prompt=" ".join(p for p in (persona.system_prompt, persona.context) if p),
+        tools=[t.openai_tool() for t in persona.client_tools()],
         conversation_id=conversation_id,
         printer=lambda line: log.info("simulation %s: %s", conversation_id, line.strip()),
         linger=body.linger,
