@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test lint typecheck pytest install clean bench browser soak
+.PHONY: run test lint typecheck pytest install clean bench browser soak node
 
 install: $(STAMP)
 
@@ -32,7 +32,18 @@ browser:
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
 
-pytest: $(STAMP) browser
+# The official OpenAI Node SDK for tests/test_compat_node.py, pinned by its lockfile; installed
+# again only when the lockfile is newer than the install (npm ci writes node_modules/.package-lock.json).
+NODE_DIR := tests/clients/node
+NODE_STAMP := $(NODE_DIR)/node_modules/.package-lock.json
+
+node: $(NODE_STAMP)
+
+$(NODE_STAMP): $(NODE_DIR)/package.json $(NODE_DIR)/package-lock.json
+	npm ci --prefix $(NODE_DIR) --no-audit --no-fund
+	@touch $(NODE_STAMP)
+
+pytest: $(STAMP) browser node
 	$(BIN)/python -m pytest -q
 
 test: lint typecheck pytest
@@ -45,4 +56,4 @@ soak: $(STAMP)
 	$(BIN)/cvi-agent soak
 
 clean:
-	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache
+	rm -rf $(VENV) var .mypy_cache .pytest_cache .ruff_cache $(NODE_DIR)/node_modules

@@ -14,6 +14,7 @@ from cvi_agent import __version__
 from cvi_agent.config import Settings
 from cvi_agent.conversations.api import router as api_router
 from cvi_agent.conversations.callbacks import router as callbacks_router
+from cvi_agent.conversations.feed import router as feed_router
 from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
 from cvi_agent.devtools.simulate.routes import RoomHost
 from cvi_agent.devtools.simulate.routes import router as simulations_router
@@ -24,6 +25,7 @@ from cvi_agent.videos.webhooks import router as videos_router
 from cvi_agent.web.errors import install_error_handlers
 from cvi_agent.web.logs import configured_secrets, install_log_filters
 from cvi_agent.web.metrics import router as metrics_router
+from cvi_agent.web.request_id import RequestId
 from cvi_agent.web.security import install_security
 
 CONSOLE_DIR = Path(__file__).parent / "web" / "console"
@@ -69,9 +71,11 @@ def create_app(
     app.state.personas = personas
     install_error_handlers(app)
     install_security(app, settings)  # API keys, per-key rate limit, CORS (web/security.py)
+    app.add_middleware(RequestId)  # outermost: refusals and preflights carry x-request-id too
     app.include_router(llm_router)
     app.include_router(callbacks_router)
     app.include_router(api_router)
+    app.include_router(feed_router)
     app.include_router(videos_router)
     app.include_router(simulations_router)
     app.include_router(metrics_router)

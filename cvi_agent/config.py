@@ -142,6 +142,15 @@ class Settings(BaseSettings):
     bot_factory: str = Field(
         default="", validation_alias=_env("CVI_BOT_FACTORY", "bot_factory")
     )  # "package.module:function" building a bot (default: ConversationBot)
+    # Which rooms a bot may join (rooms/policy.py): hosts (`*.x` = any subdomain), and whether
+    # `ws://` local rooms on loopback are allowed. None: not set; `cvi-agent serve` in
+    # development mode and `cvi-agent simulate`'s own server turn it on, otherwise it is off.
+    room_hosts_raw: str = Field(
+        default="*.daily.co", validation_alias=_env("CVI_ROOM_HOSTS", "room_hosts_raw")
+    )
+    local_rooms: bool | None = Field(
+        default=None, validation_alias=_env("CVI_LOCAL_ROOMS", "local_rooms")
+    )
     interaction_timeout: float = Field(
         default=5.0, gt=0, validation_alias=_env("CVI_INTERACTION_TIMEOUT", "interaction_timeout")
     )
@@ -210,6 +219,11 @@ class Settings(BaseSettings):
     @cached_property
     def api_keys(self) -> tuple[str, ...]:
         return tuple(k.strip() for k in self.api_keys_raw.split(",") if k.strip())
+
+    @cached_property
+    def room_hosts(self) -> tuple[str, ...]:
+        """Host names (lower case; `*.example.com` for any subdomain) a bot may join."""
+        return tuple(h.strip().lower() for h in self.room_hosts_raw.split(",") if h.strip())
 
     @cached_property
     def cors_origins(self) -> tuple[str, ...]:

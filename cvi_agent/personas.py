@@ -15,6 +15,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cvi_agent.protocol.chat import FunctionDef
 
 NAME_RE = r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$"
+# What the upstream brain itself puts in every upstream request: `brain.extra_body` cannot set
+# these (the request's `tools` and `tool_choice` decide the turn's tools, see llm/tools.py).
+RESERVED_BODY_KEYS = frozenset(
+    {"model", "messages", "stream", "stream_options", "tools", "tool_choice"}
+)
 
 
 class _Strict(BaseModel):
@@ -46,6 +51,11 @@ class BrainConfig(_Strict):
         default_factory=list,
         description="upstreams tried in order when the ones before fail before their first token",
     )
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="upstream only: parameters merged into every upstream request, under the "
+        "request's own (e.g. {seed: 7, response_format: {type: json_object}})",
+    )
     chunk_delay_ms: float = Field(default=0.0, ge=0, le=2000, description="flow/echo pacing")
     words_per_chunk: int = Field(default=3, ge=1, le=50)
 
@@ -53,6 +63,13 @@ class BrainConfig(_Strict):
     def _upstream_needs_model(self) -> BrainConfig:
         if self.kind == "upstream" and not self.model:
             raise ValueError("brain.model is required when brain.kind is 'upstream'")
+        if self.extra_body and self.kind != "upstream":
+            raise ValueError("brain.extra_body applies to upstream brains only")
+        reserved = sorted(RESERVED_BODY_KEYS.intersection(self.extra_body))
+        if reserved:
+            raise ValueError(
+                f"brain.extra_body cannot set {', '.join(reserved)}: the server sets them"
+            )
         return self
 
 
@@ -89,6 +106,11 @@ class Intent(_Strict):
     reply: str = ""
     after_tool: str | None = None
     tool: IntentToolCall | None = None
+    without_tool: str | None = Field(
+        default=None,
+        description="spoken instead when the tool cannot be called this turn (a client tool "
+        "the request does not declare, or tool_choice none); default: the flow's fallback",
+    )
 
     @field_validator("patterns")
     @classmethod
@@ -136,6 +158,12 @@ class Persona(_Strict):
     flow: FlowConfig | None = None
     tools: list[ToolSpec] = Field(default_factory=list)
     fallback_text: str = "Sorry, give me one second."
+    on_upstream_failure: Literal["speak", "error"] | None = Field(
+        default=None,
+        description="speak: the fallback line, answered 200; error: an OpenAI error (502/503/504) "
+        "so the caller's own retries and fallbacks work; default: speak when the request "
+        "carries a Tavus conversation id, error otherwise",
+    )
     tavus: dict[str, Any] = Field(default_factory=dict)
     source: str | None = Field(default=None, exclude=True)
 

@@ -4,14 +4,18 @@ isolated, and closing never hangs."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
+from typing import Any
 
 import asyncpg  # type: ignore[import-untyped]
+import httpx
 import pytest
 
 from cvi_agent.bot.recorder import Pending, Recorder, order_by_seq
 from cvi_agent.store import EventRecord, UtteranceRecord, open_store
-from tests.support import PG_ADMIN_URL
+from cvi_agent.store.base import MAX_JSON_DEPTH
+from tests.support import API_KEY, PG_ADMIN_URL, ServerFactory
 
 
 def event(n: int, seq: int | None = None, payload: dict[str, object] | None = None) -> EventRecord:
@@ -130,3 +134,43 @@ async def test_flush_waits_for_everything_put_before_it(pg_url: str, linger: flo
     assert await store.count_events("c") == 100
     await recorder.close()
     await store.aclose()
+
+
+async def test_a_deeply_nested_room_event_is_stored_so_it_reads_back(
+    serve: ServerFactory, database_url: str
+) -> None:
+    """A room message is parsed by the room, not by our body parser: however deep it nests, what
+    the recorder stores must still read back through the API (today's bound: pydantic's
+    serializer gives up near 255 levels, and the conversation then answered 500 forever)."""
+    token = "cb-token-recorder-0123456789"
+    server = serve(database_url=database_url, callback_token=token, run_worker=False)
+    cid = "c-deep-room"
+    deep: Any = "bottom"
+    for _ in range(600):
+        deep = {"d": deep}
+    async with httpx.AsyncClient(base_url=server.url, headers={"x-api-key": API_KEY}) as http:
+        joined = {"event_type": "system.replica_joined", "conversation_id": cid}
+        resp = await http.post(f"/callbacks/tavus?token={token}", json=joined)
+        assert resp.status_code == 200, resp.text
+        store = await open_store(database_url)
+        recorder = Recorder(store)
+        recorder.start()
+        try:
+            record = EventRecord(
+                conversation_id=cid,
+                source="room",
+                kind="conversation.custom",
+                dedupe_key=f"{cid}:deep",
+                payload={"message": deep},
+            )
+            recorder.put(Pending(record))
+            await recorder.flush()
+        finally:
+            await recorder.close()
+            await store.aclose()
+        got = await http.get(f"/api/conversations/{cid}")
+        assert got.status_code == 200, got.text[:300]
+        events = await http.get(f"/api/conversations/{cid}/events")
+        assert events.status_code == 200, events.text[:300]
+        [stored] = [e for e in events.json()["data"] if e["kind"] == "conversation.custom"]
+        assert json.dumps(stored["payload"]).count("{") <= MAX_JSON_DEPTH + 1

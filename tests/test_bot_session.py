@@ -613,9 +613,12 @@ async def test_stop_cancels_running_tools_and_records_it(
 async def test_join_failure_is_recorded_and_raised(store: SqlStore) -> None:
     bot = ConversationBot(LocalRoom(join_timeout=0.3), conversation_id=CID, store=store)
     with pytest.raises(Exception, match="could not join"):
-        await bot.start("ws://127.0.0.1:9/nowhere")
+        await bot.start("ws://127.0.0.1:9/nowhere?t=meeting-token-0123456789")
     events = await store.list_events(CID)
     assert [e.kind for e in events] == ["bot.join_failed"]
+    # The record is no place for a meeting token either (it rides in the room URL's `t`).
+    assert "meeting-token-0123456789" not in json.dumps(events[0].payload)
+    assert events[0].payload["url"].startswith("ws://127.0.0.1:9/nowhere")
 
 
 # -- load ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ from cvi_agent.bus import InProcessBus, commands_channel, request
 from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.rooms.local_server import LocalRoomServer
+from cvi_agent.rooms.policy import RoomPolicy
 from cvi_agent.store import EventRecord, Leases, SqlStore, open_store
 from tests.bots import RecordingBot
 from tests.support import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY, make_settings
@@ -108,6 +109,7 @@ async def workers(store: SqlStore) -> AsyncIterator[Callable[..., Awaitable[Work
             personas={},
             publish=publish,
             factory=_factory(bots, kw.pop("fail", None)),
+            room_policy=RoomPolicy(hosts=("room",)),  # the leases' ws://room/… URLs
             poll_interval=0.05,
             lease_seconds=kw.pop("lease_seconds", 0.6),
             **kw,
@@ -316,6 +318,7 @@ async def test_scale_out_two_web_processes_and_workers(
         "CVI_LEASE_SECONDS": "1.5",
         "CVI_WORKER_POLL_INTERVAL": "0.2",
         "CVI_LOG_LEVEL": "info",
+        "CVI_LOCAL_ROOMS": "1",  # the fake Tavus hands out a local room's URL
         "PYTHONUNBUFFERED": "1",
     }
     procs = Processes(tmp_path, env)
@@ -467,6 +470,7 @@ async def test_single_process_default_mode(tmp_path: Path, fake_tavus: Any) -> N
             tavus_api_key=TAVUS_KEY,
             tavus_api_url=fake_tavus.url,
             worker_poll_interval=0.2,
+            local_rooms=True,  # the fake Tavus hands out a local room's URL
         )
         replica = ScriptedPeer(room_url, user_name="Cora the Concierge")
         human = ScriptedPeer(room_url, user_name="Alice", user_id="user-alice")

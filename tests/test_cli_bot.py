@@ -25,14 +25,17 @@ pytestmark = pytest.mark.process
 CLI = [sys.executable, "-m", "cvi_agent"]
 
 
-def env(tmp_path: Path) -> dict[str, str]:
+def env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """The CLI's environment; these tests run their bots in local rooms on loopback."""
     values = dict(os.environ)
     values.update(
         CVI_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'bot.db'}",
         CVI_PERSONAS_DIR=str(PERSONAS),
         CVI_VAR_DIR=str(tmp_path / "var"),
+        CVI_LOCAL_ROOMS="1",
         PYTHONUNBUFFERED="1",
     )
+    values.update(extra)
     return values
 
 
@@ -55,7 +58,7 @@ def test_unreachable_daily_room_exits_with_one_line(tmp_path: Path) -> None:
         text=True,
         timeout=60,
         cwd=tmp_path,
-        env=env(tmp_path),
+        env=env(tmp_path, CVI_ROOM_HOSTS="*.daily.co,nonexistent.invalid"),
     )
     elapsed = time.monotonic() - started
     assert done.returncode == 1, done.stderr
@@ -67,6 +70,47 @@ def test_unreachable_daily_room_exits_with_one_line(tmp_path: Path) -> None:
         "cvi-agent bot: could not join https://nonexistent.invalid/room within 3 s"
     )
     assert elapsed < 15, elapsed  # the 3 s bound plus interpreter start-up on a busy machine
+
+
+async def test_bot_refuses_rooms_outside_the_allow_list(tmp_path: Path) -> None:
+    """Without CVI_LOCAL_ROOMS the bot does not go near a loopback room, and a host outside
+    CVI_ROOM_HOSTS is refused too: exit 2, one line naming the setting. Before the check the bot
+    connected (and waited out its join timeout: exit 1)."""
+    knocks = 0
+
+    async def knock(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal knocks
+        knocks += 1
+        writer.close()
+
+    listener = await asyncio.start_server(knock, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        for url, setting in (
+            (f"ws://127.0.0.1:{port}/x", "CVI_LOCAL_ROOMS"),
+            ("https://rooms.example.com/x", "CVI_ROOM_HOSTS"),
+        ):
+            process = await asyncio.create_subprocess_exec(
+                *CLI,
+                "bot",
+                "--conversation-url",
+                url,
+                "--conversation-id",
+                "c-refused",
+                "--join-timeout",
+                "3",
+                stderr=asyncio.subprocess.PIPE,
+                cwd=tmp_path,
+                env=env(tmp_path, CVI_LOCAL_ROOMS="0"),
+            )
+            _, stderr = await asyncio.wait_for(process.communicate(), 60)
+            last = stderr.decode().strip().splitlines()[-1]
+            assert knocks == 0, "the bot connected to a loopback address"
+            assert process.returncode == 2, stderr.decode()
+            assert last.startswith("cvi-agent bot: ") and setting in last, last
+            assert "Traceback" not in stderr.decode()
+    finally:
+        listener.close()
 
 
 def test_unknown_persona_is_a_usage_error(tmp_path: Path) -> None:

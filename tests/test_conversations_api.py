@@ -19,7 +19,7 @@ from cvi_agent.app import create_app
 from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.protocol.interactions import Echo
-from cvi_agent.store import VideoRecord, open_store
+from cvi_agent.store import Leases, VideoRecord, open_store
 from tests.bots import BOTS, RecordingBot
 from tests.support import API_KEY, TAVUS_KEY, load_fixture, make_settings
 
@@ -403,3 +403,157 @@ async def test_ready_video_is_announced_through_the_bot(
         assert resp.status_code == 200, resp.text
         assert resp.json()["kind"] == "video.ready"
         await eventually(lambda: _true(Echo(text="Your recap is ready.") in bot.sent))
+
+
+# -- which rooms the bot may join (SSRF) -------------------------------------------------------
+
+
+class Doorbell:
+    """A TCP listener on loopback that only counts who knocks: a bot sent to it would connect."""
+
+    def __init__(self) -> None:
+        self.knocks = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> Doorbell:
+        async def knock(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.knocks += 1
+            writer.close()
+
+        self.server = await asyncio.start_server(knock, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()  # not wait_closed(): a bot still knocking would hold it open
+
+
+REFUSED_ROOMS = [
+    ("ws://127.0.0.1:{port}/room", "CVI_LOCAL_ROOMS"),
+    ("ws://localhost:{port}/room", "CVI_LOCAL_ROOMS"),
+    ("wss://[::1]:{port}/room", "CVI_LOCAL_ROOMS"),
+    ("http://127.0.0.1:{port}/room", "CVI_ROOM_HOSTS"),
+    ("https://tavus.daily.co@127.0.0.1:{port}/room", "conversation_url"),
+    ("https://tavus.daily.co.evil.example/room", "CVI_ROOM_HOSTS"),
+    ("https://evil.example/tavus.daily.co", "CVI_ROOM_HOSTS"),
+    ("https://169.254.169.254/latest/meta-data", "CVI_ROOM_HOSTS"),
+    ("ws://0.0.0.0:{port}/room", "CVI_ROOM_HOSTS"),
+    ("https://daily.co/room", "CVI_ROOM_HOSTS"),
+]
+
+
+async def test_bot_is_not_sent_to_rooms_outside_the_allow_list(app_server: AppFactory) -> None:
+    """The real bot factory, default settings: nothing but Daily's domains. Before the check a
+    loopback URL was accepted (201) and the bot opened a connection to it (SSRF)."""
+    server = app_server(bot_factory="")
+    async with Doorbell() as door, httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+        answers = []
+        for n, (template, setting) in enumerate(REFUSED_ROOMS):
+            url = template.format(port=door.port)
+            resp = await http.post(
+                "/api/conversations",
+                json={"persona": "echo", "conversation_id": f"c-room-{n}", "conversation_url": url},
+                headers=AUTH,
+            )
+            answers.append((url, setting, resp))
+        await asyncio.sleep(1.5)  # the in-process worker polls every 0.2 s
+        assert door.knocks == 0, "the bot connected to a loopback address"
+        for url, setting, resp in answers:
+            assert resp.status_code == 400, (url, resp.text)
+            error = resp.json()["error"]
+            assert error["type"] == "invalid_request_error", error
+            assert error["code"] == "room_not_allowed" and error["param"] == "conversation_url"
+            assert setting in error["message"], (url, error["message"])
+        # nothing was recorded for a refused room
+        assert (await http.get("/api/conversations/c-room-0", headers=AUTH)).status_code == 404
+
+
+async def test_allowed_rooms_and_local_rooms_when_configured(
+    app_server: AppFactory, fake_tavus: FakeTavus
+) -> None:
+    """Daily's URLs are accepted by default; a loopback room only with CVI_LOCAL_ROOMS; other
+    hosts with CVI_ROOM_HOSTS. A conversation_url Tavus hands back is held to the same rule."""
+    default = app_server()
+    local = app_server(local_rooms=True, bot_factory="")
+    listed = app_server(room_hosts_raw="*.daily.co, rooms.example.com")
+    async with Doorbell() as door, httpx.AsyncClient(timeout=15) as http:
+        ok = await http.post(
+            default.url + "/api/conversations",
+            json={
+                "persona": "echo",
+                "conversation_id": "c-daily",
+                "conversation_url": "https://tavus.daily.co/c-daily",
+            },
+            headers=AUTH,
+        )
+        assert ok.status_code == 201, ok.text
+        assert (await bot_for("c-daily")).url == "https://tavus.daily.co/c-daily"
+
+        fake_tavus.conversation_url = f"ws://127.0.0.1:{door.port}/from-tavus"
+        made = await http.post(
+            default.url + "/api/conversations", json={"persona": "echo"}, headers=AUTH
+        )
+        assert made.status_code == 201, made.text
+        assert made.json()["bot"]["requested"] is False
+        assert "CVI_LOCAL_ROOMS" in made.json()["bot"]["refused"]
+        fake_tavus.conversation_url = None
+
+        other = await http.post(
+            listed.url + "/api/conversations",
+            json={
+                "persona": "echo",
+                "conversation_id": "c-listed",
+                "conversation_url": "wss://rooms.example.com/r1",
+            },
+            headers=AUTH,
+        )
+        assert other.status_code == 201, other.text
+        assert (await bot_for("c-listed")).url == "wss://rooms.example.com/r1"
+
+        assert door.knocks == 0
+        # the control: with local rooms allowed, the real bot does knock (so the test above
+        # would have seen it)
+        resp = await http.post(
+            local.url + "/api/conversations",
+            json={
+                "persona": "echo",
+                "conversation_id": "c-local",
+                "conversation_url": f"ws://127.0.0.1:{door.port}/room",
+            },
+            headers=AUTH,
+        )
+        assert resp.status_code == 201, resp.text
+
+        async def knocked() -> bool:
+            return door.knocks > 0
+
+        await eventually(knocked)
+
+
+async def test_worker_refuses_a_lease_for_a_room_outside_the_allow_list(
+    app_server: AppFactory, tmp_path: Path
+) -> None:
+    """A lease row written by an older version (or by hand) is checked again by the worker
+    before any bot is built: finished, noted as `worker.refused`, never joined."""
+    server = app_server(bot_factory="")
+    store = await open_store(f"sqlite+aiosqlite:///{tmp_path / 'cvi.db'}")
+    try:
+        async with Doorbell() as door, httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+            await store.upsert_conversation("c-old", persona="echo")
+            await Leases(store).offer(
+                "c-old", {"conversation_url": f"ws://127.0.0.1:{door.port}/room"}
+            )
+
+            async def refused() -> list[dict[str, Any]]:
+                resp = await http.get("/api/conversations/c-old/events", headers=AUTH)
+                return [e for e in resp.json()["data"] if e["kind"] == "worker.refused"]
+
+            [note] = await eventually(refused)
+            assert "CVI_LOCAL_ROOMS" in note["payload"]["error"]
+            assert await Leases(store).get("c-old") is None, "the lease is finished, not retried"
+            await asyncio.sleep(0.5)
+            assert door.knocks == 0
+    finally:
+        await store.aclose()

@@ -48,6 +48,7 @@ def app_server(tmp_path: Path, fake_tavus: FakeTavus) -> Iterator[AppFactory]:
             "tavus_api_url": fake_tavus.url,
             "bot_factory": "tests.bots:recording_bot",
             "worker_poll_interval": 0.2,
+            "local_rooms": True,  # the tests' rooms are ws:// local rooms on loopback
             # Each server its own database (and so its own bots), unless a test shares one.
             "database_url": f"sqlite+aiosqlite:///{tmp_path / f'cvi-{port}.db'}",
         }
@@ -212,7 +213,11 @@ async def test_the_path_is_chosen_by_setting_and_per_request(
         for url in ("http://10.0.0.1:80", "ftp://127.0.0.1/", "https://example.com"):
             refused = await http.post(
                 "/api/conversations",
-                json={"persona": "echo", "conversation_url": "ws://x/r", "interactions_url": url},
+                json={
+                    "persona": "echo",
+                    "conversation_url": "ws://127.0.0.1:9/r",
+                    "interactions_url": url,
+                },
                 headers=AUTH,
             )
             assert refused.status_code == 400, url

@@ -19,7 +19,7 @@ TOKEN = "cb-token-for-tests"
 
 
 async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
-    server = serve(None, callback_token=TOKEN)
+    server = serve(None, callback_token=TOKEN, local_rooms=True)
     script = load_script().model_copy(update={"words_per_second": 60})
     persona = load_personas(PERSONAS)[script.persona]
     lines: list[str] = []
@@ -32,6 +32,7 @@ async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
             script=script,
             persona_name=persona.persona_name,
             system_prompt=persona.system_prompt,
+            tools=[t.openai_tool() for t in persona.client_tools()],  # as Tavus sends them
             conversation_id="sim-test",
             printer=lines.append,
         )

@@ -1,5 +1,6 @@
 """`POST /api/simulations`, the console's button: a simulation started by the server itself runs
-to its end; an unknown persona and a bad key are refused."""
+to its end; an unknown persona and a bad key are refused, and so is a server without local
+rooms."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ TOKEN = "cb-token-for-tests"
 
 
 async def test_console_button_starts_a_simulation(serve: ServerFactory) -> None:
-    server = serve(None, callback_token=TOKEN)
+    server = serve(None, callback_token=TOKEN, local_rooms=True)
     async with httpx.AsyncClient(
         base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
     ) as http:
@@ -36,3 +37,16 @@ async def test_console_button_starts_a_simulation(serve: ServerFactory) -> None:
         assert (
             await http.post("/api/simulations", json={}, headers={"Authorization": "Bearer x"})
         ).status_code == 401
+
+
+async def test_simulations_need_local_rooms(serve: ServerFactory) -> None:
+    """A simulation meets in a local room on loopback: without CVI_LOCAL_ROOMS the button is
+    refused at once, naming the setting, instead of a simulation whose bot is never sent."""
+    server = serve(None, callback_token=TOKEN)
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        resp = await http.post("/api/simulations", json={"linger": 0})
+    assert resp.status_code == 400, resp.text
+    error = resp.json()["error"]
+    assert error["code"] == "local_rooms_off" and "CVI_LOCAL_ROOMS" in error["message"]

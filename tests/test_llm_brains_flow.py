@@ -18,10 +18,20 @@ def assistant(text: str) -> Any:
     return {"role": "assistant", "content": text}
 
 
+# The concierge's client tool as Tavus declares it in every request (`layers.llm.tools`).
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+    },
+}
+
+
 async def say(
-    client: openai.AsyncOpenAI, model: str, messages: list[Any]
+    client: openai.AsyncOpenAI, model: str, messages: list[Any], **kw: Any
 ) -> tuple[str, list[Any], str | None]:
-    stream = await client.chat.completions.create(model=model, stream=True, messages=messages)
+    stream = await client.chat.completions.create(model=model, stream=True, messages=messages, **kw)
     text: list[str] = []
     calls: dict[int, dict[str, str]] = {}
     finish = None
@@ -82,7 +92,9 @@ async def test_intent_wins_and_questionnaire_resumes(client: openai.AsyncOpenAI)
 
 
 async def test_client_tool_intent_streams_tool_call(client: openai.AsyncOpenAI) -> None:
-    text, calls, finish = await say(client, "concierge", [user("What's the weather in Paris?")])
+    text, calls, finish = await say(
+        client, "concierge", [user("What's the weather in Paris?")], tools=[WEATHER_TOOL]
+    )
     assert text == "Let me check."
     assert finish == "tool_calls"
     assert len(calls) == 1 and calls[0]["name"] == "get_current_weather"
@@ -108,7 +120,7 @@ async def test_client_tool_intent_streams_tool_call(client: openai.AsyncOpenAI) 
             "content": json.dumps({"summary": "68 degrees and sunny"}),
         },
     ]
-    text, calls, finish = await say(client, "concierge", history)
+    text, calls, finish = await say(client, "concierge", history, tools=[WEATHER_TOOL])
     assert text == "Here's the weather: 68 degrees and sunny"
     assert finish == "stop" and calls == []
 

@@ -13,6 +13,10 @@ from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from tests.support import API_KEY, ServerFactory
 
+# A live call (Tavus sends its conversation id): a failing upstream is answered with the
+# persona's spoken fallback line (`on_upstream_failure` defaults to `speak` then).
+LIVE_CALL: dict[str, object] = {"extra_headers": {"x-conversation-id": "c-upstream-tests"}}
+
 
 async def collect(
     client: openai.AsyncOpenAI, model: str, text: str, **kw: object
@@ -132,7 +136,7 @@ async def test_tool_rounds_are_bounded(serve: ServerFactory, upstream: FakeUpstr
             )
         )
     async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
-        _, finish = await collect(c, "weather", "loop forever")
+        _, finish = await collect(c, "weather", "loop forever", **LIVE_CALL)
     assert finish == "stop"
     assert len(upstream.records) == 3  # two tool rounds, then one final round
     assert upstream.records[-1].body["tool_choice"] == "none"
@@ -173,7 +177,7 @@ async def test_disconnect_closes_upstream_within_2s(
 async def test_dead_upstream_speaks_fallback(serve: ServerFactory) -> None:
     srv = serve(None, upstream_base_url="http://127.0.0.1:9/v1", upstream_connect_timeout=0.5)
     async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
-        parts, finish = await collect(c, "storyteller", "hello?")
+        parts, finish = await collect(c, "storyteller", "hello?", **LIVE_CALL)
     assert "".join(parts) == "Hmm, let me gather my thoughts for a second."
     assert finish == "stop"
 
@@ -184,10 +188,10 @@ async def test_upstream_5xx_and_slow_first_token(
     srv = serve(upstream, upstream_first_token_timeout=0.3)
     upstream.push(Plan(status=500), Plan(ttft=2.0, steps=[ReplyStep(content="too late")]))
     async with openai.AsyncOpenAI(base_url=srv.url + "/v1", api_key=API_KEY, max_retries=0) as c:
-        parts, finish = await collect(c, "weather", "hi")
+        parts, finish = await collect(c, "weather", "hi", **LIVE_CALL)
         assert "".join(parts) == "Sorry, give me one second." and finish == "stop"
         started = time.monotonic()
-        parts, finish = await collect(c, "weather", "hi again")
+        parts, finish = await collect(c, "weather", "hi again", **LIVE_CALL)
         assert "".join(parts) == "Sorry, give me one second." and finish == "stop"
         assert time.monotonic() - started < 1.5
 
@@ -196,6 +200,6 @@ async def test_mid_stream_reset_ends_cleanly(
     client: openai.AsyncOpenAI, upstream: FakeUpstream
 ) -> None:
     upstream.push(Plan(steps=[ReplyStep(content=f"w{i} ") for i in range(10)], reset_after=3))
-    parts, finish = await collect(client, "storyteller", "go")
+    parts, finish = await collect(client, "storyteller", "go", **LIVE_CALL)
     assert parts == ["w0 ", "w1 ", "w2 "]
     assert finish == "stop"

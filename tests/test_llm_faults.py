@@ -1,6 +1,8 @@
 """Upstream faults, with the real openai SDK as the caller: whatever the upstream does, the
 caller gets a valid SSE stream ending with [DONE] within the persona's first-token budget; the
-fallback chain (a second upstream, then a spoken line) and the circuit breaker."""
+fallback chain (a second upstream, then a spoken line) and the circuit breaker. These personas
+speak their fallback line (`on_upstream_failure: speak`); tests/test_llm_failure.py covers the
+`error` answers."""
 
 from __future__ import annotations
 
@@ -47,6 +49,7 @@ brain:
   fallbacks:
     - {{model: backup-model, base_url: "{backup}/v1"}}
 fallback_text: "{FALLBACK_LINE}"
+on_upstream_failure: speak
 """
     )
     (d / "single.yaml").write_text(
@@ -55,6 +58,7 @@ name: single
 persona_name: Single
 brain: {{kind: upstream, model: m, base_url: "{primary}/v1", first_token_timeout: {budget}, reply_timeout: {reply}}}
 fallback_text: "{FALLBACK_LINE}"
+on_upstream_failure: speak
 """
     )
     return d
@@ -115,12 +119,16 @@ MALFORMED = {
     "tool_calls_an_object": delta_chunk({"tool_calls": {"index": 0}}),
     "choices_an_object": b'data: {"choices": {"0": {"delta": {"content": "hi"}}}}\n\n',
 }
+# Through the SDK, which declares no tool: a tool call would be dropped as undeclared anyway, so
+# only the other kinds go through the fallback chain here (raw_turn declares `lookup`).
 FAULTS.update(
     {
         f"malformed_{name}": Plan(raw_chunks=[raw, b"data: [DONE]\n\n"])
         for name, raw in MALFORMED.items()
+        if not name.startswith("tool")
     }
 )
+LOOKUP = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}
 
 
 @pytest.mark.parametrize("fault", sorted(FAULTS))
@@ -206,19 +214,32 @@ async def test_circuit_breaker_stops_hammering_a_dead_upstream(
     assert len(upstream.records) == 5, "closed again: the primary takes the traffic"
 
 
-async def raw_turn(server: LoopbackServer, model: str, stream: bool) -> tuple[str, str | None]:
-    """(text, finish_reason) of one request read as bytes: a non-streamed answer must be a 200
-    and every streamed chunk well-formed (strings where the wire has strings)."""
-    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hello"}]}
+async def raw_turn(
+    server: LoopbackServer, model: str, stream: bool, n: int = 1
+) -> tuple[str, str | None]:
+    """(text, finish_reason) of one request's first choice, read as bytes: a non-streamed
+    answer must be a 200 and every streamed chunk well-formed (strings where the wire has
+    strings, integer indexes). The request declares a `lookup` tool, so a call to it is one
+    the turn may make (passed on to the caller when well-formed)."""
+    body: dict[str, Any] = {
+        "model": model,
+        "stream": stream,
+        "messages": [{"role": "user", "content": "hello"}],
+        "tools": [LOOKUP],
+    }
+    if n > 1:
+        body["n"] = n
     headers = {"Authorization": f"Bearer {API_KEY}"}
     async with httpx.AsyncClient(base_url=server.url, timeout=10) as http:
         if not stream:
             resp = await http.post("/v1/chat/completions", json=body, headers=headers)
             assert resp.status_code == 200, resp.text
-            choice = resp.json()["choices"][0]
-            assert isinstance(choice["message"]["content"], str), resp.text
-            assert "tool_calls" not in choice["message"], resp.text
-            return choice["message"]["content"], choice["finish_reason"]
+            choices = resp.json()["choices"]
+            assert [c["index"] for c in choices] == list(range(n)), resp.text
+            for choice in choices:
+                assert isinstance(choice["message"]["content"], str), resp.text
+                assert "tool_calls" not in choice["message"], resp.text
+            return choices[0]["message"]["content"], choices[0]["finish_reason"]
         text, finish, done = "", None, False
         async with http.stream("POST", "/v1/chat/completions", json=body, headers=headers) as r:
             assert r.status_code == 200
@@ -228,11 +249,13 @@ async def raw_turn(server: LoopbackServer, model: str, stream: bool) -> tuple[st
                 elif line.startswith("data: "):
                     for choice in json.loads(line[6:])["choices"]:
                         delta = choice["delta"]
+                        assert type(choice["index"]) is int, line
                         assert isinstance(delta.get("content") or "", str), line
                         assert "tool_calls" not in delta, line
                         assert isinstance(choice.get("finish_reason") or "", str), line
-                        text += delta.get("content") or ""
-                        finish = choice.get("finish_reason") or finish
+                        if choice["index"] == 0:
+                            text += delta.get("content") or ""
+                            finish = choice.get("finish_reason") or finish
         assert done
         return text, finish
 
@@ -264,3 +287,21 @@ async def test_malformed_chunk_mid_reply_ends_it_cleanly(
         Plan(raw_chunks=[good, bad, delta_chunk({"content": "never"}), b"data: [DONE]\n\n"])
     )
     assert await raw_turn(server, "single", stream) == ("Hello ", "stop")
+
+
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("name", ["choice_index_a_string", "content_a_number"])
+async def test_malformed_chunk_with_several_choices(
+    serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path, name: str, stream: bool
+) -> None:
+    """`n` > 1 reads chunks on its own path: the same checks apply there."""
+    server = serve(None, personas_dir=personas_dir(tmp_path, upstream.url, "http://127.0.0.1:9"))  # type: ignore[attr-defined]
+    good = b'data: {"choices": [{"index": 0, "delta": {"content": "Hello "}}, ' + (
+        b'{"index": 1, "delta": {"content": "Hi "}}]}\n\n'
+    )
+    bad = {
+        "choice_index_a_string": b'data: {"choices": [{"index": "1", "delta": {"content": "x"}}]}\n\n',
+        "content_a_number": b'data: {"choices": [{"index": 1, "delta": {"content": 5}}]}\n\n',
+    }[name]
+    upstream.push(Plan(raw_chunks=[good, bad, b"data: [DONE]\n\n"]))
+    assert await raw_turn(server, "single", stream, n=2) == ("Hello ", "stop")

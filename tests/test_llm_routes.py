@@ -15,6 +15,13 @@ from cvi_agent.protocol.chat import ChatCompletionChunk
 from tests.support import API_KEY, ServerFactory, load_fixture
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WEATHER_TOOL: Any = {
+    "type": "function",
+    "function": {
+        "name": "get_current_weather",
+        "parameters": {"type": "object", "properties": {"location": {"type": "string"}}},
+    },
+}
 
 
 def sse_events(raw: bytes) -> list[str]:
@@ -115,6 +122,7 @@ async def test_streamed_tool_calls_reassemble(
         model="weather",
         stream=True,
         messages=[{"role": "user", "content": "weather in SF and Istanbul?"}],
+        tools=[WEATHER_TOOL],  # as Tavus sends the persona's client tools
     )
     calls: dict[int, dict[str, str]] = {}
     content = []
@@ -136,7 +144,7 @@ async def test_streamed_tool_calls_reassemble(
     assert calls[0]["id"] == "call_a" and calls[1]["id"] == "call_b"
     assert json.loads(calls[0]["arguments"]) == json.loads(args_a)
     assert json.loads(calls[1]["arguments"]) == json.loads(args_b)
-    # the upstream saw every tool the persona declares
+    # the upstream saw the request's tool and the persona's server tool
     sent_tools = {t["function"]["name"] for t in upstream.records[-1].body["tools"]}
     assert sent_tools == {"get_current_weather", "get_current_time"}
 
@@ -368,3 +376,58 @@ async def test_tavus_fixture_answered_by_every_persona(client: openai.AsyncOpenA
                 if chunk.choices:
                     text.append(chunk.choices[0].delta.content or "")
         assert "".join(text).strip(), f"persona {name} gave an empty reply"
+
+
+async def test_models_retrieve(client: openai.AsyncOpenAI, server: LoopbackServer) -> None:
+    """Fails before: `GET /v1/models/{id}` was a 404 for every id."""
+    model = await client.models.retrieve("concierge")
+    assert (model.id, model.object, model.owned_by) == ("concierge", "model", "cvi-agent")
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.models.retrieve("ghost")
+    assert missing.value.code == "model_not_found"
+    body = missing.value.body
+    assert isinstance(body, dict) and body["param"] == "model"
+    assert body["type"] == "invalid_request_error"
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        plain = await http.get("/models/echo", headers=AUTH)  # base_url without /v1
+        assert plain.status_code == 200 and plain.json()["id"] == "echo"
+        assert (await http.get("/v1/models/echo")).status_code == 401
+
+
+async def test_system_fingerprint_on_chunks_and_completions(client: openai.AsyncOpenAI) -> None:
+    """Fails before: no `system_fingerprint` anywhere."""
+    completion = await client.chat.completions.create(
+        model="echo", messages=[{"role": "user", "content": "fingerprint"}]
+    )
+    fp = completion.system_fingerprint
+    assert fp is not None and fp.startswith("fp_") and len(fp) == 13
+    stream = await client.chat.completions.create(
+        model="echo",
+        stream=True,
+        stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "fingerprint again"}],
+    )
+    async with stream:
+        seen = {chunk.system_fingerprint async for chunk in stream}
+    assert seen == {fp}, "the same on every chunk, the usage chunk included"
+    other = await client.chat.completions.create(
+        model="concierge", messages=[{"role": "user", "content": "hello"}]
+    )
+    assert other.system_fingerprint not in (None, fp), "each persona's configuration has its own"
+
+
+@pytest.mark.parametrize("model", ["echo", "concierge"])
+async def test_prompt_tokens_estimated_without_a_model(
+    client: openai.AsyncOpenAI, model: str
+) -> None:
+    """Fails before: a flow persona reported `prompt_tokens: 0`."""
+    short = [{"role": "user", "content": "hello"}]
+    long = [{"role": "system", "content": "word " * 400}, *short]
+    usages = []
+    for messages in (short, long):
+        completion = await client.chat.completions.create(model=model, messages=messages)  # type: ignore[arg-type]
+        assert completion.usage is not None
+        usages.append(completion.usage)
+    assert 0 < usages[0].prompt_tokens < 20
+    assert usages[1].prompt_tokens > usages[0].prompt_tokens + 400  # ~4 characters a token
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)

@@ -178,6 +178,7 @@ brain:
   first_token_timeout: 1.0
   reply_timeout: {REPLY_BUDGET}
 fallback_text: "{FALLBACK}"
+on_upstream_failure: speak
 """
     )
     return d
@@ -192,8 +193,9 @@ class Turn:
     done: bool = False
 
 
-async def turn(url: str, conversation: str | None = None, stream: bool = True) -> Turn:
-    """One request as raw bytes: every chunk checked to be well-formed on the wire."""
+async def turn(url: str, conversation: str | None = None, stream: bool = True, n: int = 1) -> Turn:
+    """One request as raw bytes: every chunk checked to be well-formed on the wire; the text
+    and finish reason are the first choice's (`n` > 1: each choice must end)."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
     if conversation:
         headers["x-conversation-id"] = conversation
@@ -202,7 +204,10 @@ async def turn(url: str, conversation: str | None = None, stream: bool = True) -
         "stream": stream,
         "messages": [{"role": "user", "content": f"hello {time.monotonic()}"}],
     }
+    if n > 1:
+        body["n"] = n
     result = Turn()
+    ended: set[int] = set()
     started = time.monotonic()
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         if not stream:
@@ -224,13 +229,18 @@ async def turn(url: str, conversation: str | None = None, stream: bool = True) -
                 chunk = json.loads(line[6:])
                 result.chunks.append(chunk)
                 for choice in chunk["choices"]:
+                    assert type(choice["index"]) is int, line
                     content = choice["delta"].get("content")
                     assert content is None or isinstance(content, str), line
-                    result.text += content or ""
                     reason = choice.get("finish_reason")
                     assert reason is None or isinstance(reason, str), line
-                    result.finish = reason or result.finish
+                    if reason:
+                        ended.add(choice["index"])
+                    if choice["index"] == 0:
+                        result.text += content or ""
+                        result.finish = reason or result.finish
     result.seconds = time.monotonic() - started
+    assert ended == set(range(n)), ended
     return result
 
 
@@ -268,6 +278,16 @@ async def test_a_reply_ends_at_the_budget_whatever_the_upstream_does(
     await wait_until(lambda: upstream.records[-1].disconnected is not None, within=2)
     warnings = [r.getMessage() for r in caplog.records if "exceeded" in r.getMessage()]
     assert len(warnings) == 1 and cause in warnings[0], caplog.text
+
+
+async def test_a_reply_of_several_choices_ends_at_the_budget(
+    bounded: LoopbackServer, upstream: FakeUpstream
+) -> None:
+    """`n` > 1 takes its own path through the brain: the same budget, every choice ended."""
+    upstream.push(MISBEHAVIOURS["hang"]())
+    result = await turn(bounded.url, n=2)
+    assert result.text == "Hello " and result.finish == "length" and result.done
+    assert REPLY_BUDGET - 0.1 < result.seconds < REPLY_BUDGET + 0.6
 
 
 @pytest.mark.parametrize("conversation", [None, "conv-bounded"])
@@ -413,6 +433,7 @@ brain:
   first_token_timeout: 1.0
   reply_timeout: {PROCESS_BUDGET}
 fallback_text: "{FALLBACK}"
+on_upstream_failure: speak
 """
         )
     return d

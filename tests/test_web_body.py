@@ -17,8 +17,9 @@ from websockets.exceptions import InvalidStatus
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.protocol.callbacks import parse_timestamp
 from cvi_agent.protocol.events import InvalidEvent, parse_event
+from cvi_agent.store.base import MAX_JSON_DEPTH
 from cvi_agent.videos.base import parse_time
-from cvi_agent.web.body import MAX_JSON_DEPTH, parse_json_object
+from cvi_agent.web.body import parse_json_object
 from cvi_agent.web.errors import ApiError
 from tests.support import API_KEY, ServerFactory
 

@@ -1,6 +1,8 @@
 """The live console in real headless Chromium (Debian's package), driven by Playwright:
-enter the key, start a simulated conversation, watch the transcript grow, send an echo from
-the page and see the simulated replica speak it. Saves a screenshot as a test artifact."""
+enter the key, start a simulated conversation, watch the transcript grow over the live feed
+(Server-Sent Events read with fetch, the key in a header: no websocket, no key in a URL), send
+an echo from the page and see the simulated replica speak it. Saves a screenshot as a test
+artifact."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from playwright.async_api import async_playwright, expect
+from playwright.async_api import Request, async_playwright, expect
 
 from tests.support import API_KEY, ROOT, ServerFactory
 
@@ -33,7 +35,7 @@ async def test_console_drives_a_simulated_conversation(
 ) -> None:
     if not Path(CHROMIUM).exists():
         pytest.fail("Chromium is required (Debian package 'chromium'; `make test` installs it)")
-    server = serve(None, callback_token="cb-console")
+    server = serve(None, callback_token="cb-console", local_rooms=True)
     ARTIFACTS.mkdir(exist_ok=True)
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
@@ -41,6 +43,13 @@ async def test_console_drives_a_simulated_conversation(
             page = await browser.new_page(viewport={"width": 1400, "height": 900})
             errors: list[str] = []
             page.on("pageerror", lambda exc: errors.append(str(exc)))
+            sockets: list[str] = []
+            page.on("websocket", lambda ws: sockets.append(ws.url))
+            feeds: list[Request] = []
+            page.on(
+                "request",
+                lambda request: feeds.append(request) if "/events/stream" in request.url else None,
+            )
             await page.goto(server.url + "/")
 
             # the key is asked once; a wrong one is refused with a message
@@ -93,6 +102,18 @@ async def test_console_drives_a_simulated_conversation(
                 page.locator("#events tbody tr", has_text="interaction.conversation.echo").first
             ).to_be_visible()
             await expect(page.locator("#latency rect").first).to_be_attached(timeout=20_000)
+
+            # every event above arrived over the SSE feed: no websocket was opened, and the key
+            # travelled in the Authorization header, never in a URL
+            assert sockets == [], sockets
+            assert feeds, "the console never opened the event stream"
+            for request in feeds:
+                assert API_KEY not in request.url and "key=" not in request.url
+                assert (await request.all_headers())["authorization"] == f"Bearer {API_KEY}"
+            answered = [r for r in feeds if await r.response() is not None]
+            response = await answered[-1].response()
+            assert response is not None and response.status == 200
+            assert response.headers["content-type"].startswith("text/event-stream")
             await page.screenshot(path=str(ARTIFACTS / "console.png"), full_page=True)
             assert errors == [], errors
         finally:

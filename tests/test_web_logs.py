@@ -190,6 +190,7 @@ async def test_no_secret_in_the_server_log(
         token=CALLBACK_TOKEN,
         env={
             "CVI_API_KEYS": f"{API_KEY},{SECOND_KEY}",
+            "CVI_LOCAL_ROOMS": "1",  # the simulation meets in a local room
             "CVI_LOG_LEVEL": "debug",
             "CVI_UPSTREAM_BASE_URL": upstream_server.url + "/v1",
             "CVI_UPSTREAM_API_KEY": UPSTREAM_KEY,
@@ -375,6 +376,7 @@ def test_no_secret_in_the_bot_commands_output(tmp_path: Path) -> None:
     env = {
         "PATH": "/usr/bin:/bin",
         "CVI_API_KEYS": API_KEY,
+        "CVI_LOCAL_ROOMS": "1",  # the room is a local one on loopback
         "CVI_LOG_LEVEL": "debug",
         "CVI_DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'cvi.db'}",
         "CVI_VAR_DIR": str(tmp_path / "var"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import openai
@@ -13,6 +14,7 @@ from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from tests.support import API_KEY
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
+WEATHER: Any = {"type": "function", "function": {"name": "get_current_weather"}}
 
 
 def sample(text: str, metric_name: str, **labels: str) -> float:
@@ -85,6 +87,7 @@ async def test_turn_and_tool_counters(
             model="weather",
             stream=True,
             messages=[{"role": "user", "content": text}],
+            tools=[WEATHER],  # as Tavus declares the persona's client tools
             extra_headers={"x-conversation-id": conversation},
         )
         async with stream:
@@ -144,7 +147,8 @@ async def test_tool_names_made_up_by_the_model_do_not_grow_the_metrics(
     (and 150 names declared by requests) give a bounded set of label values."""
     bogus = [ReplyStep(tool_name=f"bogus_{i}", tool_id=f"call_{i}") for i in range(1000)]
     declared = [ReplyStep(tool_name=f"declared_{i}", tool_id=f"call_{i}") for i in range(150)]
-    upstream.push(Plan(steps=bogus), Plan(steps=declared))
+    said = ReplyStep(content="Calling. ")  # (a reply of dropped calls only would be empty)
+    upstream.push(Plan(steps=[said, *bogus]), Plan(steps=[said, *declared]))
     request_tools = [
         {"type": "function", "function": {"name": f"declared_{i}", "parameters": {}}}
         for i in range(150)

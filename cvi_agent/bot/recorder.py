@@ -28,6 +28,7 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as SqlTimeoutError
 
 from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord
+from cvi_agent.store.base import MAX_JSON_DEPTH, too_deep
 
 log = logging.getLogger(__name__)
 
@@ -78,20 +79,28 @@ def classify(exc: BaseException) -> str:
     return "unknown"
 
 
-def scrub(value: Any) -> Any:
+def scrub(value: Any, depth: int = 1) -> Any:
     """JSON-safe and PostgreSQL-safe: NUL characters removed, unknown types made strings, and
-    so are infinities and NaN (Python writes them as `Infinity`, which is not JSON)."""
+    so are infinities and NaN (Python writes them as `Infinity`, which is not JSON). A room
+    message is the room's to parse, however deep it nests: what lies deeper than
+    `MAX_JSON_DEPTH` levels is replaced by `TOO_DEEP`, so the record always reads back."""
     if isinstance(value, str):
         return value.replace("\x00", "")
+    if isinstance(value, dict | list | tuple) and depth > MAX_JSON_DEPTH:
+        return TOO_DEEP
     if isinstance(value, dict):
-        return {scrub(str(k)): scrub(v) for k, v in value.items()}
+        return {scrub(str(k)): scrub(v, depth + 1) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [scrub(v) for v in value]
+        return [scrub(v, depth + 1) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     if value is None or isinstance(value, bool | int | float):
         return value
     return str(value)
+
+
+#: What stands in a stored payload for a value nested deeper than `MAX_JSON_DEPTH`.
+TOO_DEEP = f"(nested deeper than {MAX_JSON_DEPTH} levels: not stored)"
 
 
 def scrub_record(record: EventRecord) -> None:
@@ -187,7 +196,11 @@ class Recorder:
             self._task = asyncio.get_running_loop().create_task(self._run(), name="recorder")
 
     def put(self, item: Pending) -> None:
-        """Queue one record for the store; never awaits, never raises (room callbacks call it)."""
+        """Queue one record for the store; never awaits, never raises (room callbacks call it).
+        A payload nested past `MAX_JSON_DEPTH` is cut to it first (`scrub`): stored as is, it
+        would be accepted by the database and unreadable through the API from then on."""
+        if too_deep(item.event.payload):
+            item.event.payload = scrub(item.event.payload)
         self._unwritten += 1
         self._queue.put_nowait(item)
         size = self._queue.qsize()

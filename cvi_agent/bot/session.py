@@ -50,6 +50,7 @@ from cvi_agent.protocol.interactions import (
     SetSensitivity,
     ToolResult,
 )
+from cvi_agent.protocol.redact import redact_text, redact_url
 from cvi_agent.rooms.base import Participant, Room, RoomClosed, RoomError, RoomListener
 from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord
 
@@ -276,8 +277,11 @@ class ConversationBot(RoomListener):
         try:
             await self.room.join(url, meeting_token)
         except BaseException as exc:
-            self.reason = f"join failed: {exc}"
-            self._record_bot("bot.join_failed", {"url": url, "error": str(exc)})
+            # The room URL may carry the meeting token (`?t=`): never into the record.
+            self.reason = redact_text(f"join failed: {exc}")
+            self._record_bot(
+                "bot.join_failed", {"url": redact_url(url), "error": redact_text(str(exc))}
+            )
             if self._owns_recorder:
                 await self.recorder.close()
             else:

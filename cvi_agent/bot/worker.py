@@ -43,6 +43,7 @@ from cvi_agent.protocol.interactions import Interaction, InteractionRequest
 from cvi_agent.rooms.base import BaseRoom
 from cvi_agent.rooms.daily import DailyRoom
 from cvi_agent.rooms.local import LocalRoom
+from cvi_agent.rooms.policy import RoomPolicy, RoomRefused
 from cvi_agent.store import EventRecord, Lease, Leases, SqlStore
 
 log = logging.getLogger(__name__)
@@ -187,6 +188,9 @@ class Worker:
         poll_interval: seconds between claim rounds when no wake-up comes (at most a third of
             `lease_seconds`).
         bot_name: the bots' user name in the room, unless the lease names another.
+        room_policy: the rooms a bot may join, checked on every claimed lease before a bot is
+            built (a row may predate the API's check); default `RoomPolicy()`: Daily's
+            domains only.
     """
 
     def __init__(
@@ -202,6 +206,7 @@ class Worker:
         lease_seconds: float = 15.0,
         poll_interval: float = 1.0,
         bot_name: str = "cvi-agent",
+        room_policy: RoomPolicy | None = None,
     ) -> None:
         self.store = store
         self.bus = bus
@@ -214,6 +219,7 @@ class Worker:
         self.lease_seconds = lease_seconds
         self.poll_interval = poll_interval
         self.bot_name = bot_name
+        self.room_policy = room_policy or RoomPolicy()
         self.running: dict[str, RunningBot] = {}
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -232,7 +238,8 @@ class Worker:
         publish: OnRecord,
         factory: BotFactory | None = None,
     ) -> Worker:
-        """A worker sized and named by the settings (`CVI_BOT_FACTORY`, capacity, leases)."""
+        """A worker sized and named by the settings (`CVI_BOT_FACTORY`, capacity, leases,
+        `CVI_ROOM_HOSTS` and `CVI_LOCAL_ROOMS`)."""
         return cls(
             store=store,
             bus=bus,
@@ -243,6 +250,7 @@ class Worker:
             lease_seconds=s.lease_seconds,
             poll_interval=s.worker_poll_interval,
             bot_name=s.bot_name,
+            room_policy=RoomPolicy.from_settings(s),
         )
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -377,6 +385,14 @@ class Worker:
             store=self.store,
             on_record=self.publish,
         )
+        try:
+            self.room_policy.check(spec.conversation_url)
+        except RoomRefused as exc:
+            # Not a failure to retry: the same URL is refused on every worker, every time.
+            log.warning("worker %s: not joining the room of %s: %s", self.worker_id, cid, exc)
+            await self.leases.finish(cid, lease.owner)
+            await self._note_raw(cid, "worker.refused", {"error": str(exc)})
+            return
         try:
             bot = self.factory(spec)
         except Exception as exc:

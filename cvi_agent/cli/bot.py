@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 from cvi_agent.config import Settings
+from cvi_agent.rooms.policy import RoomPolicy, RoomRefused
 from cvi_agent.web.logs import configured_secrets, install_log_filters, redaction_filter
 
 log = logging.getLogger("cvi_agent.bot")
@@ -64,7 +65,10 @@ def add_parsers(sub: Any) -> None:
         "or the last human has left.",
     )
     bot.add_argument(
-        "--conversation-url", required=True, help="the Daily room URL (or ws:// for a local room)"
+        "--conversation-url",
+        required=True,
+        help="the Daily room URL (a host on CVI_ROOM_HOSTS), or ws:// for a local room on this "
+        "machine (with CVI_LOCAL_ROOMS=1)",
     )
     bot.add_argument("--conversation-id", required=True)
     bot.add_argument("--persona", default=None, help="persona name (its client tools are answered)")
@@ -117,6 +121,10 @@ def cmd_bot(args: argparse.Namespace) -> int:
     )
     if args.join_timeout <= 0:
         return _fail("--join-timeout must be positive", EXIT_USAGE)
+    try:  # the same allow-list as the server's bots (CVI_ROOM_HOSTS, CVI_LOCAL_ROOMS)
+        RoomPolicy.from_settings(settings).check(args.conversation_url)
+    except RoomRefused as exc:
+        return _fail(str(exc), EXIT_USAGE)
     persona = None
     if args.persona:
         from cvi_agent.personas import PersonaError

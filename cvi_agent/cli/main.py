@@ -42,6 +42,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"cvi-agent: (stored in {settings.var_dir / 'dev-api-key'})", flush=True)
         if ensure_dev_callback_token(settings):
             print(f"cvi-agent: development callback token in {settings.var_dir}", flush=True)
+        if settings.local_rooms is None:  # the console's simulations meet in a local room
+            settings.local_rooms = True
+            print("cvi-agent: development mode: local rooms allowed (CVI_LOCAL_ROOMS)", flush=True)
     install_log_filters(*configured_secrets(settings, personas))  # the generated ones too
     if not settings.callback_tokens:
         print("cvi-agent: CVI_CALLBACK_TOKEN is not set: /callbacks/tavus answers 503", flush=True)
@@ -69,6 +72,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # Workers import the app factory themselves; pass the generated key through the env.
         os.environ["CVI_API_KEYS"] = settings.api_keys_raw
         os.environ["CVI_CALLBACK_TOKEN"] = settings.callback_token
+        if settings.local_rooms is not None:
+            os.environ["CVI_LOCAL_ROOMS"] = "1" if settings.local_rooms else "0"
         serve(None, settings, workers=args.workers, host=host, port=port)
         return 0
     return 0 if serve(create_app(settings, personas), settings, host=host, port=port) else 3

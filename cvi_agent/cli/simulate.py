@@ -80,6 +80,8 @@ def cmd_simulate(args: Any) -> int:
         logging.getLogger("httpx").setLevel(logging.WARNING)
         if ensure_dev_key(settings):
             ensure_dev_callback_token(settings)
+        if settings.local_rooms is None:  # the server started here is for this local room
+            settings.local_rooms = True
     key = args.key or (
         settings.api_keys[0] if settings.api_keys else _read(settings.var_dir / "dev-api-key")
     )
@@ -125,6 +127,7 @@ def cmd_simulate(args: Any) -> int:
                 script=script,
                 persona_name=persona.persona_name,
                 system_prompt=" ".join(p for p in (persona.system_prompt, persona.context) if p),
+                tools=[t.openai_tool() for t in persona.client_tools()],
                 conversation_id=conversation_id,
                 printer=printer,
                 linger=args.linger,

@@ -26,14 +26,16 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.websockets import WebSocketDisconnect, WebSocketState
 
-from cvi_agent.bus import BusUnavailable, events_channel
+from cvi_agent.bus import BusUnavailable
 from cvi_agent.config import Settings
 from cvi_agent.conversations.callbacks import callback_url, stop_bot
 from cvi_agent.conversations.delivery import VIAS, Via, check_standin_url
 from cvi_agent.conversations.deps import conversations_of, require_conversations
+from cvi_agent.conversations.feed import MAX_EVENT_ID, Live, event_feed
 from cvi_agent.conversations.service import ConversationService, DeliveryError, conversation_record
 from cvi_agent.protocol.interactions import InteractionRequest
 from cvi_agent.protocol.redact import redact_url
+from cvi_agent.rooms.policy import RoomPolicy, RoomRefused
 from cvi_agent.store import ConversationRecord, EventRecord
 from cvi_agent.store.base import now
 from cvi_agent.tavus.client import (
@@ -52,7 +54,6 @@ from cvi_agent.web.security import deny_websocket
 log = logging.getLogger(__name__)
 
 WS_PROTOCOL = "cvi-agent"
-MAX_EVENT_ID = 2**63 - 1  # a BIGINT: larger ids cannot be bound as query parameters
 _AFTER_RANGE = f"after must be an event id (0 to {MAX_EVENT_ID})."
 _KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
@@ -212,7 +213,7 @@ class CreateConversation(BaseModel):
         default=None,
         max_length=2048,
         description="attach to an existing room instead of creating on Tavus "
-        "(a Daily URL, or a ws:// local room)",
+        "(a Daily URL on CVI_ROOM_HOSTS, or a ws:// local room with CVI_LOCAL_ROOMS)",
     )
     conversation_id: str | None = Field(
         default=None,
@@ -261,7 +262,10 @@ async def create_conversation(request: Request) -> JSONResponse:
     (and optionally `conversation_id`), Tavus is not called: an existing room is recorded and
     a bot is sent into it. 201 with the conversation, its URL and whether a bot was
     requested; the bot joins within moments, from whichever worker claims it. 400 for an
-    invalid body, 404 for an unknown `persona`. Tavus's refusals are passed on: 400 with its
+    invalid body, 404 for an unknown `persona`. A bot only joins rooms on the allow-list:
+    `CVI_ROOM_HOSTS` (default Daily's `*.daily.co`), and `ws://` local rooms on this machine
+    with `CVI_LOCAL_ROOMS`; another `conversation_url` is a 400 `room_not_allowed` naming the
+    setting (a URL Tavus returns outside it gets no bot: `bot.refused` says why). Tavus's refusals are passed on: 400 with its
     message, 429 with `Retry-After`, 502 for a bad `TAVUS_API_KEY` or a Tavus outage, 503
     without a key.
     """
@@ -334,7 +338,14 @@ async def create_conversation(request: Request) -> JSONResponse:
             )
         ]
     )
+    bot: dict[str, Any] = {"requested": bool(body.bot and url)}
     if body.bot and url:
+        try:  # Tavus hands out Daily URLs; any other is held to the same allow-list
+            RoomPolicy.from_settings(record.settings).check(str(url))
+        except RoomRefused as exc:
+            log.warning("conversation %s: no bot sent: %s", cid, exc)
+            bot = {"requested": False, "refused": str(exc)}
+    if bot["requested"]:
         await record.leases.offer(
             cid,
             {
@@ -350,7 +361,7 @@ async def create_conversation(request: Request) -> JSONResponse:
             "conversation": conversation.as_dict(),
             "conversation_url": url,
             "tavus": shown,
-            "bot": {"requested": bool(body.bot and url)},
+            "bot": bot,
         },
         status_code=201,
     )
@@ -362,7 +373,12 @@ async def _attach_conversation(
     """A conversation that already exists (created on Tavus by someone else, or a local room):
     record it and start a bot in its room, without calling Tavus."""
     url = body.conversation_url or ""
-    if not url.startswith(("https://", "http://", "ws://", "wss://")):
+    if body.bot:
+        try:
+            RoomPolicy.from_settings(record.settings).check(url)
+        except RoomRefused as exc:
+            raise ApiError(400, str(exc), "room_not_allowed", "conversation_url") from None
+    elif not url.startswith(("https://", "http://", "ws://", "wss://")):
         raise ApiError(
             400,
             "conversation_url must be an http(s) or ws(s) URL.",
@@ -588,48 +604,28 @@ def _ws_after(value: str | None) -> int | None:
 async def _stream(
     ws: WebSocket, record: ConversationService, conversation_id: str, after: int
 ) -> None:
-    sent: set[int] = set()
+    """Send the feed (`feed.event_feed`, shared with the SSE stream) while watching the client:
+    whichever ends first cancels the other, so a closed tab frees its subscription at once."""
 
-    async def catch_up() -> None:
-        """Send every stored event not sent yet (the backlog, or what a gap may have lost)."""
-        cursor = after
-        while True:
-            batch = await record.store.list_events(
-                conversation_id, after_id=cursor, limit=500, order="id"
-            )
-            for event in batch:
-                if event.id is not None and event.id not in sent:
-                    sent.add(event.id)
-                    await ws.send_json({"type": "event", "event": event.as_dict()})
-            if len(batch) < 500:
-                return
-            cursor = batch[-1].id or cursor
+    async def send_feed() -> None:
+        feed = event_feed(record.store, record.bus, conversation_id, after)
+        async with contextlib.aclosing(feed):
+            async for item in feed:
+                if isinstance(item, Live):
+                    await ws.send_json({"type": "live", "backlog": item.backlog})
+                else:
+                    await ws.send_json({"type": "event", "event": item})
 
-    async with record.bus.subscribe(events_channel(conversation_id), maxsize=1000) as sub:
-        await catch_up()
-        await ws.send_json({"type": "live", "backlog": len(sent)})
-        closed = asyncio.create_task(_closed(ws))
-        try:
-            while not closed.done():
-                getter = asyncio.create_task(sub.next())
-                done, _ = await asyncio.wait({getter, closed}, return_when=asyncio.FIRST_COMPLETED)
-                if getter not in done:
-                    getter.cancel()
-                    break
-                message = getter.result()
-                if message is None:  # a gap: resync from the store
-                    await catch_up()
-                    continue
-                event_id = message.get("id")
-                if isinstance(event_id, int):
-                    if event_id in sent:
-                        continue
-                    sent.add(event_id)
-                await ws.send_json({"type": "event", "event": message})
-        finally:
-            closed.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await closed
+    sender = asyncio.create_task(send_feed())
+    closed = asyncio.create_task(_closed(ws))
+    try:
+        await asyncio.wait({sender, closed}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sender, closed):
+            task.cancel()
+        await asyncio.gather(sender, closed, return_exceptions=True)
+    if not sender.cancelled():
+        sender.result()  # raise what ended the feed: the bus unavailable, a failed send
 
 
 async def _closed(ws: WebSocket) -> None:

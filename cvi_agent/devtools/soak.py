@@ -30,6 +30,7 @@ from typing import Any
 
 import httpx
 
+from cvi_agent.devtools.bench.params import WEATHER_TOOL
 from cvi_agent.devtools.bench.processes import Child, process_tree, rss_mb
 from cvi_agent.devtools.bench.stats import percentile
 from cvi_agent.devtools.fakes.server import free_port
@@ -115,11 +116,13 @@ class Conversation:
     async def _request(
         self, cid: str, messages: list[dict[str, Any]], final: bool
     ) -> tuple[float | None, str]:
-        body = {
+        body: dict[str, Any] = {
             "model": "fake" if self.direct else self.persona,
             "stream": True,
             "messages": messages,
         }
+        if self.kind == "flow":
+            body["tools"] = [WEATHER_TOOL]  # as Tavus sends the persona's client tools
         started = time.perf_counter()
         first: float | None = None
         text: list[str] = []

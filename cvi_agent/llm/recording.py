@@ -47,6 +47,9 @@ class TurnSample:
         chunks: body messages sent.
         user_text: the last user message, cut to 500 characters.
         answers: the flow brain's questionnaire answers so far, if any.
+        fallback: when the brain failed (llm/failure.py): (code, `speak` or `error`, whether
+            part of the reply had been sent); None when it answered.
+        request_id: the request's `x-request-id`.
     """
 
     conversation_id: str
@@ -60,6 +63,8 @@ class TurnSample:
     chunks: int
     user_text: str
     answers: dict[str, str] | None
+    fallback: tuple[str, str, bool] | None = None
+    request_id: str | None = None
 
     def record(self) -> EventRecord:
         """The `llm.turn` event (source `llm`); times in milliseconds."""
@@ -72,7 +77,15 @@ class TurnSample:
             "completed": self.completed,
             "chunks": self.chunks,
             "user_text": self.user_text,
+            "fallback": self.fallback is not None,
         }
+        if self.fallback is not None:
+            code, mode, mid_reply = self.fallback
+            payload["fallback_reason"] = code
+            payload["on_upstream_failure"] = mode
+            payload["fallback_mid_reply"] = mid_reply
+        if self.request_id:
+            payload["request_id"] = self.request_id
         if self.answers:
             payload["answers"] = self.answers
         return EventRecord(
@@ -235,6 +248,7 @@ def _sample(
     if not ctx.conversation_id:
         return None
     answers = ctx.state.get("answers")
+    state = ctx.state
     total = time.perf_counter() - started
     return TurnSample(
         conversation_id=ctx.conversation_id,
@@ -248,6 +262,8 @@ def _sample(
         chunks=chunks,
         user_text=_last_user_text(ctx),
         answers=dict(answers) if isinstance(answers, dict) and answers else None,
+        fallback=state.get("fallback"),
+        request_id=state.get("request_id"),
     )
 
 
@@ -257,10 +273,21 @@ async def observe_completion(
     completion_id: str,
     result: Coroutine[Any, Any, dict[str, Any]],
 ) -> dict[str, Any]:
-    """A non-streamed turn: awaited as is, then recorded (time to first token = total)."""
+    """A non-streamed turn: awaited as is, then recorded (time to first token = total). One
+    answered with an error (an upstream failure, `on_upstream_failure: error`) is recorded
+    too, with no first token; one the client gave up on, as not completed."""
     started = time.perf_counter()
-    body = await result
-    if recorder is None:
+    answered = completed = False
+    try:
+        body = await result
+        answered = completed = True
         return body
-    recorder.observe(ctx, completion_id, started, time.perf_counter(), True, 1)
-    return body
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        completed = True
+        raise
+    finally:
+        if recorder is not None:
+            first = time.perf_counter() if answered else None
+            recorder.observe(ctx, completion_id, started, first, completed, 1 if answered else 0)

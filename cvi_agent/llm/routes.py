@@ -1,4 +1,4 @@
-"""`POST /v1/chat/completions` (and `/chat/completions`), `GET /v1/models`.
+"""`POST /v1/chat/completions` (and `/chat/completions`), `GET /v1/models`, `GET /v1/models/{id}`.
 
 The request is parsed and validated once; everything after that is the hot path: brain events
 become pre-encoded SSE bytes. Without a conversation id, a closed client stream closes the brain
@@ -9,6 +9,7 @@ tracker (supersede, replay, side effects held until final: llm/turns.py); see AR
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import AsyncGenerator
@@ -27,14 +28,17 @@ from cvi_agent.llm.brains.base import (
     TurnContext,
     usage_of,
 )
+from cvi_agent.llm.capabilities import check_request
+from cvi_agent.llm.failure import classify, fallback_headers, mode_of, note
 from cvi_agent.llm.recording import observe_completion
 from cvi_agent.llm.service import ChatService
 from cvi_agent.llm.sse import ChunkEncoder, EventStreamResponse
-from cvi_agent.llm.tools import ToolRunner
+from cvi_agent.llm.tools import ToolChoice, ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
 from cvi_agent.web.auth import key_dependency
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
+from cvi_agent.web.request_id import REQUEST_ID_SCOPE_KEY
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +70,7 @@ def get_chat(request: Request) -> ChatService:
 
 
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 401, 404, 413)
+    status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 502, 503, 504)
 }
 
 
@@ -117,17 +121,16 @@ def build_turn(chat: ChatService, request: Request, raw: dict[str, Any]) -> Turn
         raise ApiError(400, message, "invalid_request", param) from None
     persona = chat.personas.get(req.model)
     if persona is None:
-        raise ApiError(
-            404,
-            f"The model {req.model!r} does not exist: it must name a persona "
-            f"({', '.join(sorted(chat.personas)) or 'none loaded'}).",
-            "model_not_found",
-            "model",
-        )
+        raise _model_not_found(chat, req.model)
     request_tools = [t.function.name for t in req.tools or ()]
     tools = ToolRunner(
-        persona, request_tools, chat.settings.tool_timeout, services=chat.tool_services
+        persona,
+        request_tools,
+        chat.settings.tool_timeout,
+        services=chat.tool_services,
+        choice=ToolChoice.parse(req.tool_choice),
     )
+    check_request(persona, req, tools)
     ctx = TurnContext(
         request=req,
         persona=persona,
@@ -135,15 +138,29 @@ def build_turn(chat: ChatService, request: Request, raw: dict[str, Any]) -> Turn
         tools=tools,
         conversation_id=conversation_id_from(request.headers),
     )
+    ctx.state["raw"] = raw
     ctx.state["raw_messages"] = raw.get("messages")
     ctx.state["raw_tools"] = raw.get("tools")
+    ctx.state["request_id"] = request.scope.get(REQUEST_ID_SCOPE_KEY)
     return ctx
+
+
+def _model_not_found(chat: ChatService, model: str) -> ApiError:
+    return ApiError(
+        404,
+        f"The model {model!r} does not exist: it must name a persona "
+        f"({', '.join(sorted(chat.personas)) or 'none loaded'}).",
+        "model_not_found",
+        "model",
+    )
 
 
 async def sse_stream(
     brain: Brain, ctx: TurnContext, enc: ChunkEncoder
 ) -> AsyncGenerator[bytes, None]:
-    """Brain events → SSE bytes. Always ends with a finish chunk and `[DONE]`."""
+    """Brain events → SSE bytes. Ends with a finish chunk and `[DONE]`, or, when the brain
+    fails and the persona answers failures with errors, raises the `ApiError` that
+    `EventStreamResponse` turns into an HTTP error (nothing sent yet) or an error event."""
     sent = False
     finish: Finish | None = None
     events = brain.stream(ctx)
@@ -155,22 +172,28 @@ async def sse_stream(
                     if not sent:
                         sent = True
                         _first_token(ctx)
-                    yield enc.content(event.text)  # type: ignore[union-attr]
+                    yield enc.content(event.text, event.choice, event.logprobs)  # type: ignore[union-attr]
             elif kind is ToolCallDelta:
                 if not sent:
                     sent = True
                     _first_token(ctx)
-                yield enc.tool_call(event.index, event.id, event.name, event.arguments)  # type: ignore[union-attr]
+                call: ToolCallDelta = event  # type: ignore[assignment]
+                yield enc.tool_call(call.index, call.id, call.name, call.arguments, call.choice)
             else:
                 finish = event  # type: ignore[assignment]
     except Exception as exc:
+        failure = classify(exc, sent)
+        mode = mode_of(ctx)
+        note(ctx, failure, mode, sent)
         log.warning(
             "persona %s conversation %s: brain failed (%s); %s",
             ctx.persona.name,
             ctx.conversation_id,
             exc,
-            "ending the reply" if sent else "speaking the fallback line",
+            _outcome(mode, sent, failure.status),
         )
+        if mode == "error":
+            raise failure.api_error() from None
         if not sent:
             yield enc.content(ctx.persona.fallback_text)
         finish = Finish("stop")
@@ -178,7 +201,13 @@ async def sse_stream(
         await events.aclose()  # type: ignore[attr-defined]
     if finish is None:
         finish = Finish("stop")
-    yield enc.end(finish.reason, usage_of(ctx, finish))
+    yield enc.end(finish.reason, usage_of(ctx, finish), finish.others)
+
+
+def _outcome(mode: str, sent: bool, status: int) -> str:
+    if mode == "error":
+        return "ending the stream with an error event" if sent else f"answering {status}"
+    return "ending the reply" if sent else "speaking the fallback line"
 
 
 def _first_token(ctx: TurnContext) -> None:
@@ -190,16 +219,21 @@ def _first_token(ctx: TurnContext) -> None:
 
 
 async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[str, Any]:
-    """A non-streamed answer: the brain's events gathered into one `chat.completion`."""
-    text: list[str] = []
-    calls: dict[int, dict[str, Any]] = {}
+    """A non-streamed answer: the brain's events gathered into one `chat.completion` (one
+    choice per `n`). A failure answered with errors raises the `ApiError` to send."""
+    texts: dict[int, list[str]] = {}
+    calls: dict[int, dict[int, dict[str, Any]]] = {}
+    logprobs: dict[int, dict[str, Any]] = {}
     finish = Finish("stop")
+    events = brain.stream(ctx)
     try:
-        async for event in brain.stream(ctx):
+        async for event in events:
             if isinstance(event, TextDelta):
-                text.append(event.text)
+                texts.setdefault(event.choice, []).append(event.text)
+                if event.logprobs is not None:
+                    _merge_logprobs(logprobs.setdefault(event.choice, {}), event.logprobs)
             elif isinstance(event, ToolCallDelta):
-                call = calls.setdefault(
+                call = calls.setdefault(event.choice, {}).setdefault(
                     event.index,
                     {"id": "", "type": "function", "function": {"name": "", "arguments": ""}},
                 )
@@ -211,30 +245,60 @@ async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[st
             else:
                 finish = event
     except Exception as exc:
-        log.warning("persona %s: brain failed (%s)", ctx.persona.name, exc)
-        if not text and not calls:
-            text.append(ctx.persona.fallback_text)
+        answered = bool(texts or calls)
+        failure = classify(exc, answered)
+        mode = mode_of(ctx)
+        note(ctx, failure, mode, answered)
+        log.warning(
+            "persona %s: brain failed (%s); %s",
+            ctx.persona.name,
+            exc,
+            f"answering {failure.status}" if mode == "error" else "answering what it has",
+        )
+        if mode == "error":
+            raise failure.api_error() from None
+        if not answered:
+            texts[0] = [ctx.persona.fallback_text]
         finish = Finish("stop")
-    message: dict[str, Any] = {
-        "role": "assistant",
-        "content": "".join(text) if text or not calls else None,
-    }
-    if calls:
-        message["tool_calls"] = [calls[i] for i in sorted(calls)]
+    finally:
+        await events.aclose()  # type: ignore[attr-defined]
+    choices = []
+    for i in range(ctx.request.n or 1):
+        text, choice_calls = texts.get(i, []), calls.get(i)
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": "".join(text) if text or not choice_calls else None,
+        }
+        if choice_calls:
+            message["tool_calls"] = [choice_calls[k] for k in sorted(choice_calls)]
+        reason = finish.reason if i == 0 else (finish.others or {}).get(i, "stop")
+        choices.append(
+            {"index": i, "message": message, "finish_reason": reason, "logprobs": logprobs.get(i)}
+        )
     return {
         "id": enc.id,
         "object": "chat.completion",
         "created": enc.created,
         "model": enc.model,
-        "choices": [
-            {"index": 0, "message": message, "finish_reason": finish.reason, "logprobs": None}
-        ],
+        "system_fingerprint": enc.fingerprint,
+        "choices": choices,
         "usage": {
             "prompt_tokens": finish.prompt_tokens,
             "completion_tokens": finish.completion_tokens,
             "total_tokens": finish.prompt_tokens + finish.completion_tokens,
         },
     }
+
+
+def _merge_logprobs(into: dict[str, Any], piece: Any) -> None:
+    """Streamed `logprobs` pieces (`{"content": [...], "refusal": [...]}`) into one."""
+    if not isinstance(piece, dict):
+        return
+    for key, value in piece.items():
+        if isinstance(value, list):
+            into.setdefault(key, []).extend(value)
+        else:
+            into.setdefault(key, value)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -251,9 +315,12 @@ async def chat_completions(request: Request) -> Response:
     whose last user message extends a running answer's cancels that answer, an identical one
     (also shortly after it ended) is sent the same answer; streamed or not, the turn is
     recorded in the conversation. If the model fails before saying anything, the persona's
-    fallback line is spoken instead. Errors use the OpenAI error shape: 400 invalid request,
-    401 missing or wrong key, 404 `model_not_found`, 413 body too large, 415 not JSON, 429
-    over the key's rate limit.
+    fallback line is spoken instead, or, with `on_upstream_failure: error` (the default
+    without a conversation id), the answer is a 502/503/504 (an error event once a stream has
+    started); `x-cvi-fallback` says which. Parameters the persona's brain does not interpret
+    are forwarded to its upstream. Errors use the OpenAI error shape: 400 invalid request (or
+    a parameter the persona cannot honour), 401 missing or wrong key, 404 `model_not_found`,
+    413 body too large, 415 not JSON, 429 over the key's rate limit.
     """
     started = time.perf_counter()
     chat = get_chat(request)
@@ -270,7 +337,7 @@ async def chat_completions(request: Request) -> Response:
         raise
     ctx.state["started"] = started
     brain = chat.brains[ctx.persona.name]
-    enc = ChunkEncoder(ctx.request.model)
+    enc = ChunkEncoder(ctx.request.model, fingerprint=chat.fingerprints[ctx.persona.name])
     if log.isEnabledFor(logging.DEBUG):
         log.debug(
             "turn persona=%s conversation=%s stream=%s",
@@ -283,10 +350,14 @@ async def chat_completions(request: Request) -> Response:
         if ctx.conversation_id is not None:
             # Recorded by the turn tracker's observer when the subscription closes.
             return EventStreamResponse(chat.turns.open(brain, ctx, enc, started))
-        return EventStreamResponse(sse_stream(brain, ctx, enc))
-    return JSONResponse(
-        await observe_completion(chat.recorder, ctx, enc.id, complete(brain, ctx, enc))
-    )
+        return EventStreamResponse(
+            sse_stream(brain, ctx, enc), start_headers=functools.partial(fallback_headers, ctx)
+        )
+    body = await observe_completion(chat.recorder, ctx, enc.id, complete(brain, ctx, enc))
+    headers = fallback_headers(ctx)
+    if headers:
+        return JSONResponse(body, headers={k.decode(): v.decode() for k, v in headers})
+    return JSONResponse(body)
 
 
 for _path in ("/v1/chat/completions", "/chat/completions"):
@@ -301,15 +372,39 @@ for _path in ("/v1/chat/completions", "/chat/completions"):
     )
 
 
-@router.get("/v1/models", summary="The personas, as OpenAI models")
+def _model(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "cvi-agent"}
+
+
 async def list_models(request: Request) -> dict[str, Any]:
     """The loaded personas in OpenAI's model-list shape: each `id` is a valid `model` for
     chat completions."""
     chat = get_chat(request)
-    return {
-        "object": "list",
-        "data": [
-            {"id": name, "object": "model", "created": 0, "owned_by": "cvi-agent"}
-            for name in sorted(chat.personas)
-        ],
-    }
+    return {"object": "list", "data": [_model(name) for name in sorted(chat.personas)]}
+
+
+async def retrieve_model(request: Request, model: str) -> dict[str, Any]:
+    """One persona in OpenAI's model shape (what `client.models.retrieve(id)` reads); 404
+    `model_not_found` when no persona has that name."""
+    chat = get_chat(request)
+    if model not in chat.personas:
+        raise _model_not_found(chat, model)
+    return _model(model)
+
+
+for _prefix in ("/v1", ""):
+    router.add_api_route(
+        _prefix + "/models",
+        list_models,
+        methods=["GET"],
+        summary="The personas, as OpenAI models",
+        include_in_schema=bool(_prefix),
+    )
+    router.add_api_route(
+        _prefix + "/models/{model}",
+        retrieve_model,
+        methods=["GET"],
+        responses={404: {"model": ErrorResponse}},
+        summary="One persona, as an OpenAI model",
+        include_in_schema=bool(_prefix),
+    )

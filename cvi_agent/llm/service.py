@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
 from cvi_agent.llm.recording import TurnRecorder
+from cvi_agent.llm.sse import fingerprint
 from cvi_agent.llm.turns import TurnTracker
 from cvi_agent.personas import Persona
 
@@ -30,6 +31,8 @@ class ChatService:
         tool_services: the process-wide services a persona's server-tool handler may look up
             by name in `ToolCallContext.services` (e.g. `"videos"`): an extension point for
             handlers written outside this package, so a read-only mapping, not typed fields.
+        fingerprints: each persona's `system_fingerprint` (the server's version and the
+            persona's configuration), computed once; filled in from `personas` when omitted.
     """
 
     settings: Settings
@@ -39,6 +42,12 @@ class ChatService:
     turns: TurnTracker
     recorder: TurnRecorder | None = None
     tool_services: Mapping[str, object] = field(default_factory=dict)
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, persona in self.personas.items():
+            if name not in self.fingerprints:
+                self.fingerprints[name] = fingerprint(persona.model_dump_json())
 
     @classmethod
     def start(

@@ -1,8 +1,13 @@
-"""Tools: the registry of server-side tool handlers and their execution with a timeout.
+"""Tools: the registry of server-side tool handlers, their execution with a timeout, and which
+tools a turn may call.
 
-`execution: server` tools run here and the brain continues the turn with their result;
-`execution: client` tools (and any tool sent in the request itself) are streamed back as
-`tool_calls`, so Tavus broadcasts `conversation.tool_call` into the room.
+The tools of a turn follow OpenAI's semantics (`ToolRunner`): the request's `tools` are the
+caller's, always returned to it as `tool_calls` and never run here (they win over a persona
+tool of the same name, schema and all); the persona's `execution: server` tools that the
+request does not shadow run here and the brain continues with their result. A persona's
+`execution: client` tool is callable only when the request declares it, as Tavus does with the
+persona's `layers.llm.tools`; it is what the room bot answers and what `personas push` sends.
+`tool_choice` (`ToolChoice`) narrows that set for the turn.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cvi_agent import metrics
@@ -166,9 +171,8 @@ def _encode_output(value: Any) -> str:
 @dataclass(frozen=True, slots=True)
 class _PersonaTools:
     server: dict[str, ToolSpec]
-    client: frozenset[str]
     names: frozenset[str]
-    openai: tuple[dict[str, Any], ...]
+    server_openai: tuple[tuple[str, dict[str, Any]], ...]
 
 
 _PERSONA_TOOLS: dict[int, tuple[Persona, _PersonaTools]] = {}
@@ -181,29 +185,72 @@ def _persona_tools(persona: Persona) -> _PersonaTools:
         return cached[1]
     tools = _PersonaTools(
         server={t.name: t for t in persona.tools if t.execution == "server"},
-        client=frozenset(t.name for t in persona.tools if t.execution == "client"),
         names=frozenset(t.name for t in persona.tools),
-        openai=tuple(t.openai_tool() for t in persona.tools),
+        server_openai=tuple(
+            (t.name, t.openai_tool()) for t in persona.tools if t.execution == "server"
+        ),
     )
     _PERSONA_TOOLS[id(persona)] = (persona, tools)
     return tools
 
 
-class ToolRunner:
-    """Runs a persona's server tools; knows which tool names are client tools for a request.
+ChoiceMode = Literal["auto", "none", "required", "function", "other"]
 
-    A tool with `side_effects: true` (or a built-in registered with `side_effects=True`) runs
-    only when side effects are allowed, or once `await_final` (set by the turn tracker for
-    requests that may still be speculative) says the turn is final; a turn cancelled while it
-    waits never runs the tool. Once started, a tool declared `side_effects: true` runs to its
-    end even if the turn is cancelled under it. One runner per request.
+
+@dataclass(frozen=True, slots=True)
+class ToolChoice:
+    """A request's `tool_choice`, read once per turn.
+
+    Args:
+        mode: `auto` (the brain decides; also when the request sent none), `none` (no tool
+            call), `required` (some call), `function` (the call to `name`), `other` (a shape
+            this server does not interpret, e.g. `allowed_tools`: forwarded to an upstream,
+            refused by brains without a model).
+        name: the forced function's name (mode `function` only).
+    """
+
+    mode: ChoiceMode = "auto"
+    name: str | None = None
+
+    @classmethod
+    def parse(cls, value: str | dict[str, Any] | None) -> ToolChoice:
+        """From the validated request field (a string is one of none/auto/required)."""
+        if value is None or value == "auto":
+            return AUTO
+        if value == "none":
+            return cls("none")
+        if value == "required":
+            return cls("required")
+        if isinstance(value, dict) and value.get("type") == "function":
+            function = value.get("function")
+            name = function.get("name") if isinstance(function, dict) else None
+            if isinstance(name, str) and name:
+                return cls("function", name)
+        return cls("other")
+
+
+AUTO = ToolChoice()
+
+
+class ToolRunner:
+    """The tools of one turn (which may be called, which run here) and the runner of its
+    server tools. One per request.
+
+    Callable this turn: the request's tools plus the persona's server tools that the request
+    does not shadow (see the module doc); `choice` narrows that. A tool with `side_effects:
+    true` (or a built-in registered with `side_effects=True`) runs only when side effects are
+    allowed, or once `await_final` (set by the turn tracker for requests that may still be
+    speculative) says the turn is final; a turn cancelled while it waits never runs the tool.
+    Once started, a tool declared `side_effects: true` runs to its end even if the turn is
+    cancelled under it.
 
     Args:
         persona: the persona whose server tools this runs.
-        request_tools: names of the tools the request itself declared; they are client tools
-            (unless the persona has a server tool of that name).
+        request_tools: names of the tools the request itself declared, in its order: the
+            caller's tools, returned to it and never run here.
         default_timeout: seconds a handler may take when its spec sets no `timeout`.
         services: handed to every handler as `ToolCallContext.services`.
+        choice: the request's `tool_choice`.
     """
 
     def __init__(
@@ -212,19 +259,19 @@ class ToolRunner:
         request_tools: list[str],
         default_timeout: float,
         services: Mapping[str, Any] | None = None,
+        choice: ToolChoice = AUTO,
     ) -> None:
         self.persona = persona
         self.default_timeout = default_timeout
         self.services: Mapping[str, Any] = services if services is not None else {}
         self.await_final: Callable[[], Awaitable[bool]] | None = None
+        self.choice = choice
+        self.request_tools = request_tools
         tools = _persona_tools(persona)
+        self.client_names = frozenset(request_tools)
         self.server: dict[str, ToolSpec] = tools.server
-        if request_tools:
-            client = list(tools.client)
-            client.extend(n for n in request_tools if n not in self.server and n not in client)
-            self.client_names = frozenset(client)
-        else:
-            self.client_names = tools.client
+        if request_tools and not self.client_names.isdisjoint(tools.server):
+            self.server = {n: s for n, s in tools.server.items() if n not in self.client_names}
 
     def metric_label(self, name: str | None) -> str:
         """`name` as the `cvi_tool_calls` label: bounded, since a model can call anything."""
@@ -234,15 +281,34 @@ class ToolRunner:
         """Whether the brain runs this call itself instead of streaming it to the client."""
         return name is not None and name in self.server
 
-    def openai_tools(self, request_tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
-        """Every tool the model may call: the persona's plus those sent in the request."""
-        persona_tools = _persona_tools(self.persona)
-        tools = list(persona_tools.openai)
-        known = persona_tools.names
-        for tool in request_tools or []:
-            name = tool.get("function", {}).get("name")
-            if name not in known:
-                tools.append(tool)
+    def is_client(self, name: str | None) -> bool:
+        """Whether this call goes back to the caller: the request declared the tool."""
+        return name is not None and name in self.client_names
+
+    def callable_names(self) -> list[str]:
+        """Every tool callable this turn, the request's first (in its order)."""
+        return [*self.request_tools, *(n for n in self.server if n not in self.client_names)]
+
+    def may_call(self, name: str | None) -> bool:
+        """Whether a call to `name` may be made (run or returned) this turn under `choice`;
+        a call the model makes anyway is dropped."""
+        if name is None or not (name in self.client_names or name in self.server):
+            return False
+        mode = self.choice.mode
+        if mode == "none":
+            return False
+        return mode != "function" or name == self.choice.name
+
+    def openai_tools(
+        self, request_tools: list[dict[str, Any]] | None, server: bool = True
+    ) -> list[dict[str, Any]]:
+        """The `tools` sent to a model: the request's as it sent them, then the persona's
+        server tools it does not shadow (`server` False: none of those)."""
+        tools = list(request_tools or ())
+        if server:
+            for name, tool in _persona_tools(self.persona).server_openai:
+                if name in self.server:
+                    tools.append(tool)
         return tools
 
     async def run(

@@ -41,7 +41,8 @@ from cvi_agent.llm.brains.base import (
     usage_of,
 )
 from cvi_agent.llm.brains.speech import clean_user_text, normalize
-from cvi_agent.llm.sse import ChunkEncoder
+from cvi_agent.llm.failure import classify, mode_of, note
+from cvi_agent.llm.sse import DONE, ChunkEncoder, encode_event
 
 if TYPE_CHECKING:
     from starlette.types import Send
@@ -85,6 +86,11 @@ def turn_keys(ctx: TurnContext) -> tuple[Hashable, str | None, Hashable]:
         req.top_p,
         req.max_tokens,
         req.max_completion_tokens,
+        req.n,
+        req.logprobs,
+        req.parallel_tool_calls,
+        repr(req.response_format) if req.response_format is not None else None,
+        repr(req.model_extra) if req.model_extra else None,  # forwarded as they came
     )
     key = (ctx.persona.name, tuple(normalized), params)
     last = req.messages[-1]
@@ -369,7 +375,7 @@ class GenerationReader:
             kind = type(event)
             if kind is TextDelta:
                 if event.text:  # type: ignore[union-attr]
-                    parts.append(enc.content(event.text))  # type: ignore[union-attr]
+                    parts.append(enc.content(event.text, event.choice, event.logprobs))  # type: ignore[union-attr]
             elif kind is ToolCallDelta:
                 parts.append(
                     enc.tool_call(
@@ -377,6 +383,7 @@ class GenerationReader:
                         event.id,  # type: ignore[union-attr]
                         event.name,  # type: ignore[union-attr]
                         event.arguments,  # type: ignore[union-attr]
+                        event.choice,  # type: ignore[union-attr]
                     )
                 )
             else:
@@ -410,13 +417,21 @@ class GenerationReader:
         enc = self.enc
         tail: list[bytes] = []
         finish = self.finish
-        if self.generation.error is not None and finish is None:
+        error = self.generation.error
+        if error is not None and finish is None:
+            # This response's headers went out when it started: the failure can only be said
+            # in the body (an error event) and in the turn's record (llm/failure.py).
+            failure = classify(error, sent)
+            mode = mode_of(self.ctx)
+            note(self.ctx, failure, mode, sent)
+            if mode == "error":
+                return [encode_event(failure.api_error().payload()), DONE]
             if not sent:
                 tail.append(enc.content(self.ctx.persona.fallback_text))
             finish = Finish("stop")
         if finish is None:
             finish = Finish("stop")  # superseded or abandoned: end cleanly all the same
-        tail.append(enc.end(finish.reason, usage_of(self.ctx, finish)))
+        tail.append(enc.end(finish.reason, usage_of(self.ctx, finish), finish.others))
         return tail
 
     def _release(self) -> None:

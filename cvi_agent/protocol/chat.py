@@ -67,7 +67,12 @@ class StreamOptions(BaseModel):
 
 
 class ChatCompletionRequest(BaseModel):
-    """A chat-completions request. Keys we do not know (Tavus `extra_body`) are kept."""
+    """A chat-completions request. Keys we do not know (Tavus `extra_body`, parameters OpenAI
+    adds later) are kept: the upstream brain forwards them as they came.
+
+    Only what some brain interprets is a field here (validation is on the hot path); every
+    other parameter (`stop`, `seed`, `presence_penalty`, …) reaches an upstream untouched.
+    """
 
     model_config = ConfigDict(extra="allow")
     model: str = Field(min_length=1, max_length=256)
@@ -75,11 +80,16 @@ class ChatCompletionRequest(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     tools: list[ToolDef] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, ge=0, le=1)
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    n: int | None = Field(default=None, ge=1, le=128)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict[str, Any] | None = None
     user: str | None = None
 
     @field_validator("stream", mode="before")
@@ -128,6 +138,7 @@ class ChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: Literal["stop", "length", "tool_calls", "content_filter"] | None = None
+    logprobs: dict[str, Any] | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -135,6 +146,7 @@ class ChatCompletionChunk(BaseModel):
     object: Literal["chat.completion.chunk"]
     created: int
     model: str
+    system_fingerprint: str | None = None
     choices: list[ChunkChoice]
     usage: Usage | None = None
 

@@ -6,6 +6,29 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+#: How deeply a stored JSON value's arrays and objects may nest, the value itself counted. Real
+#: payloads stay under ten (a tool's JSON-schema parameters are the deepest); the record we
+#: serve wraps a payload in a few more levels, and pydantic's serializer (every response)
+#: refuses past about 250, so whatever is stored within it can always be read back. Request
+#: bodies past it are refused (`web/body.py`); room messages are cut to it (`bot/recorder.py`).
+MAX_JSON_DEPTH = 64
+
+
+def too_deep(value: Any, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether `value`'s dicts and lists nest more than `limit` levels (the value counted).
+    Iterative, so a value too deep for a recursive walk is still measured."""
+    if not isinstance(value, dict | list):
+        return False
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        for child in node.values() if isinstance(node, dict) else node:
+            if isinstance(child, dict | list):
+                if depth >= limit:
+                    return True
+                stack.append((child, depth + 1))
+    return False
+
 
 def now() -> float:
     """Wall-clock seconds, the one clock every stored timestamp uses (so rows written by

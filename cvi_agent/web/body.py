@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 from starlette.requests import ClientDisconnect
 
+from cvi_agent.store.base import MAX_JSON_DEPTH, too_deep
 from cvi_agent.web.errors import ApiError
 
 
@@ -40,13 +41,6 @@ async def read_body(request: Request, limit: int) -> bytes:
         # nobody reads this answer, but it ends the route quietly instead of as a 500.
         raise ApiError(408, "The request body did not arrive.", "body_incomplete") from None
     return b"".join(chunks)
-
-
-#: How deeply a body's arrays and objects may nest, the body object itself counted. Real
-#: requests stay under ten (a tool's JSON-schema parameters are the deepest); the record we store
-#: wraps a callback's body in a few more levels, and pydantic's serializer (every response)
-#: refuses past about 250, so whatever we accept can always be read back.
-MAX_JSON_DEPTH = 64
 
 
 def parse_json_object(body: bytes) -> dict[str, Any]:
@@ -108,15 +102,7 @@ def _too_deep(value: dict[str, Any], text: str) -> bool:
     limit cannot (two C-speed counts, the common case); else one walk over its containers."""
     if text.count("[") + text.count("{") <= MAX_JSON_DEPTH:
         return False
-    stack: list[tuple[Any, int]] = [(value, 1)]
-    while stack:
-        node, depth = stack.pop()
-        for child in node.values() if isinstance(node, dict) else node:
-            if isinstance(child, dict | list):
-                if depth >= MAX_JSON_DEPTH:
-                    return True
-                stack.append((child, depth + 1))
-    return False
+    return too_deep(value)
 
 
 # `\u0000` preceded by an even number of backslashes (so an escaped backslash followed by

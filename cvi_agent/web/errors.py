@@ -15,23 +15,27 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvi_agent.protocol.chat import error_payload
+from cvi_agent.web.request_id import REQUEST_ID_SCOPE_KEY
 
 log = logging.getLogger(__name__)
 
+# OpenAI's `type` per status: a request the caller can fix is an `invalid_request_error`
+# (404 `model_not_found` and 409 included), and OpenAI answers its own failures with
+# `server_error`. Clients branch on the status (the SDKs pick their exception class by it);
+# the type is for people and logs, so it must read the same as OpenAI's.
 _STATUS_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
-    404: "not_found_error",
+    404: "invalid_request_error",
     405: "invalid_request_error",
-    409: "conflict_error",
+    409: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
-    502: "upstream_error",
-    503: "service_unavailable",
 }
+_SERVER_TYPE = "server_error"
 
 
 class ApiError(Exception):
@@ -51,15 +55,22 @@ class ApiError(Exception):
         self.message = message
         self.code = code
         self.param = param
-        self.type = type_ or _STATUS_TYPES.get(status, "api_error")
+        self.type = type_ or error_type(status)
         self.headers = headers
 
+    def payload(self) -> dict[str, Any]:
+        """The body: `{"error": {message, type, code, param}}`."""
+        return error_payload(self.message, self.type, self.code, self.param)
+
     def response(self) -> JSONResponse:
-        return JSONResponse(
-            error_payload(self.message, self.type, self.code, self.param),
-            status_code=self.status,
-            headers=self.headers,
-        )
+        return JSONResponse(self.payload(), status_code=self.status, headers=self.headers)
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error `type` for an HTTP status."""
+    if status >= 500:
+        return _SERVER_TYPE
+    return _STATUS_TYPES.get(status, "invalid_request_error")
 
 
 def error_response(
@@ -73,11 +84,20 @@ def validation_message(errors: list[Any]) -> tuple[str, str | None]:
     if not errors:
         return "Invalid request.", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _union_tag(p)]
     param = ".".join(loc) or None
     msg = first.get("msg", "invalid value")
     more = f" (and {len(errors) - 1} more problems)" if len(errors) > 1 else ""
     return (f"{param}: {msg}{more}" if param else f"{msg}{more}"), param
+
+
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def _union_tag(part: Any) -> bool:
+    """Pydantic names the member of a union that failed (`literal['none','auto']`, `str`,
+    `dict[str,any]`) in the error's location; the caller's parameter is the field."""
+    return isinstance(part, str) and ("[" in part or part in _TYPE_TAGS)
 
 
 def install_error_handlers(app: FastAPI) -> None:
@@ -107,6 +127,11 @@ def install_error_handlers(app: FastAPI) -> None:
         route = request.scope.get("route")
         where = getattr(route, "path", None) or "an unmatched route"
         log.exception("unhandled error on %s %s", request.method, where)
+        # Outside every middleware (Starlette's ServerErrorMiddleware): say the request id here.
+        request_id = request.scope.get(REQUEST_ID_SCOPE_KEY)
         return ApiError(
-            500, "Internal server error.", "internal_error", type_="api_error"
+            500,
+            "Internal server error.",
+            "internal_error",
+            headers={"x-request-id": request_id} if request_id else None,
         ).response()

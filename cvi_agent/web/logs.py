@@ -31,6 +31,7 @@ from typing import Any
 from cvi_agent.config import Settings
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.redact import MASK, redact_text
+from cvi_agent.web.request_id import RequestIdFormatter
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Shorter configured values are left to the shape rules (masking every "abc" would ruin logs).
@@ -196,7 +197,13 @@ def log_config(level: str) -> dict[str, Any]:
             "redact": {"()": f"{__name__}.redaction_filter"},
             "denials": {"()": f"{__name__}.denial_filter"},
         },
-        "formatters": {"default": {"format": FORMAT}},
+        # A line written while a request is handled ends with its x-request-id.
+        "formatters": {
+            "default": {
+                "class": f"{RequestIdFormatter.__module__}.RequestIdFormatter",
+                "format": FORMAT,
+            }
+        },
         "handlers": {
             "default": {
                 "class": "logging.StreamHandler",

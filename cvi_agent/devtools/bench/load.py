@@ -147,7 +147,7 @@ class Target:
     path: str
     model: str
     headers: dict[str, str]
-    tools: bool  # send the tool definition in the body (the server adds the persona's)
+    tools: bool  # send the tool definition in the body (as Tavus sends a persona's client tools)
 
     def request(self, text: str, conversation: str | None) -> bytes:
         """A Tavus-like streaming chat request saying `text`."""

@@ -54,7 +54,7 @@ async def _run_async(
         "/v1/chat/completions",
         PERSONA,
         {"Authorization": f"Bearer {BENCH_KEY}"},
-        tools=False,
+        tools=True,
     )
     progress.start()
     report: dict[str, Any] = {}

@@ -130,6 +130,7 @@ class Simulation:
         linger: float = 0.0,
         bot_timeout: float = 15.0,
         rest: bool = True,
+        tools: list[dict[str, Any]] | None = None,
     ) -> None:
         """Prepare the two room peers and the HTTP clients; nothing connects until `run`.
 
@@ -151,6 +152,8 @@ class Simulation:
             rest: run a stand-in for Tavus's send-app-message on loopback and attach it, so
                 the server can deliver interactions over REST to the replica; only when the
                 server runs on this machine (else `via: rest` steps go through the bot).
+            tools: the tools every LLM request declares, as Tavus sends the persona's
+                `layers.llm.tools` (its client tools); without them none is callable.
         """
         self.server_url = server_url.rstrip("/")
         self.api_key = api_key
@@ -162,6 +165,7 @@ class Simulation:
         self.print = printer or (lambda line: None)
         self.linger = linger
         self.bot_timeout = bot_timeout
+        self.request_tools: dict[str, Any] = {"tools": tools} if tools else {}
         self.report = SimulationReport(self.conversation_id, script.persona)
         self.base_system = system_prompt
         self.context = script.conversational_context
@@ -338,7 +342,10 @@ class Simulation:
 
         try:
             stream = await self.llm.chat.completions.create(
-                model=self.script.persona, stream=True, messages=cast(Any, messages)
+                model=self.script.persona,
+                stream=True,
+                messages=cast(Any, messages),
+                **self.request_tools,
             )
             async with stream:
                 async for _chunk in stream:
@@ -355,7 +362,10 @@ class Simulation:
         text: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         stream = await self.llm.chat.completions.create(
-            model=self.script.persona, stream=True, messages=cast(Any, messages)
+            model=self.script.persona,
+            stream=True,
+            messages=cast(Any, messages),
+            **self.request_tools,
         )
         async with stream:
             async for chunk in stream:

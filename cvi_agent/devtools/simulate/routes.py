@@ -83,7 +83,9 @@ async def start_simulation(request: Request) -> JSONResponse:
     """Start the shipped script in the background and answer at once with its conversation id.
 
     The reply comes before the simulation ends (202) so the console can open the conversation's
-    live feed and watch it; at most `MAX_SIMULATIONS` run at a time (429 beyond).
+    live feed and watch it; at most `MAX_SIMULATIONS` run at a time (429 beyond). The bot
+    meets the simulated replica in a local room, so `CVI_LOCAL_ROOMS` must allow them (400
+    `local_rooms_off` otherwise; `make run` turns them on).
     """
     settings: Settings = request.app.state.settings
     personas: dict[str, Persona] = request.app.state.personas
@@ -97,6 +99,13 @@ async def start_simulation(request: Request) -> JSONResponse:
     except ValidationError as exc:
         message, param = validation_message(list(exc.errors()))
         raise ApiError(400, message, "invalid_request", param) from None
+    if not settings.local_rooms:
+        raise ApiError(
+            400,
+            "A simulated conversation meets in a local room on this machine, and local rooms "
+            "are off: set CVI_LOCAL_ROOMS=1 to allow them.",
+            "local_rooms_off",
+        )
     script = load_script()
     updates: dict[str, Any] = {}
     if body.persona is not None:
@@ -129,6 +138,7 @@ async def start_simulation(request: Request) -> JSONResponse:
         script=script,
         persona_name=persona.persona_name,
         system_prompt=" ".join(p for p in (persona.system_prompt, persona.context) if p),
+        tools=[t.openai_tool() for t in persona.client_tools()],
         conversation_id=conversation_id,
         printer=lambda line: log.info("simulation %s: %s", conversation_id, line.strip()),
         linger=body.linger,

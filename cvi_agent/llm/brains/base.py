@@ -19,9 +19,18 @@ if TYPE_CHECKING:
 
 @dataclass(slots=True)
 class TextDelta:
-    """A piece of the reply's text, in speaking order; empty pieces are skipped on the wire."""
+    """A piece of the reply's text, in speaking order; empty pieces are skipped on the wire.
+
+    Args:
+        text: the piece.
+        choice: which choice it belongs to (`n` > 1 on an upstream persona; else 0).
+        logprobs: the upstream's `logprobs` for this piece, passed through as it sent them
+            (only when the request asked for logprobs).
+    """
 
     text: str
+    choice: int = 0
+    logprobs: Any = None
 
 
 @dataclass(slots=True)
@@ -37,12 +46,14 @@ class ToolCallDelta:
         id: the call id, on the call's first fragment only (else None).
         name: the tool's name, on the call's first fragment only (else None).
         arguments: the next piece of the JSON arguments text (may be empty).
+        choice: which choice it belongs to (`n` > 1 on an upstream persona; else 0).
     """
 
     index: int
     id: str | None
     name: str | None
     arguments: str
+    choice: int = 0
 
 
 @dataclass(slots=True)
@@ -51,12 +62,19 @@ class Finish:
 
     Exactly one ends a brain's stream; a consumer that never sees one (the brain failed or was
     cancelled) ends the reply itself with `stop`. Brains without a tokenizer estimate the
-    counts (`estimate_tokens`).
+    counts (`estimate_tokens`, `estimate_prompt_tokens`).
+
+    Args:
+        reason: why the first choice ended: stop | length | tool_calls.
+        prompt_tokens: tokens of the request, as the model counted them (or an estimate).
+        completion_tokens: tokens of the reply (every choice), likewise.
+        others: with `n` > 1, the finish reasons of the other choices by index.
     """
 
-    reason: str  # stop | length | tool_calls
+    reason: str
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    others: dict[int, str] | None = None
 
 
 BrainEvent = TextDelta | ToolCallDelta | Finish
@@ -77,7 +95,9 @@ class TurnContext:
         side_effects_allowed: False while the turn tracker may still supersede or abandon
             the generation; side-effecting tools then wait for the turn to settle.
         state: per-request scratch space shared by the route, the brain and the recorder
-            (`raw_messages`, `raw_tools`, `started`, `upstream_ttft`, `answers`).
+            (`raw` (the parsed body, what the upstream brain forwards), `raw_messages`,
+            `raw_tools`, `request_id`, `started`, `upstream_ttft`, `answers`, `fallback`
+            (llm/failure.py)).
     """
 
     request: ChatCompletionRequest
@@ -121,3 +141,15 @@ def usage_of(ctx: TurnContext, finish: Finish) -> tuple[int, int] | None:
 def estimate_tokens(text: str) -> int:
     """A cheap token estimate for usage reporting by brains that have no tokenizer."""
     return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def estimate_prompt_tokens(ctx: TurnContext) -> int:
+    """An estimate of the request's prompt tokens for brains without a model: about four
+    characters a token, plus OpenAI's few tokens of framing per message (documented as an
+    estimate; it is what a caller's cost accounting gets from a flow or echo persona)."""
+    total = 3
+    for message in ctx.request.messages:
+        total += 4 + estimate_tokens(message.text())
+        for call in message.tool_calls or ():
+            total += estimate_tokens(call.function.name) + estimate_tokens(call.function.arguments)
+    return total

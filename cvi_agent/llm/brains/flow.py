@@ -19,6 +19,7 @@ from cvi_agent.llm.brains.base import (
     TextDelta,
     ToolCallDelta,
     TurnContext,
+    estimate_prompt_tokens,
     estimate_tokens,
 )
 from cvi_agent.llm.brains.speech import clean_user_text, normalize, render, speak
@@ -57,9 +58,13 @@ class FlowBrain:
     call), then the questionnaire, then the greeting or the fallback line.
 
     Holds nothing per conversation (see the module doc), so speculative, replayed and final
-    requests of one turn get the same answer. A server tool an intent names runs through the
-    turn's `ToolRunner` (its side-effect rule included); a client tool is streamed back as a
-    `tool_calls` reply and its result, arriving in the next request, is spoken by `after_tool`.
+    requests of one turn get the same answer. Tools follow the turn's `ToolRunner`: an intent's
+    tool declared by the request is streamed back as a `tool_calls` reply (its result, arriving
+    in the next request, is spoken by `after_tool`); a persona server tool the request does not
+    shadow runs here (its side-effect rule included); a tool the turn may not call (a client
+    tool the request does not declare, or `tool_choice: none`) is not called: the intent's
+    `without_tool` line is spoken instead, else the flow's fallback. `tool_choice` `required`
+    or a named function makes a call whatever was said (`_forced`).
     """
 
     def __init__(self, persona: Persona) -> None:
@@ -147,6 +152,12 @@ class FlowBrain:
         answers: dict[str, str] = {}
         if self.flow.questionnaire is not None:
             answers, _ = questionnaire_state(self.flow.questionnaire, messages)
+        prompt_tokens = estimate_prompt_tokens(ctx)
+
+        if ctx.tools.choice.mode in ("required", "function"):
+            async for event in self._forced(ctx, answers, prompt_tokens):
+                yield event
+            return
 
         # A client tool's result came back in the history: speak the intent's follow-up.
         if last.role == "tool":
@@ -157,7 +168,7 @@ class FlowBrain:
             text = render(intent.after_tool or "{result}", variables) if intent else last.text()
             async for delta in self._say(text):
                 yield delta
-            yield Finish("stop", 0, estimate_tokens(text))
+            yield Finish("stop", prompt_tokens, estimate_tokens(text))
             return
 
         user_text = clean_user_text(ctx.request.last_user_text())
@@ -166,7 +177,14 @@ class FlowBrain:
             intent, groups = matched
             variables = self._variables(ctx, user_text, answers)
             variables.update(groups)
-            async for event in self._run_intent(ctx, intent, variables):
+            tool = intent.tool.name if intent.tool is not None else None
+            if tool is not None and not ctx.tools.may_call(tool):
+                text = render(intent.without_tool or self.flow.fallback, variables)
+                async for delta in self._say(text):
+                    yield delta
+                yield Finish("stop", prompt_tokens, estimate_tokens(text))
+                return
+            async for event in self._run_intent(ctx, intent, variables, tool, prompt_tokens):
                 yield event
             return
 
@@ -180,45 +198,101 @@ class FlowBrain:
                 text = render(self.flow.fallback, self._variables(ctx, user_text, answers))
         async for delta in self._say(text):
             yield delta
-        yield Finish("stop", 0, estimate_tokens(text))
+        yield Finish("stop", prompt_tokens, estimate_tokens(text))
+
+    async def _forced(
+        self, ctx: TurnContext, answers: dict[str, str], prompt_tokens: int
+    ) -> AsyncIterator[BrainEvent]:
+        """`tool_choice` `required` or a named function: a call whatever was said. The tool
+        is the named one, or (required) the matched intent's when callable, else the first
+        intent's that is, else the first callable tool. Its arguments are those of an intent
+        bound to it, rendered with what the user said (a named group its patterns do not
+        match renders empty); a tool no intent names is called with `{}`."""
+        tools = ctx.tools
+        user_text = clean_user_text(ctx.request.last_user_text())
+        variables = self._variables(ctx, user_text, answers)
+        matched = self._match(user_text) if user_text else None
+        name = tools.choice.name
+        if name is None:  # required
+            candidates = [matched[0]] if matched is not None else []
+            candidates += self.flow.intents
+            for candidate in candidates:
+                if candidate.tool is not None and tools.may_call(candidate.tool.name):
+                    name = candidate.tool.name
+                    break
+            else:
+                name = tools.callable_names()[0]  # the route refuses `required` without tools
+        intent: Intent | None
+        if matched is not None and matched[0].tool is not None and matched[0].tool.name == name:
+            intent = matched[0]
+            variables.update(matched[1])
+        else:
+            intent = self._intent_for_tool(name)
+            if intent is not None:
+                variables.update(self._groups(intent, user_text))
+        async for event in self._run_intent(
+            ctx, intent, variables, name, prompt_tokens, say_reply=intent is not None
+        ):
+            yield event
+
+    def _groups(self, intent: Intent, text: str) -> dict[str, str]:
+        for compiled_intent, patterns in self._compiled:
+            if compiled_intent is intent:
+                for pattern in patterns:
+                    match = pattern.search(text)
+                    if match:
+                        return {k: v.strip() for k, v in match.groupdict().items() if v}
+        return {}
 
     async def _run_intent(
-        self, ctx: TurnContext, intent: Intent, variables: dict[str, Any]
+        self,
+        ctx: TurnContext,
+        intent: Intent | None,
+        variables: dict[str, Any],
+        tool: str | None,
+        prompt_tokens: int,
+        say_reply: bool = True,
     ) -> AsyncIterator[BrainEvent]:
-        reply = render(intent.reply, variables) if intent.reply else ""
-        if intent.tool is None:
+        """The intent's reply and, when `tool` is given (a tool this turn may call), the call:
+        run here for a server tool, streamed back for the caller's."""
+        reply = render(intent.reply, variables) if intent and intent.reply and say_reply else ""
+        if tool is None:
             async for delta in self._say(reply or self.flow.fallback):
                 yield delta
-            yield Finish("stop", 0, estimate_tokens(reply))
+            yield Finish("stop", prompt_tokens, estimate_tokens(reply))
             return
+        spec = intent.tool if intent is not None and intent.tool is not None else None
         arguments = {
             k: render(v, variables) if isinstance(v, str) else v
-            for k, v in intent.tool.arguments.items()
+            for k, v in (spec.arguments.items() if spec is not None else ())
         }
         arguments_json = json.dumps(arguments, ensure_ascii=False)
         call_id = "call_" + secrets.token_hex(8)
-        if ctx.tools.is_server(intent.tool.name):
+        if ctx.tools.is_server(tool):
             result = await ctx.tools.run(
-                intent.tool.name,
+                tool,
                 arguments_json,
                 call_id,
                 ctx.conversation_id,
                 side_effects_allowed=ctx.side_effects_allowed,
             )
             variables["result"] = _parse_result(result.output)
-            text = render(intent.after_tool or "{result}", variables)
+            after = intent.after_tool if intent is not None else None
+            text = render(after or "{result}", variables)
             if reply:
                 text = reply + " " + text
             async for delta in self._say(text):
                 yield delta
-            yield Finish("stop", 0, estimate_tokens(text))
+            yield Finish("stop", prompt_tokens, estimate_tokens(text))
             return
         if reply:
             async for delta in self._say(reply):
                 yield delta
-        yield ToolCallDelta(0, call_id, intent.tool.name, "")
+        yield ToolCallDelta(0, call_id, tool, "")
         yield ToolCallDelta(0, None, None, arguments_json)
-        yield Finish("tool_calls", 0, estimate_tokens(reply) + estimate_tokens(arguments_json))
+        yield Finish(
+            "tool_calls", prompt_tokens, estimate_tokens(reply) + estimate_tokens(arguments_json)
+        )
 
     @staticmethod
     def _tool_name_for(messages: list[ChatMessage], call_id: str | None) -> str | None:

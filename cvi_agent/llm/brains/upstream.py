@@ -1,8 +1,14 @@
 """The upstream brain: proxies to any OpenAI-compatible model, streaming deltas through.
 
-Client tool calls pass through with their index/id/name/argument fragments; server tool calls
-are swallowed, run here, and the turn continues with their results (several rounds allowed).
-Closing the generator closes the upstream stream (and its connection) at once.
+The upstream request is the caller's own: every parameter this brain does not interpret
+(`response_format`, `stop`, `seed`, `n`, `logprobs`, anything added later) is forwarded as it
+came, over the persona's `brain.extra_body`, over its `temperature` and `max_tokens`. The
+tools sent are the turn's (llm/tools.py): the request's, then the persona's server tools it
+does not shadow. Client tool calls pass through with their index/id/name/argument fragments;
+server tool calls are swallowed, run here, and the turn continues with their results (several
+rounds allowed); a call the turn may not make (undeclared, or against `tool_choice` /
+`parallel_tool_calls`) is dropped. Closing the generator closes the upstream stream (and its
+connection) at once.
 """
 
 from __future__ import annotations
@@ -35,12 +41,28 @@ class UpstreamError(Exception):
     """The upstream model failed before or while answering; the message is safe to log."""
 
 
+class UpstreamUnavailable(UpstreamError):
+    """The upstream could not be asked: its circuit breaker is open, or the request got no
+    response at all (connection refused or reset)."""
+
+
+class UpstreamTimedOut(UpstreamError):
+    """The first-token budget ran out before any upstream answered."""
+
+
+# Request keys this brain sets itself; every other one is forwarded as the request sent it.
+_CONSUMED = frozenset(
+    {"model", "messages", "stream", "stream_options", "tools", "tool_choice", "parallel_tool_calls"}
+)
+
+
 @dataclass(slots=True)
 class _Call:
     id: str = ""
     name: str = ""
     arguments: list[str] = field(default_factory=list)
     client_index: int | None = None
+    fate: str | None = None  # server | client | drop, decided once its name is known
 
 
 class UpstreamClients:
@@ -138,37 +160,85 @@ class UpstreamBrain:
                 _Target(clients.get(base_url, api_key), model, clients.breaker(base_url, api_key))
             )
         self.client = self.targets[0].client
+        # The persona's defaults, under whatever the request sends (computed once).
+        defaults: dict[str, Any] = {}
+        if cfg.temperature is not None:
+            defaults["temperature"] = cfg.temperature
+        if cfg.max_tokens is not None and "max_completion_tokens" not in cfg.extra_body:
+            defaults["max_tokens"] = cfg.max_tokens
+        defaults.update(cfg.extra_body)
+        self._defaults = defaults
 
     async def aclose(self) -> None:
         """Nothing of its own: the clients belong to `UpstreamClients`."""
         return None
 
-    def _params(
-        self, ctx: TurnContext, messages: list[dict[str, Any]], last_round: bool, model: str
-    ) -> dict[str, Any]:
-        req = ctx.request
-        cfg = self.persona.brain
-        params: dict[str, Any] = {
-            "model": model,
-            "messages": messages,
-            "stream": True,
-            "stream_options": {"include_usage": True},
-        }
-        temperature = req.temperature if req.temperature is not None else cfg.temperature
-        if temperature is not None:
-            params["temperature"] = temperature
-        max_tokens = req.max_tokens or req.max_completion_tokens or cfg.max_tokens
-        if max_tokens is not None:
-            params["max_tokens"] = max_tokens
+    def _tools(self, ctx: TurnContext, server: bool = True) -> list[dict[str, Any]]:
         raw_tools = ctx.state.get("raw_tools")
-        tools = ctx.tools.openai_tools(raw_tools if isinstance(raw_tools, list) else None)
+        return ctx.tools.openai_tools(raw_tools if isinstance(raw_tools, list) else None, server)
+
+    def _params(
+        self,
+        ctx: TurnContext,
+        messages: list[dict[str, Any]],
+        round_no: int,
+        last_round: bool,
+        model: str,
+        tools: list[dict[str, Any]],
+    ) -> dict[str, Any]:
+        """The upstream request of one round: the caller's parameters over the persona's
+        defaults, with the turn's messages and tools."""
+        raw: dict[str, Any] = ctx.state.get("raw") or {}
+        params = dict(self._defaults)
+        for key, value in raw.items():
+            if value is not None and key not in _CONSUMED:
+                params[key] = value
+        if raw.get("max_completion_tokens") is not None and raw.get("max_tokens") is None:
+            params.pop("max_tokens", None)  # the request's own limit, under its own name
+        params["model"] = model
+        params["messages"] = messages
+        params["stream"] = True
+        options = raw.get("stream_options")
+        params["stream_options"] = (
+            {**options, "include_usage": True}
+            if isinstance(options, dict) and options
+            else {"include_usage": True}
+        )
         if tools:
             params["tools"] = tools
+            choice = ctx.tools.choice
             if last_round:
                 params["tool_choice"] = "none"
-            elif req.tool_choice is not None:
-                params["tool_choice"] = req.tool_choice
+            elif round_no and choice.mode in ("required", "function"):
+                params["tool_choice"] = "auto"  # the forced call was made (a server tool)
+            elif raw.get("tool_choice") is not None:
+                params["tool_choice"] = raw["tool_choice"]
+            if raw.get("parallel_tool_calls") is not None:
+                params["parallel_tool_calls"] = raw["parallel_tool_calls"]
         return params
+
+    def _fate(self, ctx: TurnContext, call: _Call, clients_so_far: int) -> str:
+        """What becomes of an upstream tool call, decided once its name is known."""
+        tools = ctx.tools
+        name = call.name
+        if not tools.may_call(name):
+            label = tools.metric_label(name)
+            if "dropped_call" not in ctx.state:  # once a turn: a model can call anything
+                ctx.state["dropped_call"] = label
+                log.warning(
+                    "persona %s: the upstream called %s, which this turn may not call "
+                    "(not declared, or against tool_choice); dropped",
+                    self.persona.name,
+                    label,
+                )
+            metrics.tool_call(label, "client", "dropped")
+            return "drop"
+        if tools.is_server(name):
+            return "server"
+        if clients_so_far and ctx.request.parallel_tool_calls is False:
+            metrics.tool_call(tools.metric_label(name), "client", "dropped")
+            return "drop"  # parallel_tool_calls: false, and the model made a second call
+        return "client"
 
     async def stream(self, ctx: TurnContext) -> AsyncIterator[BrainEvent]:
         """The reply from the first target that produces a token within its share of the
@@ -187,7 +257,7 @@ class UpstreamBrain:
         for i, target in enumerate(targets):
             if not target.breaker.allow():
                 metrics.upstream_skipped(target.breaker.name)
-                failure = UpstreamError(f"circuit open for {target.name}")
+                failure = UpstreamUnavailable(f"circuit open for {target.name}")
                 continue
             remaining = first_deadline - loop.time()
             if remaining <= 0.001:
@@ -197,7 +267,11 @@ class UpstreamBrain:
             attempt = remaining / (later + 1)
             emitted = False
             cut: str | None = None  # why the reply budget ran out (the error's text: no cycle)
-            events = self._stream_target(ctx, target, attempt, reply_deadline)
+            events = (
+                self._stream_choices(ctx, target, attempt, reply_deadline)
+                if (ctx.request.n or 1) > 1
+                else self._stream_target(ctx, target, attempt, reply_deadline)
+            )
             try:
                 async for event in events:
                     if not emitted and type(event) is not Finish:
@@ -211,7 +285,7 @@ class UpstreamBrain:
                 if not emitted:  # a reply budget shorter than the first-token one: spent
                     target.breaker.failure()
                     metrics.upstream_failed(target.breaker.name)
-                    failure = UpstreamError(
+                    failure = UpstreamTimedOut(
                         f"{target.name} said nothing within the reply budget of {reply_budget:g}s"
                     )
                     break
@@ -239,10 +313,11 @@ class UpstreamBrain:
                     reply_budget,
                     cut,
                 )
-                yield Finish("length")
+                n = ctx.request.n or 1
+                yield Finish("length", others={c: "length" for c in range(1, n)} if n > 1 else None)
                 return
         try:
-            raise failure or UpstreamError(f"no first token within {budget:g}s")
+            raise failure or UpstreamTimedOut(f"no first token within {budget:g}s")
         finally:
             failure = None  # its traceback holds this frame, which must not hold it back
 
@@ -261,8 +336,12 @@ class UpstreamBrain:
         prompt_tokens = completion_tokens = 0
         next_client_index = 0
         first_at: float | None = None
+        want_logprobs = bool(ctx.request.logprobs)
+        tools = self._tools(ctx)
         for round_no in range(max_rounds + 1):
-            params = self._params(ctx, messages, round_no == max_rounds, target.model)
+            params = self._params(
+                ctx, messages, round_no, round_no == max_rounds, target.model, tools
+            )
             calls: dict[int, _Call] = {}
             text_parts: list[str] = []
             finish_reason = "stop"
@@ -283,7 +362,7 @@ class UpstreamBrain:
             except UpstreamHTTPError as exc:
                 raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
             except UpstreamConnectionError as exc:
-                raise UpstreamError(f"upstream request failed: {exc}") from exc
+                raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
             stream.expire_at(reply_deadline)
             try:
                 async with stream:
@@ -318,7 +397,10 @@ class UpstreamBrain:
                                     if type(content) is not str:
                                         raise TypeError("content is not a string")
                                     text_parts.append(content)
-                                    yield TextDelta(content)
+                                    if want_logprobs:
+                                        yield TextDelta(content, 0, choice.get("logprobs"))
+                                    else:
+                                        yield TextDelta(content)
                                 for tc in tool_calls or ():
                                     index = tc.get("index", 0)
                                     fn = tc.get("function") or {}
@@ -333,8 +415,14 @@ class UpstreamBrain:
                                         call.id = call_id
                                     if name:
                                         call.name = name
-                                    if ctx.tools.is_server(call.name):
-                                        call.arguments.append(fragment)
+                                    if call.fate is None:
+                                        if not call.name:  # wait for the name
+                                            call.arguments.append(fragment)
+                                            continue
+                                        call.fate = self._fate(ctx, call, next_client_index)
+                                    if call.fate != "client":
+                                        if call.fate == "server":
+                                            call.arguments.append(fragment)
                                         continue
                                     if call.client_index is None:
                                         call.client_index = next_client_index
@@ -345,8 +433,8 @@ class UpstreamBrain:
                                         yield ToolCallDelta(
                                             call.client_index,
                                             call.id or None,
-                                            call.name or None,
-                                            fragment,
+                                            call.name,
+                                            "".join(call.arguments) + fragment,
                                         )
                                     else:
                                         yield ToolCallDelta(call.client_index, None, None, fragment)
@@ -369,7 +457,7 @@ class UpstreamBrain:
                 what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
                 raise UpstreamError(f"upstream sent a malformed chunk: {what}") from exc
 
-            server_calls = [c for c in calls.values() if ctx.tools.is_server(c.name)]
+            server_calls = [c for c in calls.values() if c.fate == "server"]
             client_calls = [c for c in calls.values() if c.client_index is not None]
             if client_calls:
                 if server_calls:
@@ -414,3 +502,132 @@ class UpstreamBrain:
                     {"role": "tool", "tool_call_id": result.call_id, "content": result.output}
                 )
         yield Finish("stop", prompt_tokens, completion_tokens)
+
+    async def _stream_choices(
+        self, ctx: TurnContext, target: _Target, first_token_timeout: float, reply_deadline: float
+    ) -> AsyncIterator[BrainEvent]:
+        """`n` > 1: every choice relayed under its own index, in one round. The persona's
+        server tools are not offered then (each choice would need its own tool round), so
+        the tools are the request's and every call goes back to the caller."""
+        messages: list[dict[str, Any]] = list(
+            ctx.state.get("raw_messages")
+            or [m.model_dump(exclude_none=True) for m in ctx.request.messages]
+        )
+        params = self._params(ctx, messages, 0, False, target.model, self._tools(ctx, False))
+        want_logprobs = bool(ctx.request.logprobs)
+        calls: dict[tuple[int, int], _Call] = {}
+        next_index: dict[int, int] = {}
+        reasons: dict[int, str] = {}
+        prompt_tokens = completion_tokens = 0
+        deadline = min(asyncio.get_running_loop().time() + first_token_timeout, reply_deadline)
+        sent_at = time.perf_counter()
+        try:
+            async with asyncio.timeout_at(deadline):
+                stream = await target.client.stream(params)
+        except TimeoutError as exc:
+            if deadline == reply_deadline:
+                raise UpstreamDeadline("the upstream had not answered yet") from exc
+            raise UpstreamError(f"no answer from upstream within {first_token_timeout:g}s") from exc
+        except UpstreamHTTPError as exc:
+            raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
+        except UpstreamConnectionError as exc:
+            raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
+        stream.expire_at(reply_deadline)
+        try:
+            async with stream:
+                deadline_cm = asyncio.timeout_at(deadline)
+                async with deadline_cm:
+                    async for chunk in stream:
+                        deadline_cm.reschedule(None)
+                        if type(chunk) is not dict:
+                            raise UpstreamError("upstream sent a chunk that is not an object")
+                        error = chunk.get("error")
+                        if error:
+                            raise UpstreamError(f"upstream error event: {error}")
+                        usage = chunk.get("usage")
+                        if usage:
+                            prompt_tokens += usage.get("prompt_tokens") or 0
+                            completion_tokens += usage.get("completion_tokens") or 0
+                        for choice in chunk.get("choices") or ():
+                            ci = choice.get("index") or 0
+                            if type(ci) is not int:
+                                raise TypeError("choice index is not an integer")
+                            delta = choice.get("delta")
+                            if delta:
+                                content = delta.get("content")
+                                if "upstream_ttft" not in ctx.state:
+                                    ctx.state["upstream_ttft"] = time.perf_counter() - sent_at
+                                if content:
+                                    if type(content) is not str:
+                                        raise TypeError("content is not a string")
+                                    logprobs = choice.get("logprobs") if want_logprobs else None
+                                    yield TextDelta(content, ci, logprobs)
+                                for tc in delta.get("tool_calls") or ():
+                                    index = tc.get("index", 0)
+                                    fn = tc.get("function") or {}
+                                    call_id = tc.get("id")
+                                    name = fn.get("name")
+                                    fragment = fn.get("arguments") or ""
+                                    _check_tool_call(index, call_id, name, fragment)
+                                    key = (ci, index)
+                                    call = calls.get(key)
+                                    if call is None:
+                                        call = calls[key] = _Call()
+                                    if call_id:
+                                        call.id = call_id
+                                    if name:
+                                        call.name = name
+                                    if call.fate is None:
+                                        if not call.name:
+                                            call.arguments.append(fragment)
+                                            continue
+                                        call.fate = self._fate(ctx, call, next_index.get(ci, 0))
+                                    if call.fate != "client":
+                                        continue
+                                    if call.client_index is None:
+                                        call.client_index = next_index.get(ci, 0)
+                                        next_index[ci] = call.client_index + 1
+                                        metrics.tool_call(
+                                            ctx.tools.metric_label(call.name), "client", "streamed"
+                                        )
+                                        yield ToolCallDelta(
+                                            call.client_index,
+                                            call.id or None,
+                                            call.name,
+                                            "".join(call.arguments) + fragment,
+                                            ci,
+                                        )
+                                    else:
+                                        yield ToolCallDelta(
+                                            call.client_index, None, None, fragment, ci
+                                        )
+                            reason = choice.get("finish_reason")
+                            if reason:
+                                if type(reason) is not str:
+                                    raise TypeError("finish_reason is not a string")
+                                reasons[ci] = reason
+        except TimeoutError as exc:
+            if deadline == reply_deadline:
+                raise UpstreamDeadline("the upstream had sent no token yet") from exc
+            raise UpstreamError(
+                f"no first token from upstream within {first_token_timeout:g}s"
+            ) from exc
+        except UpstreamTimeout as exc:
+            raise UpstreamError(f"upstream stream stalled: {exc}") from exc
+        except UpstreamConnectionError as exc:
+            raise UpstreamError(f"upstream stream failed: {exc}") from exc
+        except (AttributeError, TypeError, KeyError, IndexError) as exc:
+            what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
+            raise UpstreamError(f"upstream sent a malformed chunk: {what}") from exc
+
+        def reason_of(ci: int) -> str:
+            reason = reasons.get(ci, "stop")
+            return "stop" if reason == "tool_calls" and ci not in next_index else reason
+
+        n = ctx.request.n or 1
+        yield Finish(
+            reason_of(0),
+            prompt_tokens,
+            completion_tokens,
+            {ci: reason_of(ci) for ci in range(1, n)},
+        )

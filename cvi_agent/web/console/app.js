@@ -3,8 +3,10 @@
 
 const KEY_STORAGE = "cvi-agent-api-key";
 const $ = (sel) => document.querySelector(sel);
-const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", current: null, socket: null,
-                events: new Map(), turns: new Map(), latencies: [], reconnectTimer: null };
+const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", current: null, feed: null,
+                lastEventId: null, events: new Map(), turns: new Map(), latencies: [],
+                reconnectTimer: null };
+const MAX_EVENT_CHARS = 16 * 1024 * 1024;  // a feed line longer than this is not ours: reconnect
 
 function askKey(message) {
   const dialog = $("#key-dialog");
@@ -86,7 +88,9 @@ async function loadConversations() {
 $("#refresh").addEventListener("click", loadConversations);
 
 async function selectConversation(id) {
+  closeLive();
   state.current = id;
+  state.lastEventId = null;
   state.events.clear(); state.turns.clear(); state.latencies = [];
   for (const li of document.querySelectorAll("#conversations li")) li.classList.toggle("active", li.dataset.id === id);
   $("#detail").hidden = false;
@@ -98,35 +102,101 @@ async function selectConversation(id) {
     const record = await api("GET", "/api/conversations/" + encodeURIComponent(id));
     const conv = record.conversation || record;
     $("#conv-status").textContent = conv.status || "";
-    for (const ev of record.events || []) addEvent(ev);
+    for (const ev of record.events || []) {
+      addEvent(ev);
+      if (typeof ev.id === "number" && ev.id > (state.lastEventId ?? 0)) state.lastEventId = ev.id;
+    }
   } catch (err) { $("#control-result").textContent = err.message; }
-  openLive(id);
+  if (state.current === id) openLive(id);
+}
+
+function setLiveState(live) {
+  $("#live-state").textContent = live ? "live" : "offline";
+  $("#live-state").classList.toggle("live", live);
 }
 
 function closeLive() {
-  if (state.reconnectTimer) clearTimeout(state.reconnectTimer);
-  if (state.socket) { state.socket.onclose = null; state.socket.close(); state.socket = null; }
-  $("#live-state").textContent = "offline"; $("#live-state").classList.remove("live");
+  if (state.reconnectTimer) { clearTimeout(state.reconnectTimer); state.reconnectTimer = null; }
+  if (state.feed) { state.feed.abort(); state.feed = null; }
+  setLiveState(false);
 }
 
-function openLive(id) {
+// The live feed is Server-Sent Events read with fetch and a stream reader, so the key travels
+// in the Authorization header (EventSource cannot send one, and a key in a URL ends up in
+// logs and history). Last-Event-ID resumes after a reconnection: nothing missed, nothing twice.
+async function openLive(id) {
   closeLive();
-  const proto = location.protocol === "https:" ? "wss:" : "ws:";
-  const url = `${proto}//${location.host}/api/conversations/${encodeURIComponent(id)}/live`;
-  // Browsers cannot set headers on a websocket: the key travels as a subprotocol.
-  const socket = new WebSocket(url, ["cvi-agent", "key." + state.key]);
-  state.socket = socket;
-  socket.onopen = () => { $("#live-state").textContent = "live"; $("#live-state").classList.add("live"); };
-  socket.onmessage = (msg) => {
-    let data; try { data = JSON.parse(msg.data); } catch (_) { return; }
-    if (data && data.type === "error") { $("#control-result").textContent = data.message || "live feed error"; return; }
-    if (data && data.type === "live") return;  // the stored backlog has been sent; live from here
-    addEvent(data.event || data);
+  const controller = new AbortController();
+  state.feed = controller;
+  let retry = true;
+  const headers = { "Authorization": "Bearer " + state.key, "Accept": "text/event-stream" };
+  if (state.lastEventId != null) headers["Last-Event-ID"] = String(state.lastEventId);
+  try {
+    const resp = await fetch(`/api/conversations/${encodeURIComponent(id)}/events/stream`,
+                             { headers, signal: controller.signal, cache: "no-store" });
+    if (!resp.ok) {
+      let message = resp.statusText;
+      try { const data = await resp.json(); message = (data.error && data.error.message) || message; }
+      catch (_) { /* not JSON */ }
+      // 404 is retried: a simulated conversation is opened before its first event exists.
+      if (resp.status === 401) { retry = false; askKey("That key was not accepted: " + message); }
+      throw new Error(message);
+    }
+    setLiveState(true);
+    await readServerSentEvents(resp.body, (message) => onFeedMessage(id, message));
+  } catch (err) {
+    if (!controller.signal.aborted) console.warn("live feed:", err.message);
+  } finally {
+    if (state.feed === controller) {
+      state.feed = null;
+      setLiveState(false);
+      if (retry && state.current === id) state.reconnectTimer = setTimeout(() => openLive(id), 2000);
+    }
+  }
+}
+
+function onFeedMessage(id, message) {
+  if (state.current !== id) return;
+  if (message.event === "live") return;  // the stored backlog has been sent; live from here
+  let data; try { data = JSON.parse(message.data); } catch (_) { return; }
+  if (message.event === "error") { $("#control-result").textContent = data.message || "live feed error"; return; }
+  if (message.event !== "message") return;
+  if (message.id) state.lastEventId = message.id;
+  addEvent(data);
+}
+
+// text/event-stream, as the HTML standard parses it: lines end in CR, LF or CRLF; a blank line
+// dispatches the message; `:` starts a comment (the server's pings).
+async function readServerSentEvents(body, onMessage) {
+  const reader = body.pipeThrough(new TextDecoderStream()).getReader();
+  let buffer = "", data = [], event = "", id = null;
+  const line = (text) => {
+    if (text === "") {
+      if (data.length) onMessage({ id, event: event || "message", data: data.join("\n") });
+      data = []; event = "";
+      return;
+    }
+    if (text[0] === ":") return;
+    const colon = text.indexOf(":");
+    const field = colon < 0 ? text : text.slice(0, colon);
+    let value = colon < 0 ? "" : text.slice(colon + 1);
+    if (value[0] === " ") value = value.slice(1);
+    if (field === "data") data.push(value);
+    else if (field === "event") event = value;
+    else if (field === "id" && !value.includes("\0")) id = value;
   };
-  socket.onclose = () => {
-    $("#live-state").textContent = "offline"; $("#live-state").classList.remove("live");
-    if (state.current === id) state.reconnectTimer = setTimeout(() => openLive(id), 2000);
-  };
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    for (;;) {
+      const end = buffer.search(/[\r\n]/);
+      if (end < 0 || (buffer[end] === "\r" && end === buffer.length - 1)) break;  // CRLF may straddle chunks
+      line(buffer.slice(0, end));
+      buffer = buffer.slice(buffer[end] === "\r" && buffer[end + 1] === "\n" ? end + 2 : end + 1);
+    }
+    if (buffer.length > MAX_EVENT_CHARS) throw new Error("live feed: a line too long");
+  }
 }
 
 function props(ev) { return (ev.payload && (ev.payload.properties || ev.payload)) || {}; }
