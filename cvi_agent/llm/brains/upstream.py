@@ -443,19 +443,8 @@ class UpstreamBrain:
                                 if type(reason) is not str:
                                     raise TypeError("finish_reason is not a string")
                                 finish_reason = reason
-            except TimeoutError as exc:
-                if deadline == reply_deadline:
-                    raise UpstreamDeadline("the upstream had sent no token yet") from exc
-                raise UpstreamError(
-                    f"no first token from upstream within {first_token_timeout:g}s"
-                ) from exc
-            except UpstreamTimeout as exc:
-                raise UpstreamError(f"upstream stream stalled: {exc}") from exc
-            except UpstreamConnectionError as exc:
-                raise UpstreamError(f"upstream stream failed: {exc}") from exc
-            except (AttributeError, TypeError, KeyError, IndexError) as exc:
-                what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
-                raise UpstreamError(f"upstream sent a malformed chunk: {what}") from exc
+            except _STREAM_ERRORS as exc:
+                raise _stream_error(exc, deadline == reply_deadline, first_token_timeout) from exc
 
             server_calls = [c for c in calls.values() if c.fate == "server"]
             client_calls = [c for c in calls.values() if c.client_index is not None]
@@ -606,19 +595,8 @@ class UpstreamBrain:
                                 if type(reason) is not str:
                                     raise TypeError("finish_reason is not a string")
                                 reasons[ci] = reason
-        except TimeoutError as exc:
-            if deadline == reply_deadline:
-                raise UpstreamDeadline("the upstream had sent no token yet") from exc
-            raise UpstreamError(
-                f"no first token from upstream within {first_token_timeout:g}s"
-            ) from exc
-        except UpstreamTimeout as exc:
-            raise UpstreamError(f"upstream stream stalled: {exc}") from exc
-        except UpstreamConnectionError as exc:
-            raise UpstreamError(f"upstream stream failed: {exc}") from exc
-        except (AttributeError, TypeError, KeyError, IndexError) as exc:
-            what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
-            raise UpstreamError(f"upstream sent a malformed chunk: {what}") from exc
+        except _STREAM_ERRORS as exc:
+            raise _stream_error(exc, deadline == reply_deadline, first_token_timeout) from exc
 
         def reason_of(ci: int) -> str:
             reason = reasons.get(ci, "stop")
@@ -631,3 +609,30 @@ class UpstreamBrain:
             completion_tokens,
             {ci: reason_of(ci) for ci in range(1, n)},
         )
+
+
+# What reading an upstream stream can raise, and what each means for the turn.
+_STREAM_ERRORS = (
+    TimeoutError,
+    UpstreamTimeout,
+    UpstreamConnectionError,
+    AttributeError,
+    TypeError,
+    KeyError,
+    IndexError,
+)
+
+
+def _stream_error(exc: Exception, at_reply_deadline: bool, first_token_timeout: float) -> Exception:
+    """The turn's error for `exc` raised while reading the upstream: the reply budget spent
+    before any token, no first token in time, a stalled or broken stream, a malformed chunk."""
+    if isinstance(exc, TimeoutError):
+        if at_reply_deadline:
+            return UpstreamDeadline("the upstream had sent no token yet")
+        return UpstreamError(f"no first token from upstream within {first_token_timeout:g}s")
+    if isinstance(exc, UpstreamTimeout):
+        return UpstreamError(f"upstream stream stalled: {exc}")
+    if isinstance(exc, UpstreamConnectionError):
+        return UpstreamError(f"upstream stream failed: {exc}")
+    what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
+    return UpstreamError(f"upstream sent a malformed chunk: {what}")
