@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
-from cvi_agent.store import EventRecord, SqlStore, ToolCallRecord, UtteranceRecord, VideoRecord
+import asyncio
+import multiprocessing
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cvi_agent.store import (
+    EventRecord,
+    SqlStore,
+    ToolCallRecord,
+    UtteranceRecord,
+    VideoRecord,
+    open_store,
+)
 
 
 def event(key: str, seq: int | None = None, conv: str = "c1", kind: str = "x") -> EventRecord:
@@ -92,6 +106,33 @@ async def test_migrations_idempotent(store: SqlStore) -> None:
     assert version >= 1
     await store.init()
     assert await store.schema_version() == version
+
+
+def _open_after(url: str, barrier: Any) -> None:
+    """One process of the start-up race: wait for the others, then migrate."""
+
+    async def main() -> None:
+        barrier.wait(timeout=30)
+        store = await open_store(url)
+        await store.aclose()
+
+    asyncio.run(main())
+
+
+@pytest.mark.process
+def test_processes_starting_at_once_on_a_fresh_sqlite_file_all_start(tmp_path: Path) -> None:
+    """`serve --workers N` (or a server and a worker) on a database file nobody created yet:
+    every process migrates at once; none may fail with "table already exists"."""
+    context = multiprocessing.get_context("spawn")
+    for attempt in range(3):
+        url = f"sqlite+aiosqlite:///{tmp_path / f'fresh-{attempt}.db'}"
+        barrier = context.Barrier(4)
+        processes = [context.Process(target=_open_after, args=(url, barrier)) for _ in range(4)]
+        for process in processes:
+            process.start()
+        for process in processes:
+            process.join(timeout=60)
+        assert [p.exitcode for p in processes] == [0, 0, 0, 0], f"attempt {attempt}"
 
 
 async def test_new_conversation_with_status(store: SqlStore) -> None:

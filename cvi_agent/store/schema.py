@@ -2,7 +2,7 @@
 
 One schema serves SQLite and PostgreSQL (JSON columns are JSONB on PostgreSQL). It is versioned
 in `schema_version`; `migrate` runs on every startup and applies only what is missing,
-serialized across processes (PostgreSQL advisory lock; SQLite's write lock), so several
+serialized across processes (PostgreSQL advisory lock; SQLite's write lock taken first), so several
 servers and workers may start at once against the same database.
 """
 
@@ -171,12 +171,18 @@ async def applied_version(conn: AsyncConnection) -> int:
 
 
 async def migrate(conn: AsyncConnection, dialect: str) -> None:
-    """Bring the database to the newest schema, inside the caller's transaction: idempotent,
-    and safe to run from several processes at once (the first applies, the others wait and
-    then find nothing left to do)."""
+    """Bring the database to the newest schema, inside the caller's transaction (on SQLite, its
+    first statement): idempotent, and safe to run from several processes at once (the first
+    applies, the others wait and then find nothing left to do)."""
     if dialect == "postgresql":
         # The number names the lock; any constant works as long as every process uses it.
         await conn.execute(sa.text("SELECT pg_advisory_xact_lock(74210331)"))
+    elif dialect == "sqlite":
+        # The sqlite3 driver opens no transaction before DDL or a SELECT, so without this each
+        # step below commits on its own and two processes migrating a fresh file both create
+        # the tables. BEGIN IMMEDIATE takes the write lock first; the others wait for it
+        # (busy timeout) and then find nothing left to do.
+        await conn.exec_driver_sql("BEGIN IMMEDIATE")
     await conn.run_sync(lambda c: schema_version.create(c, checkfirst=True))
     current = await applied_version(conn)
     for version, step in MIGRATIONS:
