@@ -13,12 +13,13 @@ import openai
 import pytest
 
 from cvi_agent.app import create_app
-from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
 from cvi_agent.store import SqlStore, open_store
 from tests.support import (
     API_KEY,
+    CALLBACK_TOKEN,
     DATABASES,
     PERSONAS,
     TAVUS_KEY,
@@ -121,6 +122,46 @@ def fake_tavus() -> Iterator[Any]:
     with LoopbackServer(fake.app) as server:
         fake.url = server.url
         yield fake
+
+
+@pytest.fixture
+def app_defaults() -> dict[str, Any]:
+    """Settings every `app_server` of a test module starts from; a module overrides this
+    fixture to change them for all its servers."""
+    return {}
+
+
+@pytest.fixture
+def app_server(
+    tmp_path: Path, fake_tavus: Any, app_defaults: dict[str, Any]
+) -> Iterator[ServerFactory]:
+    """Start our app on loopback (as many as a test asks for, all stopped afterwards), talking
+    to the fake Tavus, its CVI_PUBLIC_URL its own address (so callbacks come home), its bots the
+    recording test bot; `own_database=True` gives each server its own SQLite file. Keyword
+    arguments override settings."""
+    started: list[LoopbackServer] = []
+
+    def start(**overrides: Any) -> LoopbackServer:
+        port = free_port()
+        values: dict[str, Any] = {
+            "public_url": f"http://127.0.0.1:{port}",
+            "callback_token": CALLBACK_TOKEN,
+            "tavus_api_key": TAVUS_KEY,
+            "tavus_api_url": fake_tavus.url,
+            "bot_factory": "tests.bots:recording_bot",
+            "worker_poll_interval": 0.2,
+            **app_defaults,
+            **overrides,
+        }
+        if values.pop("own_database", False):
+            values.setdefault("database_url", f"sqlite+aiosqlite:///{tmp_path / f'cvi-{port}.db'}")
+        server = LoopbackServer(create_app(make_settings(tmp_path, **values)), port=port).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
 
 
 @pytest.fixture

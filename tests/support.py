@@ -11,7 +11,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ PERSONAS = ROOT / "personas"
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 API_KEY = "test-key-0123456789"
 TAVUS_KEY = "tavus-test-key-0123456789"
+CALLBACK_TOKEN = "cb-token-test-0123456789"
 
 # Where the integration tests find PostgreSQL and Redis. Read once, at import: the autouse
 # fixture that clears the application's variables leaves these CVI_TEST_* ones alone.
@@ -113,6 +114,19 @@ async def fresh_database_url(kind: str, tmp_path: Path) -> AsyncIterator[str]:
         yield url
     finally:
         await drop_pg_database(name)
+
+
+async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
+    """Await `check` every 50 ms until it returns something truthy, and return that; fail
+    after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not true within {within}s")
+        await asyncio.sleep(0.05)
 
 
 async def wait_until(condition: Any, within: float = 3.0) -> None:

@@ -30,18 +30,7 @@ from cvi_agent.rooms.local_server import LocalRoomServer
 from cvi_agent.rooms.policy import RoomPolicy
 from cvi_agent.store import EventRecord, Leases, SqlStore, open_store
 from tests.bots import RecordingBot
-from tests.support import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY, make_settings
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {within}s")
-        await asyncio.sleep(0.05)
+from tests.support import API_KEY, PERSONAS, REDIS_TEST_URL, TAVUS_KEY, eventually, make_settings
 
 
 async def test_claims_are_exclusive_and_expire(store: SqlStore) -> None:

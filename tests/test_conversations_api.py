@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,54 +13,19 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidStatus
 
-from cvi_agent.app import create_app
-from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.tavus import FakeTavus
 from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import Leases, VideoRecord, open_store
 from tests.bots import BOTS, RecordingBot
-from tests.support import API_KEY, TAVUS_KEY, load_fixture, make_settings
+from tests.support import (
+    API_KEY,
+    CALLBACK_TOKEN,
+    ServerFactory,
+    eventually,
+    load_fixture,
+)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-TOKEN = "cb-token-api-0123456789"
-
-AppFactory = Callable[..., LoopbackServer]
-
-
-@pytest.fixture
-def app_server(tmp_path: Path, fake_tavus: FakeTavus) -> Iterator[AppFactory]:
-    """Our app on loopback whose CVI_PUBLIC_URL is its own address (so callbacks come home)."""
-    started: list[LoopbackServer] = []
-
-    def start(**overrides: Any) -> LoopbackServer:
-        port = free_port()
-        values: dict[str, Any] = {
-            "public_url": f"http://127.0.0.1:{port}",
-            "callback_token": TOKEN,
-            "tavus_api_key": TAVUS_KEY,
-            "tavus_api_url": fake_tavus.url,
-            "bot_factory": "tests.bots:recording_bot",
-            "worker_poll_interval": 0.2,
-        }
-        values.update(overrides)
-        server = LoopbackServer(create_app(make_settings(tmp_path, **values)), port=port).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {within}s")
-        await asyncio.sleep(0.05)
 
 
 async def create(http: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
@@ -83,7 +46,7 @@ async def bot_for(cid: str) -> RecordingBot:
     return bot
 
 
-async def test_create_interact_end(app_server: AppFactory, fake_tavus: FakeTavus) -> None:
+async def test_create_interact_end(app_server: ServerFactory, fake_tavus: FakeTavus) -> None:
     server = app_server(interactions_via="bot")  # the REST path: test_conversations_delivery
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         created = await create(http, conversational_context="A screening call.")
@@ -97,7 +60,7 @@ async def test_create_interact_end(app_server: AppFactory, fake_tavus: FakeTavus
         assert push.body["layers"]["llm"]["base_url"] == server.url + "/v1"
         assert push.body["layers"]["llm"]["model"] == "interviewer"
         [made] = fake_tavus.requests("POST", "/v2/conversations")
-        assert made.body["callback_url"] == f"{server.url}/callbacks/tavus?token={TOKEN}"
+        assert made.body["callback_url"] == f"{server.url}/callbacks/tavus?token={CALLBACK_TOKEN}"
         assert made.body["max_participants"] >= 3
         assert made.body["conversational_context"] == "A screening call."
 
@@ -178,7 +141,7 @@ async def _true(value: bool) -> bool:
     return value
 
 
-async def test_no_bot_attached_is_409(app_server: AppFactory) -> None:
+async def test_no_bot_attached_is_409(app_server: ServerFactory) -> None:
     server = app_server(interactions_via="bot")
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         created = await create(http, bot=False)
@@ -195,7 +158,9 @@ async def test_no_bot_attached_is_409(app_server: AppFactory) -> None:
         assert two.status_code == 400 and two.json()["error"]["param"] == "max_participants"
 
 
-async def test_tavus_errors_surface_clearly(app_server: AppFactory, fake_tavus: FakeTavus) -> None:
+async def test_tavus_errors_surface_clearly(
+    app_server: ServerFactory, fake_tavus: FakeTavus
+) -> None:
     server = app_server()
     unconfigured = app_server(tavus_api_key="")
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -230,7 +195,7 @@ async def test_tavus_errors_surface_clearly(app_server: AppFactory, fake_tavus: 
         assert resp.status_code == 503 and resp.json()["error"]["code"] == "tavus_not_configured"
 
 
-async def test_list_is_paginated_with_a_cursor(app_server: AppFactory) -> None:
+async def test_list_is_paginated_with_a_cursor(app_server: ServerFactory) -> None:
     server = app_server(run_worker=False)
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
         ids = []
@@ -241,7 +206,7 @@ async def test_list_is_paginated_with_a_cursor(app_server: AppFactory) -> None:
                 "timestamp": f"2025-01-01T00:00:0{n}Z",
                 "properties": {},
             }
-            resp = await http.post("/callbacks/tavus", params={"token": TOKEN}, json=body)
+            resp = await http.post("/callbacks/tavus", params={"token": CALLBACK_TOKEN}, json=body)
             assert resp.status_code == 200
             ids.append(f"c-{n}")
         seen: list[str] = []
@@ -271,22 +236,24 @@ async def _recv(ws: ClientConnection) -> dict[str, Any]:
     return message
 
 
-async def test_live_feed_backlog_then_live(app_server: AppFactory) -> None:
+async def test_live_feed_backlog_then_live(app_server: ServerFactory) -> None:
     server = app_server(run_worker=False)
     ws_url = server.url.replace("http://", "ws://")
     joined = load_fixture("callback_replica_joined.json")
     shutdown = load_fixture("callback_shutdown.json")
     cid = joined["conversation_id"]
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
-        await http.post("/callbacks/tavus", params={"token": TOKEN}, json=joined)
+        await http.post("/callbacks/tavus", params={"token": CALLBACK_TOKEN}, json=joined)
         async with connect(f"{ws_url}/api/conversations/{cid}/live?key={API_KEY}") as ws:
             backlog = await _recv(ws)
             assert (
                 backlog["type"] == "event" and backlog["event"]["kind"] == "system.replica_joined"
             )
             assert await _recv(ws) == {"type": "live", "backlog": 1}
-            await http.post("/callbacks/tavus", params={"token": TOKEN}, json=shutdown)
-            await http.post("/callbacks/tavus", params={"token": TOKEN}, json=shutdown)  # dup
+            await http.post("/callbacks/tavus", params={"token": CALLBACK_TOKEN}, json=shutdown)
+            await http.post(
+                "/callbacks/tavus", params={"token": CALLBACK_TOKEN}, json=shutdown
+            )  # dup
             live = await _recv(ws)
             assert live["event"]["kind"] == "system.shutdown"
             assert live["event"]["payload"]["properties"]["shutdown_reason"] == (
@@ -323,7 +290,7 @@ async def test_live_feed_backlog_then_live(app_server: AppFactory) -> None:
         assert b'"error"' in (refused.value.response.body or b"")
 
 
-async def test_turns_recorded_off_the_hot_path(app_server: AppFactory) -> None:
+async def test_turns_recorded_off_the_hot_path(app_server: ServerFactory) -> None:
     server = app_server(run_worker=False)
     cid = "c-turns"
     messages = [
@@ -374,7 +341,7 @@ async def test_turns_recorded_off_the_hot_path(app_server: AppFactory) -> None:
 
 
 async def test_ready_video_is_announced_through_the_bot(
-    app_server: AppFactory, tmp_path: Path
+    app_server: ServerFactory, tmp_path: Path
 ) -> None:
     """A Tavus video callback on /callbacks/tavus → the videos module → `ConversationService.announce` →
     the bus → the conversation's bot, which says it in the room."""
@@ -397,7 +364,7 @@ async def test_ready_video_is_announced_through_the_bot(
             await store.aclose()
         resp = await http.post(
             "/callbacks/tavus",
-            params={"token": TOKEN},
+            params={"token": CALLBACK_TOKEN},
             json={"video_id": "vid-1", "status": "ready", "download_url": "https://v/1.mp4"},
         )
         assert resp.status_code == 200, resp.text
@@ -444,7 +411,7 @@ REFUSED_ROOMS = [
 ]
 
 
-async def test_bot_is_not_sent_to_rooms_outside_the_allow_list(app_server: AppFactory) -> None:
+async def test_bot_is_not_sent_to_rooms_outside_the_allow_list(app_server: ServerFactory) -> None:
     """The real bot factory, default settings: nothing but Daily's domains. Before the check a
     loopback URL was accepted (201) and the bot opened a connection to it (SSRF)."""
     server = app_server(bot_factory="")
@@ -471,7 +438,7 @@ async def test_bot_is_not_sent_to_rooms_outside_the_allow_list(app_server: AppFa
 
 
 async def test_allowed_rooms_and_local_rooms_when_configured(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     """Daily's URLs are accepted by default; a loopback room only with CVI_LOCAL_ROOMS; other
     hosts with CVI_ROOM_HOSTS. A conversation_url Tavus hands back is held to the same rule."""
@@ -533,7 +500,7 @@ async def test_allowed_rooms_and_local_rooms_when_configured(
 
 
 async def test_worker_refuses_a_lease_for_a_room_outside_the_allow_list(
-    app_server: AppFactory, tmp_path: Path
+    app_server: ServerFactory, tmp_path: Path
 ) -> None:
     """A lease row written by an older version (or by hand) is checked again by the worker
     before any bot is built: finished, noted as `worker.refused`, never joined."""

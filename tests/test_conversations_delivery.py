@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,6 @@ import pytest
 import redis.asyncio as redis
 from websockets.asyncio.client import connect
 
-from cvi_agent.app import create_app
 from cvi_agent.conversations.ordering import RedisTurns, TurnTimeout
 from cvi_agent.devtools.fakes.server import LoopbackServer, free_port
 from cvi_agent.devtools.fakes.tavus import FakeTavus
@@ -26,40 +25,23 @@ from cvi_agent.protocol.interactions import Echo
 from cvi_agent.store import VideoRecord, open_store
 from cvi_agent.tavus.ratelimit import key_id
 from tests.bots import BOTS, RecordingBot
-from tests.support import API_KEY, REDIS_TEST_URL, TAVUS_KEY, make_settings
+from tests.support import (
+    API_KEY,
+    CALLBACK_TOKEN,
+    REDIS_TEST_URL,
+    TAVUS_KEY,
+    ServerFactory,
+    eventually,
+)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-TOKEN = "cb-token-delivery-0123456789"
-
-AppFactory = Callable[..., LoopbackServer]
 
 
 @pytest.fixture
-def app_server(tmp_path: Path, fake_tavus: FakeTavus) -> Iterator[AppFactory]:
-    """Our app on loopback, talking to the fake Tavus; each call may override settings."""
-    started: list[LoopbackServer] = []
-
-    def start(**overrides: Any) -> LoopbackServer:
-        port = free_port()
-        values: dict[str, Any] = {
-            "public_url": f"http://127.0.0.1:{port}",
-            "callback_token": TOKEN,
-            "tavus_api_key": TAVUS_KEY,
-            "tavus_api_url": fake_tavus.url,
-            "bot_factory": "tests.bots:recording_bot",
-            "worker_poll_interval": 0.2,
-            "local_rooms": True,  # the tests' rooms are ws:// local rooms on loopback
-            # Each server its own database (and so its own bots), unless a test shares one.
-            "database_url": f"sqlite+aiosqlite:///{tmp_path / f'cvi-{port}.db'}",
-        }
-        values.update(overrides)
-        server = LoopbackServer(create_app(make_settings(tmp_path, **values)), port=port).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
+def app_defaults() -> dict[str, Any]:
+    """The tests' rooms are ws:// local rooms on loopback; each server its own database (and so
+    its own bots), unless a test shares one."""
+    return {"local_rooms": True, "own_database": True}
 
 
 @pytest.fixture
@@ -69,17 +51,6 @@ def standin() -> Iterator[FakeTavus]:
     with LoopbackServer(fake.app) as server:
         fake.url = server.url
         yield fake
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {within}s")
-        await asyncio.sleep(0.05)
 
 
 async def create(http: httpx.AsyncClient, **body: Any) -> str:
@@ -135,7 +106,7 @@ def texts(fake: FakeTavus, cid: str) -> list[str]:
 
 
 async def test_rest_interaction_reaches_tavus_and_the_record(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     """`bot: false`, a first-class mode: no bot, no extra participant, interactions over
     Tavus's API, each one in the record (and on the live feed) where the bot's would be."""
@@ -175,7 +146,7 @@ async def test_rest_interaction_reaches_tavus_and_the_record(
 
 
 async def test_the_path_is_chosen_by_setting_and_per_request(
-    app_server: AppFactory, fake_tavus: FakeTavus, standin: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus, standin: FakeTavus
 ) -> None:
     server = app_server()
     bots = app_server(interactions_via="bot")
@@ -230,7 +201,7 @@ async def test_the_path_is_chosen_by_setting_and_per_request(
 
 
 async def test_auto_falls_back_when_the_first_path_surely_did_not_deliver(
-    app_server: AppFactory, fake_tavus: FakeTavus, standin: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus, standin: FakeTavus
 ) -> None:
     server = app_server(interaction_budget=10)
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -273,7 +244,7 @@ async def test_auto_falls_back_when_the_first_path_surely_did_not_deliver(
 
 
 async def test_no_fallback_when_it_may_have_been_delivered(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     """504 "may have been delivered": 202 `uncertain`, recorded, sent once, and neither retried
     nor sent through the bot."""
@@ -298,7 +269,7 @@ async def test_no_fallback_when_it_may_have_been_delivered(
 
 
 async def test_429_and_502_are_retried_within_the_budget(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     server = app_server(interaction_budget=2)
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -332,7 +303,7 @@ async def test_429_and_502_are_retried_within_the_budget(
 
 
 async def test_ended_or_roomless_conversation_is_409(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     server = app_server()
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -351,7 +322,7 @@ async def test_ended_or_roomless_conversation_is_409(
 
 
 async def test_over_the_path_limit_is_413_before_anything_is_sent(
-    app_server: AppFactory, fake_tavus: FakeTavus, standin: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus, standin: FakeTavus
 ) -> None:
     server = app_server()
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -380,7 +351,7 @@ async def test_over_the_path_limit_is_413_before_anything_is_sent(
 
 
 async def test_idempotency_key_is_sent_once_whatever_the_path(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     server = app_server(interaction_budget=2)
     async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
@@ -412,7 +383,7 @@ async def test_idempotency_key_is_sent_once_whatever_the_path(
 
 
 async def test_interactions_leave_in_the_order_accepted(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     """The first interaction is refused once with a 502 and retried after a backoff; the
     second, accepted meanwhile, waits its turn instead of overtaking it."""
@@ -439,7 +410,7 @@ async def _true(value: bool) -> bool:
 
 
 async def test_tavus_rate_limit_is_kept_per_key(
-    app_server: AppFactory, fake_tavus: FakeTavus
+    app_server: ServerFactory, fake_tavus: FakeTavus
 ) -> None:
     """Three conversations at once, one key: never more than the burst, then `rate` a second."""
     server = app_server(tavus_rate_limit_rps=5, tavus_rate_limit_burst=2)
@@ -467,7 +438,7 @@ def assert_within_limit(starts: list[float], rate: float, burst: int) -> None:
 
 
 async def test_ready_video_is_announced_over_rest(
-    app_server: AppFactory, fake_tavus: FakeTavus, tmp_path: Path
+    app_server: ServerFactory, fake_tavus: FakeTavus, tmp_path: Path
 ) -> None:
     """The videos announcer goes through the same delivery: a conversation without a bot
     still hears that its video is ready."""
@@ -490,7 +461,7 @@ async def test_ready_video_is_announced_over_rest(
             await store.aclose()
         resp = await http.post(
             "/callbacks/tavus",
-            params={"token": TOKEN},
+            params={"token": CALLBACK_TOKEN},
             json={"video_id": "vid-rest", "status": "ready", "download_url": "https://v/1.mp4"},
         )
         assert resp.status_code == 200, resp.text
@@ -513,7 +484,7 @@ async def redis_client() -> Any:
 
 @pytest.mark.redis
 async def test_order_is_kept_across_two_services(
-    app_server: AppFactory, fake_tavus: FakeTavus, redis_client: redis.Redis, tmp_path: Path
+    app_server: ServerFactory, fake_tavus: FakeTavus, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     """Two web processes (two services on one Redis): an interaction posted to B while A's
     is still being retried leaves after it."""
@@ -549,7 +520,7 @@ async def test_order_is_kept_across_two_services(
 
 @pytest.mark.redis
 async def test_rate_limit_is_shared_across_two_services(
-    app_server: AppFactory, fake_tavus: FakeTavus, redis_client: redis.Redis, tmp_path: Path
+    app_server: ServerFactory, fake_tavus: FakeTavus, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     await redis_client.delete("cvi:tavus-rate:" + key_id(TAVUS_KEY))  # a fresh bucket
     shared = {

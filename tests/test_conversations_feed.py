@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -30,7 +30,7 @@ from cvi_agent.conversations.service import ConversationService
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.store import EventRecord, SqlStore
 from cvi_agent.store.base import now
-from tests.support import API_KEY, REDIS_TEST_URL, ServerFactory
+from tests.support import API_KEY, REDIS_TEST_URL, ServerFactory, eventually
 
 TOKEN = "cb-token-feed-0123456789"
 CID = "c-feed"
@@ -117,17 +117,6 @@ async def callback(http: httpx.AsyncClient, n: int, size: int = 0, cid: str = CI
 
 def numbers(messages: list[Message]) -> list[int]:
     return [m.data["payload"]["properties"]["n"] for m in messages]
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {within}s")
-        await asyncio.sleep(0.05)
 
 
 def service(server: LoopbackServer) -> ConversationService:

@@ -5,10 +5,7 @@ headers had not gone out, and the turn's record says so."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +16,7 @@ import pytest
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.personas import PersonaError, load_persona
-from tests.support import API_KEY, ServerFactory
+from tests.support import API_KEY, ServerFactory, eventually
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 LINE = "Sorry, give me one second."
@@ -165,16 +162,6 @@ async def test_a_good_answer_has_no_fallback_header(
     for stream in (False, True):
         resp = await post(srv, {"model": "errors", "stream": stream, "messages": USER})
         assert resp.status_code == 200 and "x-cvi-fallback" not in resp.headers
-
-
-async def eventually(check: Callable[[], Awaitable[Any]], within: float = 10.0) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        result = await check()
-        if result:
-            return result
-        assert time.monotonic() < deadline, f"not true within {within}s"
-        await asyncio.sleep(0.05)
 
 
 async def turn_records(srv: LoopbackServer, cid: str, count: int) -> list[dict[str, Any]]:

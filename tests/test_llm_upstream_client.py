@@ -20,7 +20,7 @@ from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
 from cvi_agent.llm.upstream.client import ChatStreamClient, TransportName
 from cvi_agent.llm.upstream.errors import UpstreamConnectionError, UpstreamHTTPError
 from tests.support import wait_until
-from tests.upstream_support import PARAMS, collect
+from tests.upstream_support import PARAMS, assert_story_relayed, collect
 
 
 @pytest.fixture(params=["httptools", "aiohttp"])
@@ -41,20 +41,8 @@ def short_keepalive_upstream() -> Iterator[FakeUpstream]:
 async def test_events_and_request_on_the_wire(
     upstream: FakeUpstream, transport: TransportName
 ) -> None:
-    upstream.push(upstream.reply("Once upon a time"))
     client = ChatStreamClient(upstream.url + "/v1", "sk-test", transport=transport)  # type: ignore[attr-defined]
-    try:
-        events = await collect(client)
-    finally:
-        await client.aclose()
-    contents = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
-    assert "".join(c or "" for c in contents) == "Once upon a time"
-    assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    assert events[-1]["usage"]["total_tokens"] > 0
-    record = upstream.records[-1]
-    assert record.body == PARAMS  # exactly what we sent, unicode intact
-    assert record.headers["authorization"] == "Bearer sk-test"
-    assert record.headers["accept"] == "text/event-stream"
+    await assert_story_relayed(client, upstream)
 
 
 async def test_keep_alive_reuse_and_stale_connections(

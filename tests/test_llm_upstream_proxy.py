@@ -8,25 +8,13 @@ import pytest
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
 from cvi_agent.llm.upstream.client import ChatStreamClient, TransportName
 from cvi_agent.llm.upstream.proxy import proxy_for
-from tests.upstream_support import PARAMS, collect
+from tests.upstream_support import assert_story_relayed
 
 
 async def test_events_and_request_on_the_wire(upstream: FakeUpstream) -> None:
-    upstream.push(upstream.reply("Once upon a time"))
     client = ChatStreamClient(upstream.url + "/v1", "sk-test", force_proxy=True)  # type: ignore[attr-defined]
-    try:
-        assert client.via_proxy
-        events = await collect(client)
-    finally:
-        await client.aclose()
-    contents = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
-    assert "".join(c or "" for c in contents) == "Once upon a time"
-    assert events[-2]["choices"][0]["finish_reason"] == "stop"
-    assert events[-1]["usage"]["total_tokens"] > 0
-    record = upstream.records[-1]
-    assert record.body == PARAMS  # exactly what we sent, unicode intact
-    assert record.headers["authorization"] == "Bearer sk-test"
-    assert record.headers["accept"] == "text/event-stream"
+    assert client.via_proxy
+    await assert_story_relayed(client, upstream)
 
 
 @pytest.mark.parametrize("transport", ["httptools", "aiohttp"])
