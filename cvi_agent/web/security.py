@@ -4,7 +4,7 @@ key, and CORS only for the origins `CVI_CORS_ORIGINS` names.
 `AccessControl` is plain ASGI middleware in front of routing, so a route added later is
 protected by default; the routers' own key checks (`require_key` dependencies, the live
 websocket's handshake check) stay as a second line. The allow-list is `public_paths()`:
-liveness, the console's static files and the OpenAPI docs (public on purpose: they hold no
+liveness and readiness, the console's static files and the OpenAPI docs (public on purpose: they hold no
 secret and describe the same API the README does), plus the provider callbacks under
 `/callbacks/`, which authenticate with their own URL token or HMAC signature (callbacks.py,
 videos/webhooks.py) because Tavus and the video providers cannot send our API key.
@@ -40,6 +40,7 @@ from starlette.websockets import WebSocket
 
 from cvi_agent import metrics
 from cvi_agent.config import Settings
+from cvi_agent.web.access import facts_of, key_tail
 from cvi_agent.web.auth import constant_time_in, presented_key
 from cvi_agent.web.errors import ApiError
 
@@ -53,9 +54,10 @@ log = logging.getLogger(__name__)
 
 
 def public_paths(app: FastAPI) -> frozenset[str]:
-    """Exact paths anyone may fetch: liveness, the console page, the OpenAPI docs."""
+    """Exact paths anyone may fetch: liveness and readiness (probes send no key; they say
+    which part fails, never a secret), the console page, the OpenAPI docs."""
     docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset({"/healthz", "/", "/console", *(p for p in docs if p)})
+    return frozenset({"/healthz", "/readyz", "/", "/console", *(p for p in docs if p)})
 
 
 def is_public(path: str, exact: frozenset[str]) -> bool:
@@ -195,6 +197,9 @@ class AccessControl:
                 401, "Invalid API key.", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
             )
         else:
+            facts = facts_of(scope)
+            if facts is not None:
+                facts.key_tail = key_tail(key)
             refused = self._throttle(key, headers, kind)
             if refused is None:
                 await self._admit(key, scope, receive, send, headers)
@@ -268,6 +273,9 @@ class AccessControl:
         return charged
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+        facts = facts_of(scope)
+        if facts is not None:
+            facts.reason = error.code
         if scope["type"] == "http":
             if scope["path"] in CHAT_PATHS:
                 metrics.request_done("unknown", error.status)
