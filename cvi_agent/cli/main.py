@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from cvi_agent import __version__
 from cvi_agent.cli.conversations import add_record_commands
@@ -177,7 +177,32 @@ def build_parser() -> argparse.ArgumentParser:
     from cvi_agent.cli.bot import add_parsers as add_bot_parsers
 
     add_bot_parsers(sub)  # bot, room serve
+    document_defaults(parser)
     return parser
+
+
+def _parsers(parser: argparse.ArgumentParser) -> Iterator[argparse.ArgumentParser]:
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):  # aliases share a parser
+                yield from _parsers(sub)
+
+
+def document_defaults(parser: argparse.ArgumentParser) -> None:
+    """Make every option's help say its default (`(default: …)` unless it already does), so
+    `--help` never hides what a command does when an option is left out."""
+    for each in _parsers(parser):
+        for action in each._actions:
+            default, text = action.default, action.help
+            if text == argparse.SUPPRESS or default is None or default is False:
+                continue
+            if default == [] or default == argparse.SUPPRESS:
+                continue
+            if not text:
+                action.help = "default: %(default)s"
+            elif "default" not in text.lower():
+                action.help = f"{text} (default: %(default)s)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

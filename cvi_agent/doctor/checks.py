@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 
 import httpx
 import redis.asyncio as redis
+import sqlalchemy as sa
 from sqlalchemy.engine import make_url
 
 from cvi_agent.config import Settings
@@ -218,6 +219,8 @@ async def _schema_version(url: str) -> int:
     store = SqlStore(url)
     try:
         async with store.engine.connect() as conn:
+            if not await conn.run_sync(lambda c: sa.inspect(c).has_table("schema_version")):
+                return 0  # a database never migrated (serve creates the schema)
             return await applied_version(conn)
     finally:
         await store.aclose()
