@@ -10,6 +10,8 @@ from typing import Any
 
 import httpx
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import InvalidStatus
 
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
 from tests.procs import ServerProcess
@@ -151,3 +153,21 @@ def test_json_lines_from_the_real_server_process(tmp_path: Path) -> None:
     ]
     assert requests[1]["persona"] == "echo" and requests[1]["request_id"].startswith("req_")
     assert requests[1]["ttft_ms"] is not None and requests[1]["key_last4"] == "…" + API_KEY[-4:]
+
+
+async def test_a_refused_live_feed_handshake_is_one_line_without_its_key(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = serve(None)
+    ws_url = server.url.replace("http://", "ws://")
+    wrong = "wrong-key-0123456789"
+    with pytest.raises(InvalidStatus) as refused:
+        async with connect(f"{ws_url}/api/conversations/c1/live?key={wrong}"):
+            pass
+    assert refused.value.response.status_code == 401
+    [record] = await _logged(caplog, 1)
+    assert record.fields["status"] == 401  # type: ignore[attr-defined]
+    assert record.fields["reason"] == "invalid_api_key"  # type: ignore[attr-defined]
+    assert record.getMessage().startswith("WEBSOCKET /api/conversations/c1/live 401 ")
+    assert wrong not in record.getMessage()

@@ -32,6 +32,7 @@ from typing import Any
 from cvi_agent.config import Settings
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.redact import MASK, redact_text
+from cvi_agent.web.access import REDACTED_MARK
 from cvi_agent.web.request_id import RequestIdFormatter, current_request_id
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -42,7 +43,7 @@ DENIAL_FORMAT = '%s - "WebSocket %s" %d'
 #: The websockets library's line for the same refusal (uvicorn hands it the `uvicorn.error` logger).
 REJECTED_FORMAT = "connection rejected (%d %s)"
 _WITHHELD = "(a log line was withheld: it could not be checked for secrets)"
-_DONE = "_cvi_redacted"
+_DONE = REDACTED_MARK
 
 
 class RedactingFilter(logging.Filter):
@@ -200,8 +201,11 @@ class JsonFormatter(logging.Formatter):
             out["request_id"] = request_id
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
+            clean = getattr(record, "fields_clean", False)
             for name, value in fields.items():
-                out[name] = _REDACTION.redact(value) if isinstance(value, str) else value
+                if isinstance(value, str) and not clean:
+                    value = _REDACTION.redact(value)
+                out[name] = value
         if record.exc_text or record.exc_info:
             out["exc"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
         return json.dumps(out, ensure_ascii=False, default=str)

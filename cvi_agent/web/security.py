@@ -26,7 +26,6 @@ operations. Only accepted keys get a bucket, so the tables are as small as `CVI_
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -49,8 +48,6 @@ CALLBACK_PREFIX = "/callbacks/"
 #: The LLM endpoint's paths: refusals there are counted in `cvi_chat_requests` too.
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 WS_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
-
-log = logging.getLogger(__name__)
 
 
 def public_paths(app: FastAPI) -> frozenset[str]:
@@ -297,18 +294,12 @@ def rate_limited(limiter: RateLimiter, wait: float) -> ApiError:
 async def deny_websocket(ws: WebSocket, error: ApiError) -> None:
     """Refuse a handshake with the HTTP error when the server can, else close with 4xxx.
 
-    Logged here, once, with the reason (INFO: the client's doing, not ours); the path is logged
-    without its query string, which may hold a key. `web/logs.DenialLines` drops uvicorn's own
+    The request log's line for the handshake (`web/access.py`) says the status and the reason,
+    without the query string, which may hold a key; `web/logs.DenialLines` drops uvicorn's own
     status-only line for the same refusal."""
-    client = ws.client
-    log.info(
-        "%s - websocket %s refused: %d %s (%s)",
-        f"{client.host}:{client.port}" if client else "-",
-        ws.scope["path"],
-        error.status,
-        error.message,
-        error.code,
-    )
+    facts = facts_of(ws.scope)
+    if facts is not None:
+        facts.status, facts.reason = error.status, error.code
     try:
         await ws.send_denial_response(error.response())
     except RuntimeError:
