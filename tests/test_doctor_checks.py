@@ -183,3 +183,10 @@ async def test_every_check_runs_concurrently_within_the_timeout(tmp_path: Path) 
         "TAVUS_API_KEY",
         "CVI_PUBLIC_URL",
     }
+
+
+@pytest.mark.postgres
+async def test_pending_migrations_are_no_warning_at_start_up(tmp_path: Path, pg_url: str) -> None:
+    settings = make_settings(tmp_path, _dead_url(), database_url=pg_url)
+    checks = _by_name(await startup_checks(settings, {}))
+    assert checks["database"].status == "OK" and "(migrating now)" in checks["database"].detail
