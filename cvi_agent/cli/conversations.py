@@ -77,7 +77,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
-    configure_logging(settings.log_level, *configured_secrets(settings))
+    configure_logging(settings.log_level, *configured_secrets(settings), fmt=settings.log_format)
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:

@@ -106,8 +106,10 @@ def request_fields(scope: Scope, facts: RequestFacts, started: float) -> dict[st
     if state is not None:
         ttft = state.get("ttft")
         fields["ttft_ms"] = round(ttft * 1000, 1) if ttft is not None else None
-        noted = state.get("fallback")
-        fields["fallback"] = noted[0] if noted else None
+        noted = state.get("fallback")  # (code, mode, mid_reply), llm/failure.note
+        if isinstance(noted, tuple | list):
+            noted = noted[0] if noted else None
+        fields["fallback"] = str(noted) if noted else None
     if facts.key_tail is not None:
         fields["key_last4"] = facts.key_tail
     if facts.reason is not None:
