@@ -128,6 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
         prog="cvi-agent",
         description="Custom LLM backend, live room orchestration and callback ingestion for "
         "Tavus CVI personas.",
+        epilog="Start with `cvi-agent serve`; `cvi-agent doctor` checks the configuration. "
+        "Every setting comes from the environment (README.md, Configuration); logs go to "
+        "stderr (CVI_LOG_LEVEL, CVI_LOG_FORMAT=json). `cvi-agent COMMAND --help` for a "
+        "command's options and their defaults.",
     )
     parser.add_argument("--version", action="version", version=f"cvi-agent {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import socket
+import threading
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -122,11 +124,37 @@ def upstream_targets(persona: Persona, settings: Settings) -> list[UpstreamTarge
 
 
 async def _resolve(url: str) -> None:
+    """Look the URL's host up, in a daemon thread of its own: a resolver that hangs past the
+    caller's timeout must not hold up the event loop's shutdown (`asyncio.run` waits for the
+    default executor's threads), hence the start of the server."""
     parts = urlsplit(url)
     if not parts.hostname:
         raise ValueError(f"{url!r} has no host")
-    port = parts.port or (443 if parts.scheme == "https" else 80)
-    await asyncio.get_running_loop().getaddrinfo(parts.hostname, port)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+
+    def settle(error: BaseException | None) -> None:
+        if done.done():
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(None)
+
+    def lookup() -> None:
+        error: BaseException | None = None
+        try:
+            socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as exc:
+            error = exc
+        try:
+            loop.call_soon_threadsafe(settle, error)
+        except RuntimeError:  # the loop is closed: nobody waits any more
+            pass
+
+    threading.Thread(target=lookup, name=f"resolve-{host}", daemon=True).start()
+    await done
 
 
 async def check_upstream(target: UpstreamTarget, within: float, ask: bool = True) -> Check:
