@@ -38,7 +38,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     try:
         personas = load_checked_personas(settings)
         names = ", ".join(sorted(personas)) or "none"
-        checks.append(Check("personas", "OK", f"{settings.personas_dir}: {names}"))
+        where = f"{len(personas)} in {settings.personas_dir}/"
+        checks.append(Check("personas", "OK", f"{where}: {names}"))
     except PersonaError as exc:
         first = str(exc).splitlines()[0] if str(exc) else "invalid"
         checks.append(
