@@ -7,7 +7,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 
 from cvi_agent import __version__
@@ -18,6 +18,7 @@ from cvi_agent.conversations.feed import router as feed_router
 from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
 from cvi_agent.devtools.simulate.routes import RoomHost
 from cvi_agent.devtools.simulate.routes import router as simulations_router
+from cvi_agent.doctor.readiness import readiness
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.personas import Persona
 from cvi_agent.runtime import Runtime, load_checked_personas
@@ -89,5 +90,20 @@ def create_app(
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:
         return {"status": "ok", "version": __version__, "personas": len(personas)}
+
+    @app.get(
+        "/readyz",
+        summary="Readiness: the database (and Redis when configured) answer",
+        tags=["ops"],
+        responses={503: {"description": "a part is failing; the body says which and why"}},
+    )
+    async def readyz() -> JSONResponse:
+        runtime: Runtime | None = getattr(app.state, "runtime", None)
+        ready, parts = await readiness(
+            runtime.store if runtime else None,
+            runtime.conversations.bus if runtime else None,
+        )
+        body = {"status": "ready" if ready else "not ready", **parts}
+        return JSONResponse(body, status_code=200 if ready else 503)
 
     return app

@@ -122,6 +122,10 @@ class Settings(BaseSettings):
         validation_alias=_env("CVI_SIDE_EFFECT_SETTLE", "side_effect_settle"),
     )
     log_level: str = Field(default="info", validation_alias=_env("CVI_LOG_LEVEL", "log_level"))
+    # Log lines on stderr: human-readable text, or JSON objects for log shippers (web/logs.py).
+    log_format: Literal["text", "json"] = Field(
+        default="text", validation_alias=_env("CVI_LOG_FORMAT", "log_format")
+    )
     var_dir: Path = Field(default=Path("var"), validation_alias=_env("CVI_VAR_DIR", "var_dir"))
     # Conversation record, live feed and scale-out (callbacks.py, api.py, bus.py, bot/worker.py).
     callback_max_bytes: int = Field(

@@ -119,13 +119,16 @@ def test_refused_websocket_is_one_line_with_its_reason_and_no_error(server: Serv
         response = read_until_closed(sock)
     assert response.startswith(b"HTTP/1.1 404 "), response
 
-    log = wait_for_log(server, rf"{conversation}.*404")
+    log = wait_for_log(server, r"WEBSOCKET /api/conversations/\{conversation_id\}/live 404")
     time.sleep(0.3)  # anything logged after the refusal (an ERROR came right after it)
     log = server.log_text()
-    lines = [line for line in log.splitlines() if conversation in line]
-    assert len(lines) == 2, lines  # one line per refusal
-    assert "401" in lines[0] and "Invalid API key" in lines[0], lines
-    assert "404" in lines[1] and "No conversation" in lines[1], lines
+    lines = [line for line in log.splitlines() if "/live" in line]
+    assert len(lines) == 2, lines  # one line per refusal: the request log's (web/access.py)
+    # Refused before routing: the raw path (no query string); by the route: its template.
+    assert f"WEBSOCKET /api/conversations/{conversation}/live 401 " in lines[0], lines
+    assert "reason=invalid_api_key" in lines[0], lines
+    assert "WEBSOCKET /api/conversations/{conversation_id}/live 404 " in lines[1], lines
+    assert "reason=conversation_not_found" in lines[1], lines
     assert all(" INFO " in line or " WARNING " in line for line in lines), lines
     assert "ERROR" not in log and "without completing handshake" not in log, log[-3000:]
     assert "connection rejected" not in log and '"WebSocket ' not in log, log[-3000:]

@@ -31,6 +31,7 @@ WRONG_KEY = "wrong-key-0123456789"
 # answer 401 without a key. A change here is a security decision: document it in README.md.
 PUBLIC = {
     ("GET", "/healthz"): "liveness probe",
+    ("GET", "/readyz"): "readiness probe (names a failing part, never its details)",
     ("GET", "/"): "the console page (it asks for the key in the browser)",
     ("GET", "/console"): "the console's static files",
     ("GET", "/docs"): "OpenAPI docs: describe the API, hold no secret",

@@ -70,7 +70,7 @@ def add_parsers(sub: Any) -> None:
         help="the Daily room URL (a host on CVI_ROOM_HOSTS), or ws:// for a local room on this "
         "machine (with CVI_LOCAL_ROOMS=1)",
     )
-    bot.add_argument("--conversation-id", required=True)
+    bot.add_argument("--conversation-id", required=True, help="the Tavus conversation id")
     bot.add_argument("--persona", default=None, help="persona name (its client tools are answered)")
     bot.add_argument(
         "--room",
@@ -78,7 +78,7 @@ def add_parsers(sub: Any) -> None:
         default=None,
         help="default: local for ws:// URLs, daily otherwise",
     )
-    bot.add_argument("--meeting-token", default=None)
+    bot.add_argument("--meeting-token", default=None, help="a Daily meeting token (default: none)")
     bot.add_argument("--name", default="cvi-agent", help="the bot's user name in the room")
     bot.add_argument(
         "--join-timeout", type=float, default=30.0, help="give up joining after this many seconds"
@@ -101,9 +101,11 @@ def add_parsers(sub: Any) -> None:
     room = sub.add_parser("room", help="the local room server (websockets) for demos and tests")
     room_sub = room.add_subparsers(dest="room_command", required=True)
     serve = room_sub.add_parser("serve", help="run a LocalRoomServer until interrupted")
-    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind")
     serve.add_argument("--port", type=int, default=8765)
-    serve.add_argument("--max-message-bytes", type=int, default=256 * 1024)
+    serve.add_argument(
+        "--max-message-bytes", type=int, default=256 * 1024, help="largest message accepted"
+    )
     serve.set_defaults(func=cmd_room_serve)
 
 

@@ -36,21 +36,27 @@ def add_record_commands(sub: Any) -> None:
     actions = conv.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", help="create on Tavus and start a bot")
     create.add_argument("persona", help="one of our personas (its name)")
-    create.add_argument("--replica-id", default=None)
+    create.add_argument(
+        "--replica-id", default=None, help="the replica (default: the persona's on Tavus)"
+    )
     create.add_argument("--name", default=None, help="conversation_name")
     create.add_argument("--context", default=None, help="conversational_context")
     create.add_argument("--greeting", default=None, help="custom_greeting")
-    create.add_argument("--test-mode", action="store_true")
+    create.add_argument(
+        "--test-mode", action="store_true", help="Tavus test mode: no replica joins, no charge"
+    )
     create.add_argument("--no-bot", action="store_true", help="do not start a bot")
     listing = actions.add_parser("list", help="newest first")
-    listing.add_argument("--limit", type=int, default=20)
-    listing.add_argument("--cursor", default=None)
+    listing.add_argument("--limit", type=int, default=20, help="conversations per page")
+    listing.add_argument(
+        "--cursor", default=None, help="the next page (what the previous page printed)"
+    )
     get = actions.add_parser("get", help="the whole record, as JSON")
-    get.add_argument("id")
+    get.add_argument("id", help="the conversation id")
     end = actions.add_parser("end", help="end on Tavus and stop the bot")
-    end.add_argument("id")
+    end.add_argument("id", help="the conversation id")
     interact = actions.add_parser("interact", help="send an interaction (JSON body)")
-    interact.add_argument("id")
+    interact.add_argument("id", help="the conversation id")
     interact.add_argument("body", help='e.g. \'{"type": "echo", "text": "Hello"}\'')
     interact.add_argument(
         "--via",
@@ -71,7 +77,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from cvi_agent.runtime import load_checked_personas
 
     settings = Settings()
-    configure_logging(settings.log_level, *configured_secrets(settings))
+    configure_logging(settings.log_level, *configured_secrets(settings), fmt=settings.log_format)
     try:
         personas = load_checked_personas(settings)
     except PersonaError as exc:

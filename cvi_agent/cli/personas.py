@@ -20,7 +20,11 @@ from cvi_agent.personas import PersonaError
 def add_personas_parser(sub: Any) -> None:
     """Register `personas` on the top-level parser."""
     personas = sub.add_parser("personas", help="list, validate, or push personas to Tavus")
-    personas.add_argument("action", choices=["list", "validate", "push"])
+    personas.add_argument(
+        "action",
+        choices=["list", "validate", "push"],
+        help="list them, validate them (as the server does), or push them to Tavus",
+    )
     personas.add_argument("--dir", default=None, help="default: $CVI_PERSONAS_DIR or ./personas")
     add_push_arguments(personas)
     personas.set_defaults(func=cmd_personas)

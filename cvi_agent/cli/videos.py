@@ -220,46 +220,60 @@ def add_videos_parser(sub: Any) -> None:
     vsub = videos.add_subparsers(dest="videos_command", required=True)
 
     create = vsub.add_parser("create", help="create a video from a script or an audio URL")
-    create.add_argument("--provider", choices=PROVIDERS, required=True)
-    create.add_argument("--script", default=None)
+    create.add_argument("--provider", choices=PROVIDERS, required=True, help="who renders it")
+    create.add_argument("--script", default=None, help="what the avatar says")
     create.add_argument("--audio-url", default=None, help="instead of --script (.wav/.mp3)")
     create.add_argument("--avatar", default=None, help="default: the provider's first avatar")
     create.add_argument("--voice", default=None, help="default: the provider's first voice")
-    create.add_argument("--title", default=None)
-    create.add_argument("--conversation-id", default=None)
+    create.add_argument("--title", default=None, help="a title (default: none)")
+    create.add_argument(
+        "--conversation-id", default=None, help="the conversation it belongs to (default: none)"
+    )
     create.add_argument(
         "--wait", type=float, default=0.0, metavar="SECONDS", help="poll until done (bounded)"
     )
     create.set_defaults(func=cmd_create)
 
     get = vsub.add_parser("get", help="ask the provider for a video's status, and record it")
-    get.add_argument("video_id")
-    get.add_argument("--provider", choices=PROVIDERS, required=True)
+    get.add_argument("video_id", help="the provider's video id")
+    get.add_argument("--provider", choices=PROVIDERS, required=True, help="who rendered it")
     get.set_defaults(func=cmd_get)
 
     listing = vsub.add_parser("list", help="videos in our store")
-    listing.add_argument("--provider", choices=PROVIDERS, default=None)
-    listing.add_argument("--conversation-id", default=None)
-    listing.add_argument("--status", choices=["queued", "rendering", "ready", "failed"])
-    listing.add_argument("--limit", type=int, default=50)
-    listing.add_argument("--json", action="store_true")
+    listing.add_argument(
+        "--provider", choices=PROVIDERS, default=None, help="only this provider's (default: all)"
+    )
+    listing.add_argument(
+        "--conversation-id", default=None, help="only this conversation's (default: all)"
+    )
+    listing.add_argument(
+        "--status",
+        choices=["queued", "rendering", "ready", "failed"],
+        help="only videos in this state (default: all)",
+    )
+    listing.add_argument("--limit", type=int, default=50, help="videos to list")
+    listing.add_argument("--json", action="store_true", help="print JSON lines")
     listing.set_defaults(func=cmd_list)
 
     for name in ("avatars", "voices"):
         p = vsub.add_parser(name, help=f"list the provider's {name}")
-        p.add_argument("--provider", choices=PROVIDERS, required=True)
+        p.add_argument("--provider", choices=PROVIDERS, required=True, help="whose to list")
         p.set_defaults(func=cmd_avatars)
 
     hooks = vsub.add_parser("webhooks", help="account-level webhooks (Argil, JoggAI)")
-    hooks.add_argument("action", choices=["register", "list"])
-    hooks.add_argument("--provider", choices=["argil", "jogg"], required=True)
+    hooks.add_argument(
+        "action", choices=["register", "list"], help="register ours, or list the registered"
+    )
+    hooks.add_argument(
+        "--provider", choices=["argil", "jogg"], required=True, help="whose webhooks"
+    )
     hooks.add_argument(
         "--url", default=None, help="default: $CVI_PUBLIC_URL/callbacks/<provider>[?token=…]"
     )
     hooks.set_defaults(func=cmd_webhooks)
 
     fake = vsub.add_parser("fake-server", help="serve fake provider APIs on loopback")
-    fake.add_argument("--host", default="127.0.0.1")
+    fake.add_argument("--host", default="127.0.0.1", help="address to bind")
     fake.add_argument("--port", type=int, default=8765)
     fake.add_argument("--stage-seconds", type=float, default=2.0, help="time per status")
     fake.add_argument("--key", default="fake-video-key", help="the API key the fakes accept")

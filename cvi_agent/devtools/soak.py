@@ -489,14 +489,25 @@ def add_soak_parser(sub: Any) -> None:
         help="many concurrent Tavus-like conversations for a bounded time: errors, latency, memory",
     )
     defaults = SoakParams()
-    parser.add_argument("-c", "--conversations", type=int, default=defaults.conversations)
     parser.add_argument(
-        "--duration", type=float, default=defaults.duration, help="seconds (default 600)"
+        "-c",
+        "--conversations",
+        type=int,
+        default=defaults.conversations,
+        help="conversations at once",
     )
+    parser.add_argument("--duration", type=float, default=defaults.duration, help="seconds")
     parser.add_argument("--think", type=float, default=defaults.think, help="seconds between turns")
-    parser.add_argument("--partials", type=int, default=defaults.partials)
-    parser.add_argument("--upstream-ttft", type=float, default=defaults.upstream_ttft)
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument(
+        "--partials", type=int, default=defaults.partials, help="speculative requests per turn"
+    )
+    parser.add_argument(
+        "--upstream-ttft",
+        type=float,
+        default=defaults.upstream_ttft,
+        help="the fake upstream's time to first token, seconds",
+    )
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(func=cmd_soak)
 
 

@@ -35,6 +35,7 @@ from cvi_agent.llm.service import ChatService
 from cvi_agent.llm.sse import ChunkEncoder, EventStreamResponse
 from cvi_agent.llm.tools import ToolChoice, ToolRunner
 from cvi_agent.protocol.chat import ChatCompletionRequest, ErrorResponse
+from cvi_agent.web.access import facts_of
 from cvi_agent.web.auth import key_dependency
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
@@ -142,6 +143,11 @@ def build_turn(chat: ChatService, request: Request, raw: dict[str, Any]) -> Turn
     ctx.state["raw_messages"] = raw.get("messages")
     ctx.state["raw_tools"] = raw.get("tools")
     ctx.state["request_id"] = request.scope.get(REQUEST_ID_SCOPE_KEY)
+    facts = facts_of(request.scope)
+    if facts is not None:  # the request log's persona, conversation, ttft and fallback
+        facts.persona = persona.name
+        facts.conversation_id = ctx.conversation_id
+        facts.turn_state = ctx.state
     return ctx
 
 
@@ -213,9 +219,8 @@ def _outcome(mode: str, sent: bool, status: int) -> str:
 def _first_token(ctx: TurnContext) -> None:
     started = ctx.state.get("started")
     if started is not None:
-        metrics.first_token(
-            ctx.persona.name, time.perf_counter() - started, ctx.state.get("upstream_ttft")
-        )
+        ttft = ctx.state["ttft"] = time.perf_counter() - started
+        metrics.first_token(ctx.persona.name, ttft, ctx.state.get("upstream_ttft"))
 
 
 async def complete(brain: Brain, ctx: TurnContext, enc: ChunkEncoder) -> dict[str, Any]:

@@ -459,9 +459,10 @@ class GenerationReader:
                 )
 
     def _first_token(self) -> None:
-        self.first_at = time.perf_counter()
+        first = self.first_at = time.perf_counter()
         upstream = None if self.replay else self.generation.ctx.state.get("upstream_ttft")
-        metrics.first_token(self.ctx.persona.name, time.perf_counter() - self.started, upstream)
+        ttft = self.ctx.state["ttft"] = first - self.started  # the request log's (web/access.py)
+        metrics.first_token(self.ctx.persona.name, ttft, upstream)
 
 
 TurnObserver = Callable[["TurnContext", str, float, "float | None", bool, int], None]

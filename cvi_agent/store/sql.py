@@ -109,6 +109,11 @@ class SqlStore:
         async with self.engine.connect() as conn:
             return await applied_version(conn)
 
+    async def ping(self) -> None:
+        """One round trip to the database (`GET /readyz`); raises what went wrong."""
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
     async def aclose(self) -> None:
         """Close the pooled connections, so a test or a command leaves no connection behind."""
         await self.engine.dispose()

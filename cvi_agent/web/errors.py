@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvi_agent.protocol.chat import error_payload
+from cvi_agent.web.access import facts_of
 from cvi_agent.web.request_id import REQUEST_ID_SCOPE_KEY
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,9 @@ def _union_tag(part: Any) -> bool:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        facts = facts_of(request.scope)
+        if facts is not None:
+            facts.reason = exc.code  # the request log says why (web/access.py)
         return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
@@ -111,6 +115,9 @@ def install_error_handlers(app: FastAPI) -> None:
         if exc.status_code == 404 and message == "Not Found":
             message = f"No route for {request.method} {request.url.path}."
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        facts = facts_of(request.scope)
+        if facts is not None:
+            facts.reason = code
         return ApiError(
             exc.status_code, message, code, headers=getattr(exc, "headers", None)
         ).response()

@@ -22,6 +22,7 @@ scans per printed line, none for lines below the level (they are never built).
 
 from __future__ import annotations
 
+import json
 import logging
 import logging.config
 import os
@@ -31,7 +32,8 @@ from typing import Any
 from cvi_agent.config import Settings
 from cvi_agent.personas import Persona
 from cvi_agent.protocol.redact import MASK, redact_text
-from cvi_agent.web.request_id import RequestIdFormatter
+from cvi_agent.web.access import REDACTED_MARK
+from cvi_agent.web.request_id import RequestIdFormatter, current_request_id
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 #: Shorter configured values are left to the shape rules (masking every "abc" would ruin logs).
@@ -41,7 +43,7 @@ DENIAL_FORMAT = '%s - "WebSocket %s" %d'
 #: The websockets library's line for the same refusal (uvicorn hands it the `uvicorn.error` logger).
 REJECTED_FORMAT = "connection rejected (%d %s)"
 _WITHHELD = "(a log line was withheld: it could not be checked for secrets)"
-_DONE = "_cvi_redacted"
+_DONE = REDACTED_MARK
 
 
 class RedactingFilter(logging.Filter):
@@ -180,16 +182,47 @@ def install_log_filters(*secrets: str) -> RedactingFilter:
     return _REDACTION
 
 
+class JsonFormatter(logging.Formatter):
+    """`CVI_LOG_FORMAT=json`: one JSON object per line, for log shippers: `ts`, `level`,
+    `logger`, `message`, `request_id` (during a request), the request log's fields
+    (`web/access.py`) and `exc` (a traceback). It formats the record after the redaction
+    filter ran, so it prints what the text format would, and the request log's fields are
+    checked here (they are not part of the message)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": self.formatTime(record),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None) or current_request_id()
+        if request_id:
+            out["request_id"] = request_id
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            clean = getattr(record, "fields_clean", False)
+            for name, value in fields.items():
+                if isinstance(value, str) and not clean:
+                    value = _REDACTION.redact(value)
+                out[name] = value
+        if record.exc_text or record.exc_info:
+            out["exc"] = record.exc_text or self.formatException(record.exc_info)  # type: ignore[arg-type]
+        return json.dumps(out, ensure_ascii=False, default=str)
+
+
 def _level(name: str) -> str:
     upper = name.upper()
     return upper if isinstance(logging.getLevelName(upper), int) else "INFO"
 
 
-def log_config(level: str) -> dict[str, Any]:
+def log_config(level: str, fmt: str = "text") -> dict[str, Any]:
     """The dictConfig for a whole server process: one stderr handler with the redaction filter on
     the root logger; uvicorn's loggers print through it (`uvicorn.run(log_config=…)`, so worker
-    processes get the same)."""
+    processes get the same). `fmt`: `text` (`FORMAT`, then ` request_id=…`) or `json` (one
+    object per line, `JsonFormatter`)."""
     lvl = _level(level)
+    formatter = JsonFormatter if fmt == "json" else RequestIdFormatter
     return {
         "version": 1,
         "disable_existing_loggers": False,
@@ -200,7 +233,7 @@ def log_config(level: str) -> dict[str, Any]:
         # A line written while a request is handled ends with its x-request-id.
         "formatters": {
             "default": {
-                "class": f"{RequestIdFormatter.__module__}.RequestIdFormatter",
+                "class": f"{formatter.__module__}.{formatter.__name__}",
                 "format": FORMAT,
             }
         },
@@ -221,7 +254,8 @@ def log_config(level: str) -> dict[str, Any]:
     }
 
 
-def configure_logging(level: str, *secrets: str) -> None:
-    """Root logging for a command (`FORMAT` on stderr at `level`), with the filters installed."""
-    logging.config.dictConfig(log_config(level))
+def configure_logging(level: str, *secrets: str, fmt: str = "text") -> None:
+    """Root logging for a command (on stderr at `level`, `fmt` as in `log_config`), with the
+    filters installed."""
+    logging.config.dictConfig(log_config(level, fmt))
     install_log_filters(*secrets)

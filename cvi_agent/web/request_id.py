@@ -6,6 +6,11 @@ id to every log line written while the request is handled (the turn's generation
 it too). Plain ASGI, in front of everything else but Starlette's `ServerErrorMiddleware`
 (whose 500 handler reads the id from the scope): per request one header scan, one random
 number and one context variable; per response message one plain function call.
+
+It also writes the request log (`web/access.py`): it puts the request's `RequestFacts` in the
+scope, notes the status from the response's start, and logs one line when the response ended
+— no work per streamed chunk beyond the same function call, none at all for the line when the
+access logger is disabled.
 """
 
 from __future__ import annotations
@@ -14,9 +19,13 @@ import contextvars
 import logging
 import random
 import re
+import time
 from collections.abc import Awaitable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from cvi_agent.web.access import FACTS_SCOPE_KEY, RequestFacts, log_request
+from cvi_agent.web.access import log as access_log
 
 HEADER = b"x-request-id"
 #: Where the request's id sits in the ASGI scope, for code that has the scope but not our send.
@@ -26,6 +35,8 @@ MAX_LENGTH = 128
 _SAFE = re.compile(rb"[A-Za-z0-9._:/+=@-]{1,%d}" % MAX_LENGTH)
 
 _STARTS = frozenset({"http.response.start", "websocket.http.response.start"})
+#: Messages that set the status of the request's log line (an accepted websocket is a 101).
+_STATUS = _STARTS | {"websocket.accept"}
 
 _current: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "cvi_request_id", default=None
@@ -45,7 +56,7 @@ def new_request_id() -> str:
 
 class RequestId:
     """ASGI middleware: pick the request's id, put it in the scope and the logging context,
-    and add `x-request-id` to the response's headers."""
+    add `x-request-id` to the response's headers, and log the request's line at its end."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -67,20 +78,33 @@ class RequestId:
             request_id = new_request_id()
             header = (HEADER, request_id.encode("ascii"))
         scope[REQUEST_ID_SCOPE_KEY] = request_id
+        facts = scope[FACTS_SCOPE_KEY] = RequestFacts()
+        started = time.perf_counter()
 
         def send_with_id(message: Message) -> Awaitable[None]:
             # Not a coroutine of its own: the caller awaits `send`'s directly, so every body
             # message (a streamed chunk) costs one plain call here, not one more coroutine.
             # (A refused websocket handshake is an HTTP response too.)
-            if message["type"] in _STARTS:
-                message["headers"] = [*message.get("headers", ()), header]
+            kind = message["type"]
+            if kind in _STATUS:
+                if kind in _STARTS:
+                    message["headers"] = [*message.get("headers", ()), header]
+                    facts.status = message["status"]
+                else:
+                    facts.status = 101
             return send(message)
 
         token = _current.set(request_id)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if facts.status is None:
+                facts.status = 500  # Starlette's outermost handler answers it
+            raise
         finally:
             _current.reset(token)
+            if access_log.isEnabledFor(logging.INFO) or (facts.status or 0) >= 500:
+                log_request(scope, facts, started, request_id)
 
 
 class RequestIdFormatter(logging.Formatter):

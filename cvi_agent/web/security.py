@@ -4,7 +4,7 @@ key, and CORS only for the origins `CVI_CORS_ORIGINS` names.
 `AccessControl` is plain ASGI middleware in front of routing, so a route added later is
 protected by default; the routers' own key checks (`require_key` dependencies, the live
 websocket's handshake check) stay as a second line. The allow-list is `public_paths()`:
-liveness, the console's static files and the OpenAPI docs (public on purpose: they hold no
+liveness and readiness, the console's static files and the OpenAPI docs (public on purpose: they hold no
 secret and describe the same API the README does), plus the provider callbacks under
 `/callbacks/`, which authenticate with their own URL token or HMAC signature (callbacks.py,
 videos/webhooks.py) because Tavus and the video providers cannot send our API key.
@@ -26,7 +26,6 @@ operations. Only accepted keys get a bucket, so the tables are as small as `CVI_
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from collections.abc import Callable
@@ -40,6 +39,7 @@ from starlette.websockets import WebSocket
 
 from cvi_agent import metrics
 from cvi_agent.config import Settings
+from cvi_agent.web.access import facts_of, key_tail
 from cvi_agent.web.auth import constant_time_in, presented_key
 from cvi_agent.web.errors import ApiError
 
@@ -49,13 +49,12 @@ CALLBACK_PREFIX = "/callbacks/"
 CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 WS_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
-log = logging.getLogger(__name__)
-
 
 def public_paths(app: FastAPI) -> frozenset[str]:
-    """Exact paths anyone may fetch: liveness, the console page, the OpenAPI docs."""
+    """Exact paths anyone may fetch: liveness and readiness (probes send no key; they say
+    which part fails, never a secret), the console page, the OpenAPI docs."""
     docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset({"/healthz", "/", "/console", *(p for p in docs if p)})
+    return frozenset({"/healthz", "/readyz", "/", "/console", *(p for p in docs if p)})
 
 
 def is_public(path: str, exact: frozenset[str]) -> bool:
@@ -195,6 +194,9 @@ class AccessControl:
                 401, "Invalid API key.", "invalid_api_key", headers={"WWW-Authenticate": "Bearer"}
             )
         else:
+            facts = facts_of(scope)
+            if facts is not None:
+                facts.key_tail = key_tail(key)
             refused = self._throttle(key, headers, kind)
             if refused is None:
                 await self._admit(key, scope, receive, send, headers)
@@ -268,6 +270,9 @@ class AccessControl:
         return charged
 
     async def _refuse(self, scope: Scope, receive: Receive, send: Send, error: ApiError) -> None:
+        facts = facts_of(scope)
+        if facts is not None:
+            facts.reason = error.code
         if scope["type"] == "http":
             if scope["path"] in CHAT_PATHS:
                 metrics.request_done("unknown", error.status)
@@ -289,18 +294,12 @@ def rate_limited(limiter: RateLimiter, wait: float) -> ApiError:
 async def deny_websocket(ws: WebSocket, error: ApiError) -> None:
     """Refuse a handshake with the HTTP error when the server can, else close with 4xxx.
 
-    Logged here, once, with the reason (INFO: the client's doing, not ours); the path is logged
-    without its query string, which may hold a key. `web/logs.DenialLines` drops uvicorn's own
+    The request log's line for the handshake (`web/access.py`) says the status and the reason,
+    without the query string, which may hold a key; `web/logs.DenialLines` drops uvicorn's own
     status-only line for the same refusal."""
-    client = ws.client
-    log.info(
-        "%s - websocket %s refused: %d %s (%s)",
-        f"{client.host}:{client.port}" if client else "-",
-        ws.scope["path"],
-        error.status,
-        error.message,
-        error.code,
-    )
+    facts = facts_of(ws.scope)
+    if facts is not None:
+        facts.status, facts.reason = error.status, error.code
     try:
         await ws.send_denial_response(error.response())
     except RuntimeError:

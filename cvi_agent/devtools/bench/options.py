@@ -17,7 +17,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="all",
         help="which scenario(s) to run (default: all)",
     )
-    parser.add_argument("-c", "--concurrency", type=int, default=d.concurrency)
+    parser.add_argument(
+        "-c", "--concurrency", type=int, default=d.concurrency, help="streams at once"
+    )
     parser.add_argument("--rounds", type=int, default=d.rounds, help="direct/through phase pairs")
     parser.add_argument(
         "--seconds", type=float, default=d.phase_seconds, help="length of one phase"
@@ -27,9 +29,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ttft", type=float, default=d.upstream_ttft, help="upstream TTFT, s")
     parser.add_argument("--tps", type=float, default=d.tokens_per_second, help="tokens/s")
     parser.add_argument("--words", type=int, default=d.reply_words, help="tokens per reply")
-    parser.add_argument("--tool-call-share", type=float, default=d.tool_call_share)
-    parser.add_argument("--conversations", type=int, default=d.conversations)
-    parser.add_argument("--partials", type=int, default=d.partials)
+    parser.add_argument(
+        "--tool-call-share",
+        type=float,
+        default=d.tool_call_share,
+        help="share of replies that are tool calls",
+    )
+    parser.add_argument(
+        "--conversations",
+        type=int,
+        default=d.conversations,
+        help="speculative scenario: conversations",
+    )
+    parser.add_argument(
+        "--partials", type=int, default=d.partials, help="speculative requests per turn"
+    )
     parser.add_argument(
         "--server-src",
         default=None,

@@ -96,7 +96,7 @@ class TurnContext:
             the generation; side-effecting tools then wait for the turn to settle.
         state: per-request scratch space shared by the route, the brain and the recorder
             (`raw` (the parsed body, what the upstream brain forwards), `raw_messages`,
-            `raw_tools`, `request_id`, `started`, `upstream_ttft`, `answers`, `fallback`
+            `raw_tools`, `request_id`, `started`, `upstream_ttft`, `ttft`, `answers`, `fallback`
             (llm/failure.py)).
     """
 
