@@ -225,6 +225,7 @@ def cmd_fake_server(args: argparse.Namespace) -> int:
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
+        sock.listen(128)  # clients that connect before uvicorn serves wait in the backlog
     except OSError as exc:
         sock.close()
         reason = (exc.strerror or str(exc)).lower()
@@ -237,7 +238,8 @@ def cmd_fake_server(args: argparse.Namespace) -> int:
         return 1
     fake = FakeVideoProviders(args.key, stage_seconds=args.stage_seconds)
     url = f"http://{args.host}:{args.port}"
-    print("cvi-agent: fake Tavus/Argil/JoggAI video APIs; point the clients at them with:")
+    # Every line is shell: `> fake.env &` then `. fake.env` points the clients at the fakes.
+    print("# cvi-agent: fake Tavus/Argil/JoggAI video APIs; point the clients at them with:")
     for name, value in env(url, args.key).items():
         print(f"export {name}={value}")
     sys.stdout.flush()
