@@ -10,7 +10,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, Field
+from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -24,10 +24,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(populate_by_name=True, extra="ignore")
 
     api_keys_raw: str = Field(default="", validation_alias=_env("CVI_API_KEYS", "api_keys_raw"))
-    database_url: str = Field(
-        default="sqlite+aiosqlite:///./var/cvi-agent.db",
-        validation_alias=_env("CVI_DATABASE_URL", "database_url"),
-    )
+    # Unset: the SQLite database `cvi-agent.db` under `var_dir` (see `_database_in_var_dir`).
+    database_url: str = Field(default="", validation_alias=_env("CVI_DATABASE_URL", "database_url"))
     redis_url: str | None = Field(default=None, validation_alias=_env("CVI_REDIS_URL", "redis_url"))
     personas_dir: Path = Field(
         default=Path("personas"), validation_alias=_env("CVI_PERSONAS_DIR", "personas_dir")
@@ -219,6 +217,16 @@ class Settings(BaseSettings):
     max_connections: int = Field(
         default=1000, ge=0, validation_alias=_env("CVI_MAX_CONNECTIONS", "max_connections")
     )
+
+    @model_validator(mode="after")
+    def _database_in_var_dir(self) -> Settings:
+        """Without CVI_DATABASE_URL, the database is `cvi-agent.db` in CVI_VAR_DIR (local state
+        lives in one place); an explicit URL always wins."""
+        if not self.database_url:
+            path = self.var_dir / "cvi-agent.db"
+            shown = str(path) if path.is_absolute() else f"./{path}"
+            self.database_url = f"sqlite+aiosqlite:///{shown}"
+        return self
 
     @cached_property
     def api_keys(self) -> tuple[str, ...]:

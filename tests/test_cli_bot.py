@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -260,3 +261,22 @@ async def test_room_serve_runs_until_terminated(tmp_path: Path) -> None:
     finally:
         if process.returncode is None:
             process.kill()
+
+
+def test_room_serve_refuses_a_taken_port_in_one_line(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [*CLI, "room", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            env=env(tmp_path),
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(f"cvi-agent room: cannot listen on 127.0.0.1:{port}: ")
+    assert "address already in use" in line and proc.stdout == ""

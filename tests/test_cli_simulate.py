@@ -1,4 +1,5 @@
-"""`cvi-agent simulate --json` in a subprocess: it starts its own server and reports a clean run."""
+"""`cvi-agent simulate` in a subprocess: it starts its own server and reports a clean run, and
+prints nothing on stderr."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,33 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
     assert all(leg["count"] > 0 and leg["lost"] == 0 for leg in legs.values())
     assert all(leg["replica_ms_p50"] is not None for leg in legs.values())
     assert {i["via"] for i in report["interactions"]} == {"rest", "bot"}
+
+
+RUNS = 4  # the stray lines came in about three runs of four
+
+
+def _simulate(tmp_path: Path, run: int) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
+    env.update(CVI_VAR_DIR=str(tmp_path / f"var{run}"), CVI_PERSONAS_DIR=str(PERSONAS))
+    return subprocess.run(
+        [sys.executable, "-m", "cvi_agent", "simulate", "--words-per-second", "40"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
+
+
+@pytest.mark.process
+@pytest.mark.slow
+def test_simulate_leaves_stderr_clean_run_after_run(tmp_path: Path) -> None:
+    """No `socket.send() raised exception.` (a reply written on after its client left), no
+    `Exception ignored in: <async_generator …>`: stderr is for warnings, and there are none."""
+    with ThreadPoolExecutor(RUNS) as pool:
+        runs = list(pool.map(lambda run: _simulate(tmp_path, run), range(RUNS)))
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+        assert "turns 8" in run.stdout
+    assert [run.stderr for run in runs] == [""] * RUNS
+    assert all((tmp_path / f"var{run}" / "cvi-agent.db").is_file() for run in range(RUNS))

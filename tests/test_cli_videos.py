@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from cvi_agent.cli.main import main
+from cvi_agent.cli.main import build_parser, main
 from cvi_agent.devtools.fakes.videos import FakeVideoProviders, env
 from tests.videos_support import fake_providers, fake_url
 
@@ -109,3 +112,64 @@ def test_register_webhooks(
     assert secret_file.read_text().strip() == endpoint["secret"]
     assert main(["videos", "webhooks", "list", "--provider", "jogg"]) == 0
     assert endpoint["secret"] not in capsys.readouterr().out
+
+
+def test_wait_on_a_failed_video_exits_non_zero(
+    fake: FakeVideoProviders, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(
+        ["videos", "create", "--provider", "tavus", "--script", "FAIL please", "--wait", "5"]
+    )
+    out = capsys.readouterr()
+    assert code == 1, out.err
+    assert json.loads(out.out)["status"] == "failed"  # the record is still printed
+    assert "failed" in out.err.splitlines()[-1]
+
+
+def test_wait_that_times_out_exits_non_zero(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with fake_providers(stage_seconds=30) as slow:
+        for name, value in env(fake_url(slow)).items():
+            monkeypatch.setenv(name, value)
+        monkeypatch.setenv("CVI_VAR_DIR", str(tmp_path / "var"))
+        code = main(["videos", "create", "--provider", "argil", "--script", "Hi.", "--wait", "0.5"])
+    out = capsys.readouterr()
+    assert code == 1, out.err
+    assert json.loads(out.out)["status"] in ("queued", "rendering")
+    assert "still" in out.err.splitlines()[-1] and "0.5" in out.err.splitlines()[-1]
+    assert (tmp_path / "var" / "cvi-agent.db").is_file()  # CVI_VAR_DIR holds the store
+
+
+def test_without_wait_a_queued_video_exits_zero(
+    fake: FakeVideoProviders, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["videos", "create", "--provider", "tavus", "--script", "FAIL later"]) == 0
+    assert json.loads(capsys.readouterr().out)["status"] == "queued"
+
+
+def test_fake_server_default_port_differs_from_the_room_server() -> None:
+    parser = build_parser()
+    videos = parser.parse_args(["videos", "fake-server"])
+    rooms = parser.parse_args(["room", "serve"])
+    assert (videos.port, rooms.port) == (8766, 8765)  # both README sections can run at once
+
+
+@pytest.mark.process
+def test_fake_server_on_a_taken_port_says_so_in_one_line() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = subprocess.run(
+            [sys.executable, "-m", "cvi_agent", "videos", "fake-server", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines() == [
+        f"cvi-agent videos fake-server: cannot listen on 127.0.0.1:{port}: address already "
+        "in use (another server is there; pick another with --port)"
+    ]
+    assert "export" not in proc.stdout  # nothing promised before the port was ours

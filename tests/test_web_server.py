@@ -4,8 +4,10 @@ as in these tests. Raw sockets on loopback, so the bytes on the wire are what we
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
+import struct
 import threading
 import time
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
+from cvi_agent.devtools.fakes.upstream import FakeUpstream, FakeUpstreamConfig
 from cvi_agent.web.connections import GuardedHttpToolsProtocol
 from tests.procs import ServerProcess
 from tests.support import API_KEY, ServerFactory
@@ -179,3 +182,41 @@ def test_serve_runs_with_the_same_configuration(tmp_path: Path, workers: int) ->
         assert 0.9 < elapsed < 3.0, elapsed
     finally:
         server.stop()
+
+
+def test_replies_to_clients_that_left_leave_the_log_quiet(
+    serve: ServerFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A fast upstream's reply pushed to a stream whose client just reset it: asyncio counted
+    every write after the failed one and logged `socket.send() raised exception.` from the
+    fifth on, dozens of times for a few abandoned speculative requests."""
+    upstream = FakeUpstream(FakeUpstreamConfig(reply_words=300))
+    with LoopbackServer(upstream) as up:
+        upstream.url = up.url  # type: ignore[attr-defined]
+        server = serve(upstream)
+        caplog.set_level(logging.WARNING, logger="asyncio")
+        for turn in range(60):
+            body = json.dumps(
+                {"model": "storyteller", "stream": True,
+                 "messages": [{"role": "user", "content": f"Tell me story {turn}"}]}
+            ).encode()  # fmt: skip
+            sock = connect(server)
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                + f"Authorization: Bearer {API_KEY}\r\nconversation_id: gone-{turn}\r\n".encode()
+                + f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            assert sock.recv(200).startswith(b"HTTP/1.1 200")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            sock.close()  # a reset, as a client that drops a stream mid-reply sends
+        with httpx.Client(base_url=server.url) as http:  # the server is still fine
+            assert http.get("/healthz").status_code == 200
+        time.sleep(0.3)
+    ours = f"uvicorn-{server.port}"  # the server's thread (the fake upstream's writes are not ours)
+    noise = [
+        r.getMessage()
+        for r in caplog.records
+        if "socket.send" in r.getMessage() and r.threadName == ours
+    ]
+    assert noise == []

@@ -110,7 +110,8 @@ def cmd_simulate(args: Any) -> int:
     server = None
     server_url = args.server
     if server_url is None:
-        server = LoopbackServer(create_app(settings, personas)).start()
+        # Served as `cvi-agent serve` serves (our HTTP protocol, its deadlines and cap).
+        server = LoopbackServer(create_app(settings, personas), settings=settings).start()
         server_url = server.url
         printer(f"started a server on {server_url} (database {settings.database_url})")
     # After uvicorn set up its loggers: no key or token in whatever they, or httpx, print.

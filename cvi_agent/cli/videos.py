@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import json
+import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -88,6 +90,20 @@ async def _wait(service: VideoService, video: VideoRecord, seconds: float) -> Vi
     return video
 
 
+def _outcome(video: VideoRecord, waited: float) -> int:
+    """The exit status of `create --wait`: 0 only when the video is ready; otherwise one
+    line on stderr says what it is (failed, with the provider's reason, or still pending)."""
+    name = f"{video.provider}/{video.video_id}"
+    if video.status == "ready":
+        return 0
+    if video.status in PENDING:
+        print(f"cvi-agent: {name}: still {video.status} after {waited:g} s", file=sys.stderr)
+    else:
+        reason = f": {video.error}" if video.error else ""
+        print(f"cvi-agent: {name}: {video.status}{reason}", file=sys.stderr)
+    return 1
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     if (args.script is None) == (args.audio_url is None):
         print("cvi-agent: give exactly one of --script and --audio-url", file=sys.stderr)
@@ -108,7 +124,7 @@ def cmd_create(args: argparse.Namespace) -> int:
         if args.wait:
             video = await _wait(service, video, args.wait)
         _print_json(_row(video))
-        return 0
+        return _outcome(video, args.wait) if args.wait else 0
 
     return _run(args, body)
 
@@ -204,13 +220,32 @@ def cmd_fake_server(args: argparse.Namespace) -> int:
 
     from cvi_agent.devtools.fakes.videos import FakeVideoProviders, env
 
+    # Bind first: a taken port is one line and exit 1, before anything is promised on stdout.
+    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(128)  # clients that connect before uvicorn serves wait in the backlog
+    except OSError as exc:
+        sock.close()
+        reason = (exc.strerror or str(exc)).lower()
+        hint = " (another server is there; pick another with --port)"
+        print(
+            f"cvi-agent videos fake-server: cannot listen on {args.host}:{args.port}: {reason}"
+            + (hint if exc.errno == errno.EADDRINUSE else ""),
+            file=sys.stderr,
+        )
+        return 1
     fake = FakeVideoProviders(args.key, stage_seconds=args.stage_seconds)
     url = f"http://{args.host}:{args.port}"
-    print("cvi-agent: fake Tavus/Argil/JoggAI video APIs; point the clients at them with:")
+    # Every line is shell: `> fake.env &` then `. fake.env` points the clients at the fakes.
+    print("# cvi-agent: fake Tavus/Argil/JoggAI video APIs; point the clients at them with:")
     for name, value in env(url, args.key).items():
         print(f"export {name}={value}")
     sys.stdout.flush()
-    uvicorn.run(fake.app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    config = uvicorn.Config(fake.app, log_level="warning", access_log=False)
+    with sock:
+        uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 
@@ -274,7 +309,12 @@ def add_videos_parser(sub: Any) -> None:
 
     fake = vsub.add_parser("fake-server", help="serve fake provider APIs on loopback")
     fake.add_argument("--host", default="127.0.0.1", help="address to bind")
-    fake.add_argument("--port", type=int, default=8765)
+    fake.add_argument(
+        "--port",
+        type=int,
+        default=8766,
+        help="port to listen on (the local room server, `room serve`, uses 8765)",
+    )
     fake.add_argument("--stage-seconds", type=float, default=2.0, help="time per status")
     fake.add_argument("--key", default="fake-video-key", help="the API key the fakes accept")
     fake.set_defaults(func=cmd_fake_server)

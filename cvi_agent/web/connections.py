@@ -25,6 +25,14 @@ in one segment) arms and cancels nothing. Every refusal is counted in
 
 Websocket upgrades leave this protocol at the handshake (uvicorn hands the transport to its
 websocket protocol), taking their timer with them.
+
+One more thing uvicorn leaves to asyncio: a response written on after its client went away.
+The first failed write closes the transport, but uvicorn's response only learns of it when the
+loop runs the connection's `connection_lost`; a streamed reply pushed several chunks in one
+step of the loop (llm/turns.py) kept writing, and asyncio logged `socket.send() raised
+exception.` for every write from the fifth on. Each response writes through
+`ResponseTransport`, which drops a write once the transport is closing (one method call per
+write).
 """
 
 from __future__ import annotations
@@ -123,6 +131,26 @@ async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": _BUSY_BODY})
 
 
+class ResponseTransport:
+    """The connection's transport as a response sees it: a write once the transport is closing
+    (the client went away and asyncio noticed on an earlier write, or we closed it) is dropped
+    here, quietly, instead of being counted and logged by asyncio. Everything else is the
+    transport's own."""
+
+    __slots__ = ("_transport",)
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        transport = self._transport
+        if not transport.is_closing():
+            transport.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header and body deadlines and a connection cap (see
     the module docstring). Reads its `ConnectionLimits` from `config.connection_limits`
@@ -185,6 +213,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.app = self._served_app
         else:
             super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.transport is self.transport:  # a new request's cycle
+            cycle.transport = ResponseTransport(self.transport)  # type: ignore[assignment]
         self._enter(BODY)
 
     def on_message_complete(self) -> None:

@@ -54,13 +54,19 @@ def render(template: str, variables: Mapping[str, Any]) -> str:
 
 
 async def speak(text: str, words_per_chunk: int, delay_ms: float) -> AsyncIterator[TextDelta]:
-    """Stream text in small chunks of words, like a model would, optionally paced."""
+    """Stream text in small chunks of words, like a model would, optionally paced.
+
+    Unpaced, it still gives the event loop a turn between chunks, as a model's chunks arriving
+    from the network do. Without it a whole reply was written in one step of the loop: a
+    client that had just closed its stream was noticed only after it, and every write after
+    the first failed one made asyncio print `socket.send() raised exception.` on stderr.
+    """
     words = text.split(" ")
     delay = delay_ms / 1000.0
     for i in range(0, len(words), words_per_chunk):
         piece = " ".join(words[i : i + words_per_chunk])
         if i + words_per_chunk < len(words):
             piece += " "
-        if delay and i:
+        if i:
             await asyncio.sleep(delay)
         yield TextDelta(piece)
