@@ -22,7 +22,11 @@ REQUESTS = Counter(
     "Chat-completion requests by persona and HTTP status.",
     ["persona", "status"],
 )
-ACTIVE_STREAMS = Gauge("cvi_active_streams", "Streaming responses being sent right now.")
+ACTIVE_STREAMS = Gauge(
+    "cvi_active_streams",
+    "Streaming responses being sent right now.",
+    multiprocess_mode="livesum",
+)
 TTFT = Histogram(
     "cvi_time_to_first_token_seconds",
     "From our receiving a request to our sending its first content or tool-call chunk.",
@@ -46,6 +50,20 @@ SUPERSEDED = Counter(
 )
 REPLAYED = Counter(
     "cvi_turns_replayed", "Requests answered by attaching to an existing generation."
+)
+TURNS_ROUTED = Counter(
+    "cvi_turns_routed",
+    "Speculative turns of a conversation owned by another process (CVI_REDIS_URL): `forwarded` "
+    "to the owner, `taken_over` from an owner that did not answer, `local_fallback` answered "
+    "here because Redis was unreachable or slow, `refused` answered here because the owner "
+    "could not.",
+    ["outcome"],
+)
+COORDINATION_UP = Gauge(
+    "cvi_turns_coordination_up",
+    "1 while Redis answers turn coordination (CVI_REDIS_URL), 0 while the process answers "
+    "every conversation itself.",
+    multiprocess_mode="livemin",
 )
 CANCELLED = Counter(
     "cvi_turns_cancelled",
@@ -132,6 +150,10 @@ def tool_label(
 
 def tool_call(name: str, execution: str, outcome: str) -> None:
     _child(TOOL_CALLS, name, execution, outcome).inc()
+
+
+def turn_routed(outcome: str) -> None:
+    _child(TURNS_ROUTED, outcome).inc()
 
 
 def cancelled(reason: str) -> None:
