@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 from starlette.datastructures import State
 
+from cvi_agent import metrics
 from cvi_agent.config import Settings
 from cvi_agent.conversations.service import ConversationService
 from cvi_agent.llm.forwarding import accept_forwarded
@@ -80,6 +81,7 @@ class Runtime:
         await self.chat.aclose()
         await self.conversations.aclose()
         await self.store.aclose()
+        metrics.process_exiting()
 
 
 _GC_TUNED = False
