@@ -367,7 +367,6 @@ class _Routed:
         if owner is not None:
             try:
                 if await self._forward(owner, send):
-                    metrics.turn_routed("forwarded")
                     return
                 owner = await turns.owner_of(cid, dead=owner)
             except _Refused as exc:
@@ -411,6 +410,7 @@ class _Routed:
                 raise _Refused(data.decode(errors="replace"))
             if kind != ACCEPTED:
                 return False
+            metrics.turn_routed("forwarded")
             while True:
                 kind, data = await read_frame(reader, limit)
                 last = kind != DATA
