@@ -30,11 +30,13 @@ import httpx
 import httpx2
 import openai
 import pytest
+import redis.asyncio as redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from cvi_agent.devtools.fakes import relay
 from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, Plan, ReplyStep
+from cvi_agent.llm.shared_turns import ACCEPTED, OWNER_PREFIX, REFUSED, REQUEST, frame, link_token
 from tests.procs import ServerProcess
 from tests.support import API_KEY, REDIS_TEST_URL, ROOT, wait_until
 
@@ -388,3 +390,46 @@ async def test_workers_share_turns_and_report_metrics_together(
             requests = metric(server, "cvi_chat_requests_total", persona="speaker", status="200")
             assert requests == 2 * turns
             assert metric(server, "cvi_turns_replayed_total") == turns
+
+
+async def _exchange(address: str, data: bytes) -> bytes:
+    """Send `data` to a turn listener; everything it answers until it closes (5 s at most)."""
+    host, _, port = address.rpartition(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+
+
+async def test_turn_listener_closes_bad_input_and_answers_its_own_deployment(
+    tmp_path: Path, upstream: FakeUpstream, upstream_url: str
+) -> None:
+    cid = conversation_id()
+    async with cluster(tmp_path, upstream_url, REDIS_TEST_URL, n=1) as c:
+        await say(c.client(), "hello", cid)
+        admin = redis.Redis.from_url(REDIS_TEST_URL)
+        try:
+            value = await admin.get(OWNER_PREFIX + cid)
+            assert isinstance(value, bytes), "the conversation has an owner"
+            owner = value.decode()
+            assert await admin.pttl(OWNER_PREFIX + cid) > 0, "every key expires"
+        finally:
+            await admin.aclose()
+
+        def request(token: str, raw: Any) -> bytes:
+            body = {"token": token, "conversation_id": conversation_id(), "raw": raw}
+            return frame(REQUEST, json.dumps(body).encode())
+
+        good = {"model": "speaker", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+        token = link_token((API_KEY,))
+        assert await _exchange(owner, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
+        assert await _exchange(owner, frame(REQUEST, b"not json")) == b""
+        assert await _exchange(owner, request("wrong-token", good)) == b""
+        refused = await _exchange(owner, request(token, {"model": "nobody", "messages": []}))
+        assert refused[:1] == REFUSED
+        answer = await _exchange(owner, request(token, good))
+        assert answer[:1] == ACCEPTED and answer.rstrip().endswith(b"data: [DONE]")
+        assert (await say(c.client(), "hello again", cid)).finish == "stop"

@@ -229,17 +229,23 @@ class SharedTurns(TurnCoordinator):
         body: PushBody | None = None
         try:
             kind, data = await asyncio.wait_for(read_frame(reader, self._limit), REQUEST_TIMEOUT)
-            request = json.loads(data)
-            token = request.get("token")
-            if kind != REQUEST or not isinstance(token, str):
+            request = json.loads(data) if kind == REQUEST else None
+            token = request.get("token") if isinstance(request, dict) else None
+            if not isinstance(token, str) or not hmac.compare_digest(
+                token.encode(), self._token.encode()
+            ):
+                log.warning("turn listener: a connection without a valid request, closed")
                 return
-            if not hmac.compare_digest(token.encode(), self._token.encode()):
-                log.warning("turn listener: a request without the deployment's token, closed")
-                return
-            cid = str(request["conversation_id"])
-            assert self._accept is not None
+            assert isinstance(request, dict) and self._accept is not None
+            cid = request.get("conversation_id")
+            request_id = request.get("request_id")
             try:
-                brain, ctx, enc = self._accept(request["raw"], cid, request.get("request_id"))
+                raw = request.get("raw")
+                if not isinstance(cid, str) or not cid or not isinstance(raw, dict):
+                    raise ValueError("no conversation id or no request")
+                brain, ctx, enc = self._accept(
+                    raw, cid, request_id if isinstance(request_id, str) else None
+                )
             except Exception as exc:  # not valid here (a persona missing?): the forwarder answers
                 writer.write(frame(REFUSED, str(exc).encode()[:500]))
                 return
@@ -248,7 +254,7 @@ class SharedTurns(TurnCoordinator):
             writer.write(frame(ACCEPTED, b""))
             await writer.drain()
             await _answer(body, reader, writer)
-        except (OSError, TimeoutError, ValueError, KeyError, asyncio.IncompleteReadError) as exc:
+        except (OSError, TimeoutError, ValueError, asyncio.IncompleteReadError) as exc:
             log.debug("turn listener: forwarded turn ended: %r", exc)
         finally:
             self._serving.discard(task)
@@ -298,8 +304,10 @@ class SharedTurns(TurnCoordinator):
             self._heartbeat.cancel()
         if self._server is not None:
             self._server.close()
-        for task in list(self._serving):
+        serving = list(self._serving)
+        for task in serving:
             task.cancel()
+        await asyncio.gather(*serving, return_exceptions=True)
         if self.held and self.link.up:
             keys = [OWNER_PREFIX + c for c in self.held]
             with contextlib.suppress(LinkDown):

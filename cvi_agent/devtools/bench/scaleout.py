@@ -169,8 +169,8 @@ async def _one_setup(
             "servers": [r for s in servers for r in s.rss()],
             "relay": relay.rss(),
         }
-        if out["errors"] or os.environ.get("CVI_BENCH_DEBUG"):
-            out["server_log_tail"] = [s.log_tail(2000) for s in servers]
+        if out["errors"]:
+            out["server_log_tail"] = [s.log_tail(10) for s in servers]
         return out
     finally:
         if relay is not None:
