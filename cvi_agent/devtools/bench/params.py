@@ -60,7 +60,6 @@ class BenchParams:
     web_processes: int = 2  # scaleout: web processes behind the round-robin relay
     redis_url: str = "redis://127.0.0.1:6379/0"  # scaleout, overhead_redis: turns shared here
     overhead_redis: bool = False  # overhead: also the same server with CVI_REDIS_URL set
-    scaleout_conversations: int = 30
     # Partial gaps vary by ± this share (scaleout): with equal gaps, conversations in flight
     # settle into a fixed order, and a round-robin balancer then sends each conversation's
     # requests to the same process every time, which no real traffic does.

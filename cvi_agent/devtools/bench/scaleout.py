@@ -144,9 +144,7 @@ async def _one_setup(
             {"Authorization": f"Bearer {BENCH_KEY}"},
             tools=False,
         )
-        plans = plan_conversations(
-            dataclasses.replace(params, conversations=params.scaleout_conversations, gap_jitter=0.5)
-        )
+        plans = plan_conversations(dataclasses.replace(params, gap_jitter=0.5))
         run_id = f"{os.getpid()}-{int(time.time())}-{name}"
         mark = upstream.get_json("/_fake/records?since=0")["next"]
         before = _counters(servers)
@@ -188,7 +186,7 @@ async def scaleout_scenario(params: BenchParams, progress: Progress) -> dict[str
         upstream = await asyncio.to_thread(start_upstream, params, workdir)
         out: dict[str, Any] = {
             "web_processes": params.web_processes,
-            "conversations": params.scaleout_conversations,
+            "conversations": params.conversations,
             "setups": {},
         }
         for name, k, redis in setups(params):
