@@ -447,6 +447,7 @@ async def test_turn_listener_closes_bad_input_and_answers_its_own_deployment(
         assert await _exchange(owner, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n") == b""
         assert await _exchange(owner, frame(REQUEST, b"not json")) == b""
         assert await _exchange(owner, request("wrong-token", good)) == b""
+        assert c.servers[0].log_text().count("without a valid request") == 1, "logged once"
         refused = await _exchange(owner, request(token, {"model": "nobody", "messages": []}))
         assert refused[:1] == REFUSED
         answer = await _exchange(owner, request(token, good))

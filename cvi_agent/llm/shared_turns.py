@@ -157,6 +157,7 @@ class SharedTurns(TurnCoordinator):
         self._server: asyncio.Server | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._serving: set[asyncio.Task[None]] = set()
+        self._warned = False  # a bad connection to the listener was logged
 
     async def start(self, accept: Accept) -> None:
         """Listen for forwarded turns and start the heartbeat."""
@@ -234,7 +235,10 @@ class SharedTurns(TurnCoordinator):
             if not isinstance(token, str) or not hmac.compare_digest(
                 token.encode(), self._token.encode()
             ):
-                log.warning("turn listener: a connection without a valid request, closed")
+                # Logged once per process: whoever can reach the port must not fill the log.
+                level = logging.DEBUG if self._warned else logging.WARNING
+                self._warned = True
+                log.log(level, "turn listener: a connection without a valid request, closed")
                 return
             assert isinstance(request, dict) and self._accept is not None
             cid = request.get("conversation_id")

@@ -180,9 +180,17 @@ def _scaleout_lines(so: dict[str, Any], p: dict[str, Any]) -> list[str]:
     lines += [
         row("upstream completions per spoken turn", lambda s: s["completions_per_turn"]),
         row("upstream tokens generated per spoken", lambda s: s["generated_per_spoken"]),
+        row(
+            "  same, spoken conversations only",
+            lambda s: s["generated_per_spoken_turns_only"],
+        ),
         row("replay hits", lambda s: s["replay_hits"]),
         row("superseded (cancelled)", lambda s: s["superseded"]),
-        row("turns routed to another owner", lambda s: s["forwarded"]),
+        row("turns forwarded to their owner", lambda s: s["forwarded"]),
+        row(
+            "owners taken over / Redis fallbacks",
+            lambda s: f"{s['taken_over']}/{s['local_fallback']}",
+        ),
     ]
     for q in ("p50", "p99"):
         lines.append(

@@ -30,17 +30,20 @@ from cvi_agent.devtools.bench.speculative import (
 )
 from cvi_agent.devtools.bench.stats import summarize_ms
 
-COUNTERS = {
-    "replay_hits": "cvi_turns_replayed_total",
-    "superseded": "cvi_turns_superseded_total",
-    "forwarded": "cvi_turns_routed_total",
+ROUTED = "cvi_turns_routed_total"
+COUNTERS: dict[str, tuple[str, dict[str, str]]] = {
+    "replay_hits": ("cvi_turns_replayed_total", {}),
+    "superseded": ("cvi_turns_superseded_total", {}),
+    "forwarded": (ROUTED, {"outcome": "forwarded"}),
+    "taken_over": (ROUTED, {"outcome": "taken_over"}),
+    "local_fallback": (ROUTED, {"outcome": "local_fallback"}),
 }
 
 
 def _counters(servers: list[Child]) -> dict[str, float]:
     out: dict[str, float] = {}
-    for key, name in COUNTERS.items():
-        out[key] = sum(server_counter(s, name) or 0.0 for s in servers)
+    for key, (name, labels) in COUNTERS.items():
+        out[key] = sum(server_counter(s, name, **labels) or 0.0 for s in servers)
     return out
 
 
@@ -76,11 +79,15 @@ async def _start_servers(
 
 def _analyse(results: list[ConversationResult], records: list[dict[str, Any]]) -> dict[str, Any]:
     by_text: dict[str, list[dict[str, Any]]] = {}
-    generated = completed = 0
+    generated = completed = generated_spoken = 0
+    spoken_numbers = {r.plan.number for r in results if r.final is not None}
     for record in records:
-        if not _TAG_RE.match(record["user_text"]):
+        match = _TAG_RE.match(record["user_text"])
+        if not match:
             continue
         generated += record["chunks_sent"]
+        if int(match.group(1)) in spoken_numbers:
+            generated_spoken += record["chunks_sent"]
         if record["disconnected"] is None and record["chunks_sent"]:
             completed += 1
         by_text.setdefault(record["user_text"], []).append(record)
@@ -118,6 +125,8 @@ def _analyse(results: list[ConversationResult], records: list[dict[str, Any]]) -
         "upstream_tokens_generated": generated,
         "tokens_spoken": spoken,
         "generated_per_spoken": round(generated / spoken, 3) if spoken else None,
+        # the same without the abandoned conversations (their tokens are never spoken)
+        "generated_per_spoken_turns_only": round(generated_spoken / spoken, 3) if spoken else None,
         "supersede_to_upstream_closed_ms": summarize_ms(delays),
         "supersedes_measured": len(delays),
     }
