@@ -91,3 +91,24 @@ def test_serve_with_zero_configuration(tmp_path: Path) -> None:
         timeout=30,
     )
     assert out.stdout.strip() == key
+
+
+@pytest.mark.process
+def test_serve_workers_refuse_a_fixed_turn_port(tmp_path: Path) -> None:
+    shutil.copytree(PERSONAS, tmp_path / "personas")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("CVI_", "TAVUS_")) and k not in ("HOST", "PORT")
+    }
+    env.update(CVI_REDIS_URL="redis://127.0.0.1:9/0", CVI_TURNS_PORT="5555", PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, "-m", "cvi_agent", "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "CVI_TURNS_PORT" in done.stderr, "each worker needs a turn port of its own"
