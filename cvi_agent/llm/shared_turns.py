@@ -54,7 +54,7 @@ log = logging.getLogger(__name__)
 OWNER_PREFIX = "cvi:turns:owner:"
 OWNER_TTL_MS = 3000  # an owner that stops refreshing (dead) loses its conversations this soon
 HEARTBEAT = 1.0  # seconds between refreshes of the conversations a process holds
-IDLE = 60.0  # a conversation quiet this long is let go (its key expires)
+IDLE = 60.0  # a conversation quiet this long, nothing running, is let go (its key expires)
 FORWARD_TIMEOUT = 0.5  # connect + acknowledgement from the owner, else take over
 REQUEST_TIMEOUT = 5.0  # the owner waits this long for a forwarded request's frame
 REFRESH_BATCH = 500
@@ -280,7 +280,8 @@ class SharedTurns(TurnCoordinator):
     async def _refresh_held(self, now: float) -> None:
         held = self.held
         for cid in [c for c, last in held.items() if now - last > IDLE]:
-            del held[cid]
+            if not self.local.running(cid):  # a long answer keeps its conversation held
+                del held[cid]
         if not await self.link.probe():
             return
         keys = list(held)

@@ -549,6 +549,11 @@ class TurnTracker(TurnCoordinator):
         if not conversation.generations:
             del self._conversations[conversation_id]
 
+    def running(self, conversation_id: str) -> bool:
+        """Whether a generation of this conversation is still running."""
+        conversation = self._conversations.get(conversation_id)
+        return conversation is not None and any(not g.done for g in conversation.generations)
+
     def active(self) -> int:
         """Generations still running (for tests and shutdown)."""
         return sum(1 for c in self._conversations.values() for g in c.generations if not g.done)
