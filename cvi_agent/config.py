@@ -119,6 +119,14 @@ class Settings(BaseSettings):
         le=30,
         validation_alias=_env("CVI_SIDE_EFFECT_SETTLE", "side_effect_settle"),
     )
+    # With CVI_REDIS_URL, the listener other processes forward a conversation's turns to
+    # (llm/shared_turns.py): an address they can reach; port 0 picks a free one.
+    turns_host: str = Field(
+        default="127.0.0.1", validation_alias=_env("CVI_TURNS_HOST", "turns_host")
+    )
+    turns_port: int = Field(
+        default=0, ge=0, le=65535, validation_alias=_env("CVI_TURNS_PORT", "turns_port")
+    )
     log_level: str = Field(default="info", validation_alias=_env("CVI_LOG_LEVEL", "log_level"))
     # Log lines on stderr: human-readable text, or JSON objects for log shippers (web/logs.py).
     log_format: Literal["text", "json"] = Field(

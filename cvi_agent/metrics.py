@@ -2,17 +2,23 @@
 `cvi_agent.web.metrics` at `GET /metrics`).
 
 Recording is per request or per event, never per relayed chunk, and every labelled child is
-resolved once and cached, so the hot path pays a dict lookup and an add. With several worker
-processes each worker reports its own numbers (no multiprocess mode yet).
+resolved once and cached, so the hot path pays a dict lookup and an add. `cvi-agent serve
+--workers N` sets `PROMETHEUS_MULTIPROC_DIR` (prometheus_client's multiprocess mode): each
+worker writes its numbers to files there, and `render` adds up those of every worker, so
+`GET /metrics` reports the whole server whichever worker answers it.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Container
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, multiprocess
 from prometheus_client import generate_latest as _generate_latest
+
+#: Where `--workers` processes write their metrics (prometheus_client reads it at import).
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 _LATENCY = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _OVERHEAD = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
@@ -22,7 +28,11 @@ REQUESTS = Counter(
     "Chat-completion requests by persona and HTTP status.",
     ["persona", "status"],
 )
-ACTIVE_STREAMS = Gauge("cvi_active_streams", "Streaming responses being sent right now.")
+ACTIVE_STREAMS = Gauge(
+    "cvi_active_streams",
+    "Streaming responses being sent right now.",
+    multiprocess_mode="livesum",
+)
 TTFT = Histogram(
     "cvi_time_to_first_token_seconds",
     "From our receiving a request to our sending its first content or tool-call chunk.",
@@ -46,6 +56,20 @@ SUPERSEDED = Counter(
 )
 REPLAYED = Counter(
     "cvi_turns_replayed", "Requests answered by attaching to an existing generation."
+)
+TURNS_ROUTED = Counter(
+    "cvi_turns_routed",
+    "Speculative turns of a conversation owned by another process (CVI_REDIS_URL): `forwarded` "
+    "to the owner, `taken_over` from an owner that did not answer, `local_fallback` answered "
+    "here because Redis was unreachable or slow, `refused` answered here because the owner "
+    "could not.",
+    ["outcome"],
+)
+COORDINATION_UP = Gauge(
+    "cvi_turns_coordination_up",
+    "1 while Redis answers turn coordination (CVI_REDIS_URL), 0 while the process answers "
+    "every conversation itself.",
+    multiprocess_mode="livemin",
 )
 CANCELLED = Counter(
     "cvi_turns_cancelled",
@@ -134,6 +158,10 @@ def tool_call(name: str, execution: str, outcome: str) -> None:
     _child(TOOL_CALLS, name, execution, outcome).inc()
 
 
+def turn_routed(outcome: str) -> None:
+    _child(TURNS_ROUTED, outcome).inc()
+
+
 def cancelled(reason: str) -> None:
     _child(CANCELLED, reason).inc()
 
@@ -159,4 +187,15 @@ def throttled(limit: str) -> None:
 
 
 def render() -> bytes:
+    """The text exposition: this process's metrics, or every worker's added up."""
+    if os.environ.get(MULTIPROC_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        return _generate_latest(registry)
     return _generate_latest(REGISTRY)
+
+
+def process_exiting() -> None:
+    """A worker stops: its live gauges stop counting (multiprocess mode only)."""
+    if os.environ.get(MULTIPROC_ENV):
+        multiprocess.mark_process_dead(os.getpid())  # type: ignore[no-untyped-call]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import functools
 import gc
 from dataclasses import dataclass
 
 from starlette.datastructures import State
 
+from cvi_agent import metrics
 from cvi_agent.config import Settings
 from cvi_agent.conversations.service import ConversationService
+from cvi_agent.llm.forwarding import accept_forwarded
 from cvi_agent.llm.service import ChatService
 from cvi_agent.llm.tools import validate_persona_tools
 from cvi_agent.personas import Persona, PersonaError, load_personas
@@ -55,6 +58,7 @@ class Runtime:
         await store.init()
         conversations = await ConversationService.start(settings, store, personas)
         chat = ChatService.start(settings, personas, recorder=conversations.turns)
+        await chat.turns.start(functools.partial(accept_forwarded, chat))  # other processes' turns
         videos, poller = await start_videos(settings, store)
         videos.publish = conversations.announce  # ready videos reach the conversation's bot
         chat.tool_services = {"videos": videos}  # for the video tools' handlers
@@ -77,6 +81,7 @@ class Runtime:
         await self.chat.aclose()
         await self.conversations.aclose()
         await self.store.aclose()
+        metrics.process_exiting()
 
 
 _GC_TUNED = False

@@ -229,3 +229,19 @@ def test_every_option_is_documented_with_its_default() -> None:
             if str(default) not in text and "default" not in text.lower():
                 problems.append(f"{name}: default {default!r} not in {text!r}")
     assert problems == []
+
+
+@pytest.mark.process
+def test_serve_workers_refuse_a_fixed_turn_port(tmp_path: Path) -> None:
+    shutil.copytree(PERSONAS, tmp_path / "personas")
+    env = _env(CVI_REDIS_URL="redis://127.0.0.1:9/0", CVI_TURNS_PORT="5555", PORT=str(free_port()))
+    done = subprocess.run(
+        [sys.executable, "-m", "cvi_agent", "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "CVI_TURNS_PORT" in done.stderr, "each worker needs a turn port of its own"

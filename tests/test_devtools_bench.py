@@ -10,6 +10,7 @@ import json
 import pytest
 
 from cvi_agent.cli.main import main
+from tests.support import REDIS_TEST_URL
 
 pytestmark = [pytest.mark.slow, pytest.mark.process]
 
@@ -85,3 +86,43 @@ def test_bench_json_report(capsys: pytest.CaptureFixture[str]) -> None:
         rss = report["processes"][name]["peak_rss_mb"]
         assert rss and all(0 < r < 4096 for r in rss)
     assert report["machine"]["cpus"] >= 1
+
+
+@pytest.mark.redis
+def test_bench_scaleout_report(capsys: pytest.CaptureFixture[str]) -> None:
+    code = main(
+        [
+            "bench",
+            "--json",
+            "--scenario",
+            "scaleout",
+            "--web-processes",
+            "2",
+            "--redis-url",
+            REDIS_TEST_URL,
+            "--ttft",
+            "0.05",
+            "--tps",
+            "200",
+            "--words",
+            "8",
+            "--conversations",
+            "4",
+        ]
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert code == 0, report
+    scaleout = report["scaleout"]
+    assert list(scaleout["setups"]) == ["single", "2_redis", "2_no_redis"]
+    for name, setup in scaleout["setups"].items():
+        assert setup["errors"] == 0, name
+        assert setup["turns"] > 0
+        for key in ("final_ttft_ms", "supersede_to_upstream_closed_ms"):
+            assert set(setup[key]) == {"p50", "p95", "p99"}
+        assert setup["completions_per_turn"] >= 1
+        assert setup["generated_per_spoken"] >= 1
+        rss = setup["peak_rss_mb"]["servers"]
+        assert len(rss) == setup["web_processes"] and all(0 < r < 4096 for r in rss)
+    shared = scaleout["setups"]["2_redis"]
+    assert shared["replay_hits"] == shared["turns"], "every final replays, whichever process"
+    assert scaleout["upstream_peak_rss_mb"]

@@ -98,13 +98,30 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     if args.workers and args.workers > 1:
         import os
+        import shutil
 
+        from cvi_agent.metrics import MULTIPROC_ENV
+
+        if settings.redis_url and settings.turns_port:
+            print(
+                "cvi-agent: --workers needs CVI_TURNS_PORT unset (0): each worker listens for "
+                "forwarded turns on a port of its own",
+                file=sys.stderr,
+            )
+            return 2
         if not settings.redis_url:
             print(
                 "cvi-agent: warning: several processes without CVI_REDIS_URL: live feeds and "
-                "interactions only reach bots in the same process",
+                "interactions only reach bots in the same process, and a conversation's "
+                "speculative turns are only replayed or cancelled within one worker",
                 flush=True,
             )
+        # /metrics adds up every worker's numbers (prometheus_client's multiprocess mode); the
+        # directory starts empty so no earlier run's workers are counted.
+        metrics_dir = (settings.var_dir / "prometheus").resolve()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
 
         # Workers import the app factory themselves; pass the generated key through the env.
         os.environ["CVI_API_KEYS"] = settings.api_keys_raw

@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from cvi_agent.config import Settings
 from cvi_agent.llm.brains import Brain, UpstreamClients, make_brain
+from cvi_agent.llm.coordination import TurnCoordinator
 from cvi_agent.llm.recording import TurnRecorder
+from cvi_agent.llm.shared_turns import SharedTurns
 from cvi_agent.llm.sse import fingerprint
 from cvi_agent.llm.turns import TurnTracker
 from cvi_agent.personas import Persona
@@ -25,7 +27,8 @@ class ChatService:
         personas: the loaded personas by name (a request's `model` names one).
         upstreams: the upstream clients and circuit breakers the brains share.
         brains: one brain per persona name, serving all of that persona's requests.
-        turns: the speculative-turn tracker for streamed requests with a conversation id.
+        turns: who answers streamed requests with a conversation id: this process's turn
+            tracker, or, with `CVI_REDIS_URL`, the turns shared between processes.
         recorder: the conversation service's turn recorder, where finished turns go off the
             hot path; without it turns are not recorded.
         tool_services: the process-wide services a persona's server-tool handler may look up
@@ -39,7 +42,7 @@ class ChatService:
     personas: dict[str, Persona]
     upstreams: UpstreamClients
     brains: dict[str, Brain]
-    turns: TurnTracker
+    turns: TurnCoordinator
     recorder: TurnRecorder | None = None
     tool_services: Mapping[str, object] = field(default_factory=dict)
     fingerprints: dict[str, str] = field(default_factory=dict)
@@ -56,12 +59,14 @@ class ChatService:
         personas: dict[str, Persona],
         recorder: TurnRecorder | None = None,
     ) -> ChatService:
-        """Build the brains and the turn tracker; finished turns go to `recorder`."""
+        """Build the brains and the turn tracker (shared over Redis when `redis_url` is set;
+        the runtime starts it); finished turns go to `recorder`."""
         upstreams = UpstreamClients(settings)
         brains = {p.name: make_brain(p, upstreams) for p in personas.values()}
-        turns = TurnTracker(settings)
+        tracker = TurnTracker(settings)
         if recorder is not None:
-            turns.observer = recorder.observe
+            tracker.observer = recorder.observe
+        turns: TurnCoordinator = SharedTurns(settings, tracker) if settings.redis_url else tracker
         return cls(settings, personas, upstreams, brains, turns, recorder)
 
     async def aclose(self) -> None:

@@ -41,6 +41,7 @@ from cvi_agent.llm.brains.base import (
     usage_of,
 )
 from cvi_agent.llm.brains.speech import clean_user_text, normalize
+from cvi_agent.llm.coordination import TurnCoordinator
 from cvi_agent.llm.failure import classify, mode_of, note
 from cvi_agent.llm.sse import DONE, ChunkEncoder, encode_event
 
@@ -468,13 +469,14 @@ class GenerationReader:
 TurnObserver = Callable[["TurnContext", str, float, "float | None", bool, int], None]
 
 
-class TurnTracker:
+class TurnTracker(TurnCoordinator):
     """Per-process registry of generations by conversation id (all on the event loop).
 
     Bounded: past `MAX_GENERATIONS_PER_CONVERSATION` in one conversation the oldest finished
     ones are dropped, and a conversation is forgotten with its last generation. `settings` gives
-    `replay_window`, `replay_grace` and `side_effect_settle`. State is in-process only, hence
-    the sticky routing on the conversation id (ARCHITECTURE.md, "Scale-out").
+    `replay_window`, `replay_grace` and `side_effect_settle`. State is in-process only: across
+    processes, `SharedTurns` (llm/shared_turns.py) sends every turn of a conversation to the
+    tracker of one process (ARCHITECTURE.md, "Speculative turns across processes").
     """
 
     def __init__(self, settings: Settings) -> None:
@@ -547,6 +549,11 @@ class TurnTracker:
             return
         if not conversation.generations:
             del self._conversations[conversation_id]
+
+    def running(self, conversation_id: str) -> bool:
+        """Whether a generation of this conversation is still running."""
+        conversation = self._conversations.get(conversation_id)
+        return conversation is not None and any(not g.done for g in conversation.generations)
 
     def active(self) -> int:
         """Generations still running (for tests and shutdown)."""

@@ -162,7 +162,7 @@ class Target:
         if self.tools:
             body["tools"] = [WEATHER_TOOL]
         headers = dict(self.headers)
-        if conversation is not None and self.name == "through":
+        if conversation is not None and self.name.startswith("through"):
             headers["x-conversation-id"] = conversation
         return build_request(self.path, body, headers)
 

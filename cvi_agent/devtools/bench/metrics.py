@@ -53,11 +53,16 @@ def histogram_quantiles(
     return out
 
 
-def server_counter(server: Child, name: str) -> float | None:
-    """A server counter's value (`name` with its `_total`), summed over its label sets; None
-    when the server has no metrics or no such counter."""
+def server_counter(server: Child, name: str, **labels: str) -> float | None:
+    """A server counter's value (`name` with its `_total`), summed over its label sets (those
+    with `labels`); None when the server has no metrics or no such counter."""
     families = _scrape(server)
     if families is None:
         return None
-    values = [s.value for family in families for s in family.samples if s.name == name]
+    values = [
+        s.value
+        for family in families
+        for s in family.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    ]
     return sum(values) if values else None

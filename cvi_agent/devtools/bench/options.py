@@ -4,6 +4,7 @@ command builds the whole parser, `serve` too: the server should not load the ben
 from __future__ import annotations
 
 import argparse
+import os
 
 from cvi_agent.devtools.bench.params import BenchParams
 
@@ -13,9 +14,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     d = BenchParams()
     parser.add_argument(
         "--scenario",
-        choices=["all", "overhead", "speculative"],
+        choices=["all", "overhead", "speculative", "scaleout"],
         default="all",
-        help="which scenario(s) to run (default: all)",
+        help="which scenario(s) to run (default: all = overhead and speculative)",
+    )
+    parser.add_argument(
+        "--web-processes",
+        type=int,
+        default=d.web_processes,
+        help="scaleout: web processes behind the round-robin relay (default 2)",
+    )
+    parser.add_argument(
+        "--redis-url",
+        default=os.environ.get("CVI_REDIS_URL") or d.redis_url,
+        help="scaleout and --overhead-redis: the Redis the servers share turns over "
+        "(default: $CVI_REDIS_URL or redis://127.0.0.1:6379/0)",
+    )
+    parser.add_argument(
+        "--overhead-redis",
+        action="store_true",
+        help="overhead: also measure the same server with CVI_REDIS_URL set, side by side",
     )
     parser.add_argument(
         "-c", "--concurrency", type=int, default=d.concurrency, help="streams at once"
@@ -70,4 +88,7 @@ def params_from_args(args: argparse.Namespace) -> BenchParams:
         conversations=max(2, args.conversations),
         partials=max(2, args.partials),
         server_src=args.server_src,
+        web_processes=max(1, args.web_processes),
+        redis_url=args.redis_url,
+        overhead_redis=bool(args.overhead_redis),
     )

@@ -20,7 +20,10 @@ async def overhead_scenario(
 ) -> dict[str, Any]:
     """Phases alternate between the targets (direct, null relay, through cvi-agent)."""
     if params.warmup_seconds > 0:
-        await run_phase(targets[-1], params, params.warmup_seconds, progress, "warm-up", None)
+        for target in targets:
+            if target.name.startswith("through"):  # each cvi-agent server
+                label = f"warm-up: {target.name}"
+                await run_phase(target, params, params.warmup_seconds, progress, label, None)
     phases: dict[str, list[PhaseStats]] = {t.name: [] for t in targets}
     overhead0 = server_histogram(children["server"], "cvi_added_overhead_seconds")
     for round_no in range(1, params.rounds + 1):
@@ -40,8 +43,15 @@ async def overhead_scenario(
             return {}
         return {q: delta(table["through"][q], table[base][q]) for q in table["through"]}
 
+    redis = (
+        {q: delta(ttft["through_redis"][q], ttft["through"][q]) for q in ttft["through"]}
+        if "through_redis" in ttft
+        else None
+    )
     return {
         "concurrency": params.concurrency,
+        # the same server with CVI_REDIS_URL set, minus without (None: not measured)
+        "added_ttft_with_redis_ms": redis,
         "sides": list(sides),
         "streams": {name: side.streams for name, side in sides.items()},
         "ttft_ms": ttft,

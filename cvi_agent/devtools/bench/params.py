@@ -57,3 +57,10 @@ class BenchParams:
     request_timeout: float = 30.0
     seed: int = 11
     server_src: str | None = None  # run the server from another source tree (before/after)
+    web_processes: int = 2  # scaleout: web processes behind the round-robin relay
+    redis_url: str = "redis://127.0.0.1:6379/0"  # scaleout, overhead_redis: turns shared here
+    overhead_redis: bool = False  # overhead: also the same server with CVI_REDIS_URL set
+    # Partial gaps vary by ± this share (scaleout): with equal gaps, conversations in flight
+    # settle into a fixed order, and a round-robin balancer then sends each conversation's
+    # requests to the same process every time, which no real traffic does.
+    gap_jitter: float = 0.0

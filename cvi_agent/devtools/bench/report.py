@@ -26,7 +26,7 @@ def _rss(report: dict[str, Any]) -> str:
 
     return "peak RSS MB: " + ", ".join(
         f"{name.replace('_', ' ')} {one(procs[name]['peak_rss_mb'])}"
-        for name in ("server", "relay", "upstream", "load_generator")
+        for name in ("server", "server_redis", "relay", "upstream", "load_generator")
         if name in procs
     )
 
@@ -48,7 +48,8 @@ def format_table(report: dict[str, Any]) -> str:
     if o:
         sides: list[str] = o.get("sides") or ["direct", "through"]
         relay = "relay" in sides
-        head = "".join(f"{side:>11}" for side in sides)
+        w = max(11, *(len(side) + 2 for side in sides))
+        head = "".join(f"{side:>{w}}" for side in sides)
         lines += [
             "",
             f"Overhead: {o['concurrency']} concurrent streams, {p['rounds']} rounds of "
@@ -58,7 +59,7 @@ def format_table(report: dict[str, Any]) -> str:
         ]
 
         def row(label: str, values: dict[str, Any], extra: str = "") -> str:
-            return f"{label:28}" + "".join(f"{_fmt(values.get(x)):>11}" for x in sides) + extra
+            return f"{label:28}" + "".join(f"{_fmt(values.get(x)):>{w}}" for x in sides) + extra
 
         for label, key in (("time to first token", "ttft"), ("inter-chunk gap", "inter_chunk")):
             table = o[f"{key}_ms"]
@@ -72,6 +73,12 @@ def format_table(report: dict[str, Any]) -> str:
                         {x: table[x][q] for x in sides},
                         f"{added:>10}{times:>8}" + (f"{over:>12}" if relay else ""),
                     )
+                )
+            with_redis = o.get("added_ttft_with_redis_ms")
+            if key == "ttft" and with_redis:
+                lines.append(
+                    "  added by CVI_REDIS_URL (through_redis minus through, ms): "
+                    + "  ".join(f"{q} {_fmt(with_redis[q], '+')}" for q in ("p50", "p95", "p99"))
                 )
             server_view = o.get("server_measured_overhead_ms")
             if key == "ttft" and server_view:
@@ -93,7 +100,7 @@ def format_table(report: dict[str, Any]) -> str:
                     "CPU share: " + proc.replace("_", " "),
                     {x: o["cpu_share"].get(x, {}).get(proc) for x in sides},
                 )
-                for proc in ("server", "relay", "upstream", "load_generator")
+                for proc in ("server", "server_redis", "relay", "upstream", "load_generator")
                 if any(proc in o["cpu_share"].get(x, {}) for x in sides)
             ),
             f"{'server CPU per chunk (µs)':28}{_fmt(o['server_cpu_us_per_chunk']):>11}"
@@ -144,7 +151,66 @@ def format_table(report: dict[str, Any]) -> str:
             "(negative close→closed: the upstream was closed by the superseding request before "
             "the client let go)",
         ]
+    if report.get("scaleout"):
+        lines += ["", *_scaleout_lines(report["scaleout"], p)]
     lines += ["", f"errors: {report['errors']}   took {report['seconds']} s"]
     if report.get("server_log_tail"):
         lines += ["server log:", report["server_log_tail"]]
     return "\n".join(lines)
+
+
+def _scaleout_lines(so: dict[str, Any], p: dict[str, Any]) -> list[str]:
+    """The scale-out table: one column per setup."""
+    setups: dict[str, dict[str, Any]] = so["setups"]
+    names = list(setups)
+    lines = [
+        f"Scale-out: {so['conversations']} conversations through a round-robin relay (one "
+        f"connection per request), {p['partials']} partials {p['partial_gap'] * 1000:.0f} ms "
+        f"apart, final after {p['end_of_turn'] * 1000:.0f} ms",
+        f"{'':40}" + "".join(f"{n:>16}" for n in names),
+    ]
+
+    def row(label: str, get: Any) -> str:
+        return f"{label:40}" + "".join(f"{_fmt(get(setups[n])):>16}" for n in names)
+
+    for q in ("p50", "p99"):
+        lines.append(
+            row(f"final time to first token {q} (ms)", lambda s, q=q: s["final_ttft_ms"][q])
+        )
+    lines += [
+        row("upstream completions per spoken turn", lambda s: s["completions_per_turn"]),
+        row("upstream tokens generated per spoken", lambda s: s["generated_per_spoken"]),
+        row(
+            "  same, spoken conversations only",
+            lambda s: s["generated_per_spoken_turns_only"],
+        ),
+        row("replay hits", lambda s: s["replay_hits"]),
+        row("superseded (cancelled)", lambda s: s["superseded"]),
+        row("turns forwarded to their owner", lambda s: s["forwarded"]),
+        row(
+            "owners taken over / Redis fallbacks",
+            lambda s: f"{s['taken_over']}/{s['local_fallback']}",
+        ),
+    ]
+    for q in ("p50", "p99"):
+        lines.append(
+            row(
+                f"supersede→upstream closed {q} (ms)",
+                lambda s, q=q: s["supersede_to_upstream_closed_ms"][q],
+            )
+        )
+    lines += [
+        row("spoken turns", lambda s: s["turns"]),
+        row("errors", lambda s: s["errors"]),
+        row(
+            "peak RSS MB: web processes",
+            lambda s: " ".join(f"{v:.0f}" for v in s["peak_rss_mb"]["servers"]),
+        ),
+        row(
+            "peak RSS MB: relay", lambda s: " ".join(f"{v:.0f}" for v in s["peak_rss_mb"]["relay"])
+        ),
+        "upstream peak RSS MB: " + " ".join(f"{v:.0f}" for v in so.get("upstream_peak_rss_mb", [])),
+        "targets (300 ms upstream): final TTFT p50 ≤ 10 ms, p99 ≤ 30 ms; ≤ 1.05 completions per "
+        "turn; ≤ 1.1 tokens generated per spoken",
+    ]
+    return lines

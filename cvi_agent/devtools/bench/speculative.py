@@ -30,6 +30,7 @@ class ConversationPlan:
     close_first: bool  # close the previous stream before sending the next request
     partials: list[str]
     delay: float  # when the conversation starts (conversations do not speak in lockstep)
+    gaps: list[float] = field(default_factory=list)  # seconds after each partial (jittered)
 
 
 @dataclass
@@ -61,6 +62,12 @@ def plan_conversations(params: BenchParams) -> list[ConversationPlan]:
                 close_first=(n // 2) % 2 == 1,
                 partials=partials,
                 delay=rng.uniform(0, params.partial_gap * 2),
+                gaps=[
+                    params.partial_gap * rng.uniform(1 - params.gap_jitter, 1 + params.gap_jitter)
+                    for _ in partials
+                ]
+                if params.gap_jitter
+                else [],
             )
         )
     return plans
@@ -91,7 +98,7 @@ async def run_conversation(
     await asyncio.sleep(plan.delay)
     previous: HttpConnection | None = None
     conns: list[HttpConnection] = []
-    for text in plan.partials:
+    for number, text in enumerate(plan.partials):
         if previous is not None and plan.close_first:
             _close(previous)
         conn = await _open_stream(target, text, conversation)
@@ -99,7 +106,7 @@ async def run_conversation(
         if previous is not None and not plan.close_first:
             _close(previous)
         previous = conn
-        await asyncio.sleep(params.partial_gap)
+        await asyncio.sleep(plan.gaps[number] if plan.gaps else params.partial_gap)
     assert previous is not None
     if plan.abandon:
         await asyncio.sleep(max(0.0, params.end_of_turn - params.partial_gap))

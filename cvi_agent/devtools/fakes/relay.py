@@ -3,13 +3,18 @@ process between the client and the upstream", so what cvi-agent adds can be told
 what any extra hop costs on the machine (scheduling, loopback, wake-ups).
 
 `python -m cvi_agent.devtools.fakes.relay --port P --to 127.0.0.1:UPSTREAM_PORT`
+
+Several `--to` make it a round-robin balancer: each new connection goes to the next target (one
+connection per request, as the bench and the scale-out tests send, is one request per target in
+turn), the way a plain L4 load balancer spreads a Procfile app's web processes.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
+import itertools
+from collections.abc import Iterator, Sequence
 
 
 class _Pipe(asyncio.Protocol):
@@ -62,11 +67,10 @@ class _Downstream(_Pipe):
             upstream.transport.close()
 
 
-async def serve(host: str, port: int, target_host: str, target_port: int) -> None:
+async def serve(host: str, port: int, targets: Sequence[tuple[str, int]]) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(
-        lambda: _Downstream(target_host, target_port), host, port, backlog=4096
-    )
+    turn: Iterator[tuple[str, int]] = itertools.cycle(targets)
+    server = await loop.create_server(lambda: _Downstream(*next(turn)), host, port, backlog=4096)
     async with server:
         await server.serve_forever()
 
@@ -75,10 +79,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m cvi_agent.devtools.fakes.relay")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--to", required=True, help="HOST:PORT to relay to")
+    parser.add_argument(
+        "--to",
+        required=True,
+        action="append",
+        help="HOST:PORT to relay to (repeat: round robin per connection)",
+    )
     args = parser.parse_args(argv)
-    target_host, _, target_port = args.to.rpartition(":")
-    main_coro = serve(args.host, args.port, target_host, int(target_port))
+    targets = [(t.rpartition(":")[0], int(t.rpartition(":")[2])) for t in args.to]
+    main_coro = serve(args.host, args.port, targets)
     try:
         try:
             import uvloop
