@@ -245,3 +245,4 @@ def test_serve_workers_refuse_a_fixed_turn_port(tmp_path: Path) -> None:
     )
     assert done.returncode == 2
     assert "CVI_TURNS_PORT" in done.stderr, "each worker needs a turn port of its own"
+    assert "serving on" not in done.stdout

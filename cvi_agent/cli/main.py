@@ -43,6 +43,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except PersonaError as exc:
         print(f"cvi-agent: cannot load personas:\n{exc}", file=sys.stderr)
         return 2
+    if args.workers and args.workers > 1 and settings.redis_url and settings.turns_port:
+        print(
+            "cvi-agent: --workers needs CVI_TURNS_PORT unset (0): each worker listens for "
+            "forwarded turns on a port of its own",
+            file=sys.stderr,
+        )
+        return 2
     try:
         sock = listen(host, port)
     except OSError as exc:
@@ -102,13 +109,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
         from cvi_agent.metrics import MULTIPROC_ENV
 
-        if settings.redis_url and settings.turns_port:
-            print(
-                "cvi-agent: --workers needs CVI_TURNS_PORT unset (0): each worker listens for "
-                "forwarded turns on a port of its own",
-                file=sys.stderr,
-            )
-            return 2
         if not settings.redis_url:
             print(
                 "cvi-agent: warning: several processes without CVI_REDIS_URL: live feeds and "
