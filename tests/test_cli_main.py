@@ -246,3 +246,41 @@ def test_serve_workers_refuse_a_fixed_turn_port(tmp_path: Path) -> None:
     assert done.returncode == 2
     assert "CVI_TURNS_PORT" in done.stderr, "each worker needs a turn port of its own"
     assert "serving on" not in done.stdout
+
+
+@pytest.mark.process
+def test_serve_workers_keep_the_metrics_of_another_running_server(tmp_path: Path) -> None:
+    """Two `serve --workers` sharing a var dir: each counts its own workers; only the
+    directories of servers no longer running are cleared."""
+    shutil.copytree(PERSONAS, tmp_path / "personas")
+    root = tmp_path / "var" / "prometheus"
+    alive = root / str(os.getpid())  # this test's process stands for the other server
+    dead = root / "999999999"
+    for path in (alive, dead):
+        path.mkdir(parents=True)
+        (path / "counter_1.db").write_bytes(b"x")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cvi_agent", "serve", "--workers", "2"],
+        cwd=tmp_path,
+        env=_env(PORT=str(free_port())),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "serving on" not in proc.stdout.readline():
+            pass
+        own = root / str(proc.pid)
+        while time.monotonic() < deadline and not own.is_dir():  # made just after the banner
+            time.sleep(0.05)
+        assert own.is_dir()
+        assert (alive / "counter_1.db").exists(), "a running server's metrics are kept"
+        assert not dead.exists(), "a stopped server's metrics are cleared"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()

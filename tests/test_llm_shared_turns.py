@@ -137,8 +137,9 @@ async def cluster(
     redis_url: str,
     n: int = 2,
     args: list[str] | None = None,
+    env: dict[str, str] | None = None,
 ) -> AsyncIterator[Cluster]:
-    """`n` servers sharing `redis_url` behind a fresh round-robin relay."""
+    """`n` servers sharing `redis_url` behind a fresh round-robin relay (`env`: more settings)."""
     personas = _personas(tmp_path / f"personas-{uuid.uuid4().hex[:6]}")
     bookings = tmp_path / "bookings.jsonl"
     servers = [
@@ -156,6 +157,7 @@ async def cluster(
                 "CVI_VAR_DIR": str(tmp_path / f"var{i}"),
                 BOOKINGS_ENV: str(bookings),
                 "PYTHONPATH": str(ROOT),
+                **(env or {}),
             },
         )
         for i in range(n)
@@ -452,4 +454,36 @@ async def test_turn_listener_closes_bad_input_and_answers_its_own_deployment(
         assert refused[:1] == REFUSED
         answer = await _exchange(owner, request(token, good))
         assert answer[:1] == ACCEPTED and answer.rstrip().endswith(b"data: [DONE]")
+        assert (await say(c.client(), "hello again", cid)).finish == "stop"
+
+
+async def test_turn_listener_is_bounded_and_refuses_past_its_cap_at_once(
+    tmp_path: Path, upstream: FakeUpstream, upstream_url: str
+) -> None:
+    """Idle connections to the listener (each may wait 5 s for its request) cannot stall it:
+    past CVI_MAX_CONNECTIONS a connection is refused at once, and the forwarder would answer
+    that turn itself."""
+    cid = conversation_id()
+    async with cluster(
+        tmp_path, upstream_url, REDIS_TEST_URL, n=1, env={"CVI_MAX_CONNECTIONS": "2"}
+    ) as c:
+        await say(c.client(), "hello", cid)
+        admin = redis.Redis.from_url(REDIS_TEST_URL)
+        try:
+            value = await admin.get(OWNER_PREFIX + cid)
+            assert isinstance(value, bytes)
+            owner = value.decode()
+        finally:
+            await admin.aclose()
+        host, _, port = owner.rpartition(":")
+        idle = [await asyncio.open_connection(host, int(port)) for _ in range(2)]
+        try:
+            await asyncio.sleep(0.2)  # both are being served (waiting for their request)
+            started = time.monotonic()
+            answer = await _exchange(owner, b"")
+            assert answer[:1] == REFUSED and b"busy" in answer
+            assert time.monotonic() - started < 2.0
+        finally:
+            for _, writer in idle:
+                writer.close()
         assert (await say(c.client(), "hello again", cid)).finish == "stop"

@@ -8,6 +8,7 @@ is the top layer, so these lazy imports dodge no cycle."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Iterator, Sequence
 
@@ -104,7 +105,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     if args.workers and args.workers > 1:
-        import os
         import shutil
 
         from cvi_agent.metrics import MULTIPROC_ENV
@@ -116,10 +116,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "speculative turns are only replayed or cancelled within one worker",
                 flush=True,
             )
-        # /metrics adds up every worker's numbers (prometheus_client's multiprocess mode); the
-        # directory starts empty so no earlier run's workers are counted.
-        metrics_dir = (settings.var_dir / "prometheus").resolve()
-        shutil.rmtree(metrics_dir, ignore_errors=True)
+        # /metrics adds up every worker's numbers (prometheus_client's multiprocess mode) in a
+        # directory of this server's own (another `serve --workers` may share the var dir);
+        # those of servers no longer running are removed, so no earlier run is counted.
+        metrics_root = (settings.var_dir / "prometheus").resolve()
+        if metrics_root.is_dir():
+            for old in metrics_root.iterdir():
+                if not (old.name.isdigit() and _running(int(old.name))):
+                    shutil.rmtree(old, ignore_errors=True)
+        metrics_dir = metrics_root / str(os.getpid())
         metrics_dir.mkdir(parents=True)
         os.environ[MULTIPROC_ENV] = str(metrics_dir)
 
@@ -132,6 +137,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 0
     app = create_app(settings, personas)
     return 0 if serve(app, settings, sock=sock, host=host, port=port) else 3
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this id exists (another server's metrics are still its own)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -235,7 +251,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # `cvi-agent … | head`: the reader left, no traceback for that
-        import os
-
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141

@@ -229,6 +229,12 @@ class SharedTurns(TurnCoordinator):
         self._serving.add(task)
         body: PushBody | None = None
         try:
+            cap = self.settings.max_connections
+            if cap and len(self._serving) > cap:
+                # Bounded like the web server (CVI_MAX_CONNECTIONS): the forwarder answers
+                # this turn itself, at once, instead of queueing behind a flood.
+                writer.write(frame(REFUSED, b"turn listener busy (CVI_MAX_CONNECTIONS)"))
+                return
             kind, data = await asyncio.wait_for(read_frame(reader, self._limit), REQUEST_TIMEOUT)
             request = json.loads(data) if kind == REQUEST else None
             token = request.get("token") if isinstance(request, dict) else None
