@@ -257,7 +257,9 @@ class UpstreamBrain:
         for i, target in enumerate(targets):
             if not target.breaker.allow():
                 metrics.upstream_skipped(target.breaker.name)
-                failure = UpstreamUnavailable(f"circuit open for {target.name}")
+                failure = UpstreamUnavailable(
+                    f"circuit open for {target.name}, last failure: {target.breaker.last_error}"
+                )
                 continue
             remaining = first_deadline - loop.time()
             if remaining <= 0.001:
@@ -283,15 +285,15 @@ class UpstreamBrain:
                 return
             except UpstreamDeadline as exc:
                 if not emitted:  # a reply budget shorter than the first-token one: spent
-                    target.breaker.failure()
-                    metrics.upstream_failed(target.breaker.name)
                     failure = UpstreamTimedOut(
                         f"{target.name} said nothing within the reply budget of {reply_budget:g}s"
                     )
+                    target.breaker.failure(str(failure))
+                    metrics.upstream_failed(target.breaker.name)
                     break
                 cut = str(exc)
             except UpstreamError as exc:
-                target.breaker.failure()
+                target.breaker.failure(str(exc))
                 metrics.upstream_failed(target.breaker.name)
                 if emitted:
                     raise
@@ -360,9 +362,9 @@ class UpstreamBrain:
                     f"no answer from upstream within {first_token_timeout:g}s"
                 ) from exc
             except UpstreamHTTPError as exc:
-                raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
+                raise UpstreamError(f"upstream {exc.status}: {exc.message}") from exc
             except UpstreamConnectionError as exc:
-                raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
+                raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
             stream.expire_at(reply_deadline)
             try:
                 async with stream:
@@ -518,9 +520,9 @@ class UpstreamBrain:
                 raise UpstreamDeadline("the upstream had not answered yet") from exc
             raise UpstreamError(f"no answer from upstream within {first_token_timeout:g}s") from exc
         except UpstreamHTTPError as exc:
-            raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
+            raise UpstreamError(f"upstream {exc.status}: {exc.message}") from exc
         except UpstreamConnectionError as exc:
-            raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
+            raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
         stream.expire_at(reply_deadline)
         try:
             async with stream:
