@@ -33,6 +33,7 @@ PUBLIC = {
     ("GET", "/healthz"): "liveness probe",
     ("GET", "/"): "the console page (it asks for the key in the browser)",
     ("GET", "/console"): "the console's static files",
+    ("GET", "/favicon.ico"): "the console's tab icon (an image: no secret)",
     ("GET", "/docs"): "OpenAPI docs: describe the API, hold no secret",
     ("HEAD", "/docs"): "OpenAPI docs",
     ("GET", "/docs/oauth2-redirect"): "OpenAPI docs",
