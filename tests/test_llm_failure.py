@@ -312,3 +312,21 @@ async def test_an_unreachable_upstream_is_named_in_the_record_metrics_and_log(
     async with httpx.AsyncClient(base_url=srv.url) as http:
         text = (await http.get("/metrics", headers=AUTH)).text
     assert 'cvi_turn_fallbacks_total{persona="speaks",reason="upstream_unavailable"} 2.0' in text
+
+
+async def test_a_refusal_without_any_key_says_which_setting_holds_it(
+    serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The README's first minute: no `CVI_UPSTREAM_API_KEY`, so the upstream answers 401; the
+    turn's cause names the setting (fails before: only `fallback_reason: upstream_error`)."""
+    url: str = upstream.url  # type: ignore[attr-defined]
+    srv = serve(upstream, personas_dir=personas_dir(tmp_path, url), upstream_api_key="")
+    upstream.push(Plan(status=401, error_body=LEAKY_401))
+    cid = {"x-conversation-id": "c-cause-3"}
+    resp = await post(srv, {"model": "auto", "stream": True, "messages": USER}, **cid)
+    assert resp.status_code == 200 and LINE in resp.text
+    (turn,) = await turn_records(srv, "c-cause-3", 1)
+    assert turn["error"].startswith("upstream 401: Incorrect API key provided: ***"), turn
+    assert turn["error"].endswith(
+        "(no API key is configured for this upstream: set CVI_UPSTREAM_API_KEY)"
+    )

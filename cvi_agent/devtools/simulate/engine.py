@@ -819,19 +819,28 @@ class Simulation:
         }
 
     def _note_fallbacks(self, events: list[dict[str, Any]]) -> None:
-        """Every LLM turn the server answered with its fallback line (or an error) is an error
-        of the run, with its cause, and marks the spoken turn it answered."""
+        """Every spoken turn the server answered with its fallback line (or an error) is an
+        error of the run, with its cause, and marks the turn; speculative requests that fell
+        back make one more error line between them (their cause is the same in practice)."""
         by_completion = {t.completion_id: t for t in self.report.turns if t.completion_id}
+        speculative: list[str] = []
         for event in events:
             payload = event.get("payload") or {}
             if event.get("kind") != "llm.turn" or not payload.get("fallback"):
                 continue
-            cause = payload.get("error") or payload.get("fallback_reason") or "unknown cause"
+            cause = str(payload.get("error") or payload.get("fallback_reason") or "unknown cause")
             turn = by_completion.get(str(payload.get("completion_id")))
-            if turn is not None:
-                turn.fallback = str(cause)
+            if turn is None:
+                speculative.append(cause)
+                continue
+            turn.fallback = cause
             said = str(payload.get("user_text") or "")
-            what = f"turn {turn.index}" if turn is not None else "a speculative request"
             self.report.errors.append(
-                f"{what} fell back ({payload.get('fallback_reason')}) after {said[:40]!r}: {cause}"
+                f"turn {turn.index} fell back ({payload.get('fallback_reason')}) "
+                f"after {said[:40]!r}: {cause}"
+            )
+        if speculative:
+            self.report.errors.append(
+                f"{len(speculative)} speculative request(s) fell back too; the last: "
+                f"{speculative[-1]}"
             )

@@ -132,10 +132,19 @@ class _Target:
     client: ChatStreamClient
     model: str
     breaker: CircuitBreaker
+    missing_key: str | None = None  # the setting to set when no API key is configured
 
     @property
     def name(self) -> str:
         return f"{self.breaker.name} ({self.model})"
+
+    def http_error(self, exc: UpstreamHTTPError) -> UpstreamError:
+        """The turn's error for an HTTP error answer; a refusal without any key says which
+        setting would hold it."""
+        hint = ""
+        if exc.status in (401, 403) and self.missing_key:
+            hint = f" (no API key is configured for this upstream: set {self.missing_key})"
+        return UpstreamError(f"upstream {exc.status}: {exc.message}{hint}")
 
 
 class UpstreamBrain:
@@ -156,8 +165,18 @@ class UpstreamBrain:
         self.targets: list[_Target] = []
         for base_url, model, key_env in chain:
             api_key = os.environ.get(key_env, "") if key_env else None
+            missing = None
+            if not (api_key or clients.settings.upstream_api_key):
+                missing = (
+                    f"{key_env} or CVI_UPSTREAM_API_KEY" if key_env else "CVI_UPSTREAM_API_KEY"
+                )
             self.targets.append(
-                _Target(clients.get(base_url, api_key), model, clients.breaker(base_url, api_key))
+                _Target(
+                    clients.get(base_url, api_key),
+                    model,
+                    clients.breaker(base_url, api_key),
+                    missing,
+                )
             )
         self.client = self.targets[0].client
         # The persona's defaults, under whatever the request sends (computed once).
@@ -362,7 +381,7 @@ class UpstreamBrain:
                     f"no answer from upstream within {first_token_timeout:g}s"
                 ) from exc
             except UpstreamHTTPError as exc:
-                raise UpstreamError(f"upstream {exc.status}: {exc.message}") from exc
+                raise target.http_error(exc) from exc
             except UpstreamConnectionError as exc:
                 raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
             stream.expire_at(reply_deadline)
@@ -520,7 +539,7 @@ class UpstreamBrain:
                 raise UpstreamDeadline("the upstream had not answered yet") from exc
             raise UpstreamError(f"no answer from upstream within {first_token_timeout:g}s") from exc
         except UpstreamHTTPError as exc:
-            raise UpstreamError(f"upstream {exc.status}: {exc.message}") from exc
+            raise target.http_error(exc) from exc
         except UpstreamConnectionError as exc:
             raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
         stream.expire_at(reply_deadline)
