@@ -245,6 +245,7 @@ async def test_non_streamed_error_turn_is_recorded(
     assert_openai_error(resp, 502, "upstream_error")
     (turn,) = await turn_records(srv, "c-live-3", 1)
     assert turn["fallback_reason"] == "upstream_error" and turn["ttft_ms"] is None
+    assert turn["error"].startswith("upstream 500"), turn
 
 
 def test_on_upstream_failure_is_validated(tmp_path: Path) -> None:

@@ -292,13 +292,3 @@ async def test_console_explains_itself(serve: ServerFactory, tmp_path: Path) -> 
             assert errors == [], errors
         finally:
             await browser.close()
-
-
-async def test_the_icon_needs_no_key(serve: ServerFactory) -> None:
-    server = serve(None)
-    async with httpx.AsyncClient(base_url=server.url) as http:
-        resp = await http.get("/favicon.ico")
-    assert resp.status_code == 200 and resp.headers["content-type"] == "image/svg+xml"
-    assert resp.content.startswith(b"<svg")
-    text = (ROOT / "cvi_agent/web/console/index.html").read_text()
-    assert '<link rel="icon" href="/favicon.ico"' in text

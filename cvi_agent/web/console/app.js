@@ -8,7 +8,8 @@ const state = { key: sessionStorage.getItem(KEY_STORAGE) || "", current: null, f
                 status: "", phase: null, failures: [],
                 // latency: what the simulated Tavus measured per spoken turn (simulation.turn)
                 // and the server's record of every answer (llm.turn), joined by completion id
-                simTurns: [], llmTurns: new Map() };
+                simTurns: [], llmTurns: new Map(),
+                skew: 0 };  // the server's clock minus this browser's, in seconds
 const IDLE_AFTER_S = 10 * 60;  // no event for this long: grouped with the ended conversations
 const MAX_EVENT_CHARS = 16 * 1024 * 1024;  // a feed line longer than this is not ours: reconnect
 
@@ -73,6 +74,7 @@ async function loadConversations() {
   }
   const items = listOf(data);
   const now = (data && typeof data.now === "number") ? data.now : Date.now() / 1000;
+  state.skew = now - Date.now() / 1000;
   const live = [], done = [];
   for (const conv of items) {
     const li = document.createElement("li");
@@ -172,7 +174,7 @@ function renderPhase() {
   const phase = state.phase;
   let text = "";
   if (phase && phase.kind === "script_finished" && state.status !== "ended") {
-    const left = Math.round(phase.due - Date.now() / 1000);
+    const left = Math.round(phase.due - (Date.now() / 1000 + state.skew));
     text = "Script finished — waiting for Tavus's end-of-call callbacks (system.shutdown, then " +
       "application.transcription_ready)" + (left > 0 ? `, due in about ${left} s` : "") +
       ". Interactions still reach the replica meanwhile.";
@@ -295,7 +297,7 @@ function addEvent(ev) {
   const kind = ev.kind || "";
   const p = props(ev);
   if (kind === "simulation.script_finished") {
-    const since = ev.received_at || Date.now() / 1000;
+    const since = ev.received_at || Date.now() / 1000 + state.skew;
     state.phase = { kind: "script_finished", due: since + (Number(p.callbacks_in_s) || 0) };
     renderPhase();
   }
