@@ -194,8 +194,8 @@ function renderAlert() {
   const n = state.failures.length;
   if (!n) { el.hidden = true; el.textContent = ""; return; }
   const last = state.failures[n - 1];
-  el.textContent = `${n} turn${n > 1 ? "s" : ""} fell back to the persona's fallback line (or an error). ` +
-    `Last cause: ${last}`;
+  el.textContent = `${n} LLM request${n > 1 ? "s" : ""} (spoken turns and speculative ones) fell back ` +
+    `to the persona's fallback line or an error. Last cause: ${last}`;
   el.hidden = false;
 }
 
