@@ -87,6 +87,10 @@ def create_app(
     async def console() -> FileResponse:
         return FileResponse(CONSOLE_DIR / "index.html", headers={"Cache-Control": "no-cache"})
 
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon() -> FileResponse:  # browsers ask for it whatever the page links
+        return FileResponse(CONSOLE_DIR / "favicon.svg", media_type="image/svg+xml")
+
     @app.get("/healthz", summary="Liveness", tags=["ops"])
     async def healthz() -> dict[str, object]:
         return {"status": "ok", "version": __version__, "personas": len(personas)}

@@ -96,6 +96,13 @@ UPSTREAM_FAILURES = Counter(
     "line answered instead), and attempts skipped because the upstream's circuit was open.",
     ["upstream", "outcome"],
 )
+TURN_FALLBACKS = Counter(
+    "cvi_turn_fallbacks",
+    "Turns whose brain failed, answered with the fallback line or an error (llm/failure.py), "
+    "by persona and `reason` (`upstream_error`, `upstream_unavailable`, `upstream_timeout`, "
+    "`internal_error`); the cause is in the turn's `llm.turn` record and the log.",
+    ["persona", "reason"],
+)
 
 SLOW_CLIENTS = Counter(
     "cvi_slow_clients_closed",
@@ -172,6 +179,10 @@ def upstream_skipped(upstream: str) -> None:
 
 def upstream_failed(upstream: str) -> None:
     _child(UPSTREAM_FAILURES, upstream, "failed").inc()
+
+
+def turn_fallback(persona: str, reason: str) -> None:
+    _child(TURN_FALLBACKS, persona, reason).inc()
 
 
 def slow_client(phase: str) -> None:

@@ -73,3 +73,30 @@ def test_simulate_leaves_stderr_clean_run_after_run(tmp_path: Path) -> None:
         assert "turns 8" in run.stdout
     assert [run.stderr for run in runs] == [""] * RUNS
     assert all((tmp_path / f"var{run}" / "cvi-agent.db").is_file() for run in range(RUNS))
+
+
+@pytest.mark.process
+def test_cli_simulate_fails_when_turns_fell_back(tmp_path: Path) -> None:
+    """Fails before: `simulate --persona weather` with no reachable upstream printed `errors 0`
+    and exited 0 although every turn was the fallback line."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CVI_", "TAVUS_"))}
+    script = tmp_path / "short.yaml"
+    script.write_text("persona: weather\npartials: 1\nturns:\n  - user: Is it raining in Paris?\n")
+    env.update(
+        CVI_VAR_DIR=str(tmp_path / "var"),
+        CVI_DATABASE_URL=f"sqlite+aiosqlite:///{tmp_path / 'sim.db'}",
+        CVI_PERSONAS_DIR=str(PERSONAS),
+        CVI_UPSTREAM_BASE_URL="http://127.0.0.1:9/v1",
+    )
+    out = subprocess.run(
+        [sys.executable, "-m", "cvi_agent", "simulate", "--script", str(script)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, (out.stdout[-2000:], out.stderr[-2000:])
+    assert "fallbacks 1, errors 1" in out.stdout, out.stdout[-2000:]
+    assert "error: turn 1 fell back (upstream_unavailable)" in out.stdout
+    assert "connection refused" in out.stdout

@@ -224,6 +224,9 @@ async def test_list_is_paginated_with_a_cursor(app_server: ServerFactory) -> Non
                 assert cursor is None
                 break
         assert pages == 3 and sorted(seen) == ids and len(set(seen)) == 5
+        # each item says when its latest event arrived, and `now` is the server's clock
+        page = (await http.get("/api/conversations", headers=AUTH)).json()
+        assert all(0 < c["last_event_at"] <= page["now"] for c in page["data"]), page
         assert seen == sorted(seen, reverse=True) or len(seen) == 5
         bad = await http.get("/api/conversations", params={"cursor": "!!"}, headers=AUTH)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_cursor"

@@ -10,7 +10,7 @@ import httpx
 
 from cvi_agent.devtools.simulate.engine import Simulation
 from cvi_agent.devtools.simulate.report import render_table
-from cvi_agent.devtools.simulate.script import load_script
+from cvi_agent.devtools.simulate.script import Script, Step, load_script
 from cvi_agent.personas import load_personas
 from cvi_agent.rooms.local_server import LocalRoomServer
 from tests.support import API_KEY, PERSONAS, ServerFactory
@@ -116,3 +116,47 @@ async def test_simulated_conversation_is_recorded(serve: ServerFactory) -> None:
     } <= by_source
     assert ("bot", "interaction.conversation.interrupt") not in by_source
     assert any("pool is open" in (u["text"] or "") for u in record["utterances"])
+
+
+async def test_turns_answered_by_the_fallback_line_are_errors(serve: ServerFactory) -> None:
+    """Fails before: with the upstream unreachable, `weather` answered every turn with its
+    fallback line and the run reported `errors 0`. Each turn that fell back is an error of the
+    run, with its cause, and the milestones reach `notify` (what the console charts)."""
+    server = serve(None, callback_token=TOKEN, local_rooms=True)  # upstream: 127.0.0.1:9
+    script = Script(
+        persona="weather",
+        words_per_second=200,
+        partials=1,
+        turns=[Step(user="Hello there"), Step(user="Is it raining in Paris?")],
+    )
+    persona = load_personas(PERSONAS)["weather"]
+    told: list[tuple[str, dict[str, Any]]] = []
+
+    async def notify(kind: str, payload: dict[str, Any]) -> None:
+        told.append((kind, payload))
+
+    async with LocalRoomServer("127.0.0.1", 0) as rooms:
+        simulation = Simulation(
+            server_url=server.url,
+            api_key=API_KEY,
+            callback_token=TOKEN,
+            room_url=rooms.room_url("sim-fallback"),
+            script=script,
+            persona_name=persona.persona_name,
+            system_prompt=persona.system_prompt,
+            conversation_id="sim-fallback",
+            notify=notify,
+        )
+        report = await simulation.run()
+    assert [t.fallback is not None for t in report.turns] == [True, True]
+    assert report.summary()["fallbacks"] == 2 and report.summary()["errors"] == 2
+    for error in report.errors:  # partials: 1, so no speculative requests
+        assert "fell back (upstream_unavailable)" in error, error
+        assert "could not connect to 127.0.0.1:9: connection refused" in error, error
+    table = render_table(report)
+    assert "fallbacks 2, errors 2" in table and "fell back" in table
+    kinds = [kind for kind, _ in told]
+    assert kinds == ["simulation.turn", "simulation.turn", "simulation.script_finished"]
+    first = told[0][1]
+    assert first["ttft_ms"] is not None and first["u2u_ms"] is not None
+    assert first["completion_id"].startswith("chatcmpl-")

@@ -232,6 +232,7 @@ async def test_non_streamed_error_turn_is_recorded(
     assert_openai_error(resp, 502, "upstream_error")
     (turn,) = await turn_records(srv, "c-live-3", 1)
     assert turn["fallback_reason"] == "upstream_error" and turn["ttft_ms"] is None
+    assert turn["error"].startswith("upstream 500"), turn
 
 
 def test_on_upstream_failure_is_validated(tmp_path: Path) -> None:
@@ -239,3 +240,81 @@ def test_on_upstream_failure_is_validated(tmp_path: Path) -> None:
     path.write_text("name: p\npersona_name: P\nbrain: {kind: echo}\non_upstream_failure: shout\n")
     with pytest.raises(PersonaError, match="on_upstream_failure"):
         load_persona(path)
+
+
+# -- failures are data: the cause of a fallback, in the record, the metrics and the log ----------
+
+LEAKY_401 = {
+    "error": {
+        "message": "Incorrect API key provided: sk-proj-abcdefghijklmnopqrstuvwxyz1234. You can "
+        "find your API key at https://platform.openai.com/account/api-keys.",
+        "type": "invalid_request_error",
+        "code": "invalid_api_key",
+    }
+}
+
+
+async def test_a_fallback_turn_records_its_cause_without_the_key(
+    srv: LoopbackServer, upstream: FakeUpstream, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fails before: the record said `fallback` with a code, never what went wrong (and the
+    log repeated the key fragment the upstream echoed)."""
+    caplog.set_level("WARNING")
+    upstream.push(Plan(status=401, error_body=LEAKY_401))
+    cid = {"x-conversation-id": "c-cause-1"}
+    resp = await post(srv, {"model": "auto", "stream": True, "messages": USER}, **cid)
+    assert resp.status_code == 200 and LINE in resp.text
+    upstream.push(upstream.reply("fine now"))
+    await post(srv, {"model": "auto", "stream": True, "messages": [*USER, *USER]}, **cid)
+    turns = await turn_records(srv, "c-cause-1", 2)
+    failed = next(t for t in turns if t["fallback"])
+    assert failed["error"].startswith("upstream 401: Incorrect API key provided"), failed
+    assert "abcdefghijklmnop" not in failed["error"] and "\n" not in failed["error"]
+    good = next(t for t in turns if not t["fallback"])
+    assert good["fallback"] is False and good["error"] is None
+    assert "401" in caplog.text and "abcdefghijklmnop" not in caplog.text
+
+
+async def test_an_unreachable_upstream_is_named_in_the_record_metrics_and_log(
+    serve: ServerFactory, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Fails before: after the breaker opened, the log said `circuit open` and nothing else;
+    the record and the metrics had no cause."""
+    srv = serve(None, personas_dir=personas_dir(tmp_path, "http://127.0.0.1:9"), breaker_failures=1)
+    caplog.set_level("WARNING")
+    for i in range(2):  # the first fails on the connection, the second on the open circuit
+        resp = await post(
+            srv,
+            {"model": "speaks", "stream": True, "messages": USER * (i + 1)},
+            **{"x-conversation-id": "c-cause-2"},
+        )
+        assert resp.status_code == 200 and LINE in resp.text
+    turns = await turn_records(srv, "c-cause-2", 2)
+    for turn in turns:
+        assert turn["fallback"] is True
+        assert "upstream unreachable" in turn["error"], turn["error"]
+        assert "127.0.0.1:9" in turn["error"] and "refused" in turn["error"].lower()
+    assert any("circuit open" in t["error"] for t in turns)
+    opened = [r.getMessage() for r in caplog.records if "circuit open" in r.getMessage()]
+    assert opened and all("refused" in line.lower() for line in opened), opened
+    async with httpx.AsyncClient(base_url=srv.url) as http:
+        text = (await http.get("/metrics", headers=AUTH)).text
+    assert 'cvi_turn_fallbacks_total{persona="speaks",reason="upstream_unavailable"} 2.0' in text
+
+
+async def test_a_refusal_without_any_key_says_which_setting_holds_it(
+    serve: ServerFactory, upstream: FakeUpstream, tmp_path: Path
+) -> None:
+    """The README's first minute: no `CVI_UPSTREAM_API_KEY`, so the upstream answers 401; the
+    turn's cause names the setting (fails before: only `fallback_reason: upstream_error`)."""
+    url: str = upstream.url  # type: ignore[attr-defined]
+    srv = serve(upstream, personas_dir=personas_dir(tmp_path, url), upstream_api_key="")
+    upstream.push(Plan(status=401, error_body=LEAKY_401))
+    cid = {"x-conversation-id": "c-cause-3"}
+    resp = await post(srv, {"model": "auto", "stream": True, "messages": USER}, **cid)
+    assert resp.status_code == 200 and LINE in resp.text
+    (turn,) = await turn_records(srv, "c-cause-3", 1)
+    assert turn["error"].startswith("upstream 401: Incorrect API key provided: ***"), turn
+    assert turn["error"].endswith(
+        "(no API key is configured for this upstream: set CVI_UPSTREAM_API_KEY)"
+    )

@@ -125,8 +125,22 @@ def cancelled(reason: str) -> float:
     return REGISTRY.get_sample_value("cvi_turns_cancelled_total", {"reason": reason}) or 0.0
 
 
+async def turn_records(server: LoopbackServer, cid: str, count: int) -> list[dict[str, Any]]:
+    """The conversation's `llm.turn` payloads, once `count` are recorded (within 5 s)."""
+    deadline = time.monotonic() + 5
+    async with httpx.AsyncClient(
+        base_url=server.url, headers={"Authorization": f"Bearer {API_KEY}"}
+    ) as http:
+        while True:
+            events = (await http.get(f"/api/conversations/{cid}/events")).json()["data"]
+            turns = [e["payload"] for e in events if e["kind"] == "llm.turn"]
+            if len(turns) >= count or time.monotonic() > deadline:
+                return turns
+            await asyncio.sleep(0.05)
+
+
 async def test_longer_transcript_supersedes_the_running_generation(
-    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream, server: LoopbackServer
 ) -> None:
     upstream.push(paced(40, 0.05, prefix="old"), paced(3, 0.0, prefix="new"))
     old, new = Wire(), Wire()
@@ -149,6 +163,12 @@ async def test_longer_transcript_supersedes_the_running_generation(
     assert first.chunks_sent < 40
     assert new.text == "new0 new1 new2"
     assert new.events[-1] == "[DONE]"
+    # The record tells the two apart (the console shows it): one superseded, one answered.
+    turns = await turn_records(server, "conv-super", 2)
+    assert sorted(t["superseded"] for t in turns) == [False, True], turns
+    assert all(t["replayed"] is False and t["fallback"] is False for t in turns)
+    [answered] = [t for t in turns if not t["superseded"]]
+    assert 0 < answered["upstream_ttft_ms"] <= answered["ttft_ms"], answered  # ours: the rest
 
 
 async def test_unrelated_request_does_not_supersede(
@@ -165,7 +185,7 @@ async def test_unrelated_request_does_not_supersede(
 
 
 async def test_final_request_replays_the_speculative_generation(
-    sdk: openai.AsyncOpenAI, upstream: FakeUpstream
+    sdk: openai.AsyncOpenAI, upstream: FakeUpstream, server: LoopbackServer
 ) -> None:
     upstream.push(paced(12, 0.03, ttft=1.0, prefix="tok"))
     speculative, final = Wire(), Wire()
@@ -192,6 +212,9 @@ async def test_final_request_replays_the_speculative_generation(
     await stream(sdk, again, turn("tell me a story"), "conv-replay")
     assert again.text == final.text and again.ttft < 0.5
     assert len(upstream.records) == 1
+    # The record says which answers were replays.
+    turns = await turn_records(server, "conv-replay", 3)
+    assert sum(t["replayed"] for t in turns) == 2, turns
 
 
 async def test_replay_window_expires(serve: ServerFactory, upstream: FakeUpstream) -> None:

@@ -101,6 +101,21 @@ async def test_conversations_transcripts_answers(store: SqlStore) -> None:
     assert [c.id for c in await store.list_conversations()] == ["c1"]
 
 
+async def test_last_event_times(store: SqlStore) -> None:
+    """When each conversation last heard anything: what the console's sidebar tells a live
+    conversation from a forgotten one by."""
+    await store.upsert_conversation("quiet", persona="echo")
+    records = [
+        EventRecord("busy", "llm", "llm.turn", f"k{i}", {}, received_at=1000.0 + i)
+        for i in range(3)
+    ]
+    records.append(EventRecord("other", "room", "x", "k9", {}, received_at=50.0))
+    await store.add_events(records)
+    times = await store.last_event_times(["busy", "quiet", "other", "absent"])
+    assert times == {"busy": 1002.0, "other": 50.0}
+    assert await store.last_event_times([]) == {}
+
+
 async def test_migrations_idempotent(store: SqlStore) -> None:
     version = await store.schema_version()
     assert version >= 1

@@ -21,7 +21,7 @@ from websockets.exceptions import InvalidStatus
 from cvi_agent.app import create_app
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.web.security import RateLimiter
-from tests.support import API_KEY, ServerFactory, make_settings
+from tests.support import API_KEY, ROOT, ServerFactory, make_settings
 
 TOKEN = "cb-token-security-0123456789"
 OLD_TOKEN = "cb-token-security-previous-01"
@@ -34,6 +34,7 @@ PUBLIC = {
     ("GET", "/readyz"): "readiness probe (names a failing part, never its details)",
     ("GET", "/"): "the console page (it asks for the key in the browser)",
     ("GET", "/console"): "the console's static files",
+    ("GET", "/favicon.ico"): "the console's tab icon (an image: no secret)",
     ("GET", "/docs"): "OpenAPI docs: describe the API, hold no secret",
     ("HEAD", "/docs"): "OpenAPI docs",
     ("GET", "/docs/oauth2-redirect"): "OpenAPI docs",
@@ -427,3 +428,14 @@ async def test_unexpected_error_logs_the_route_template_not_the_secret_in_the_pa
     assert resp.json()["error"]["code"] == "internal_error"
     assert "/callbacks/probe/{path_token}" in caplog.text
     assert secret not in caplog.text
+
+
+async def test_the_icon_needs_no_key(serve: ServerFactory) -> None:
+    """Fails before: every browser asked for /favicon.ico and logged the 401 it got."""
+    server = serve(None)
+    async with httpx.AsyncClient(base_url=server.url) as http:
+        resp = await http.get("/favicon.ico")
+    assert resp.status_code == 200 and resp.headers["content-type"] == "image/svg+xml"
+    assert resp.content.startswith(b"<svg")
+    text = (ROOT / "cvi_agent/web/console/index.html").read_text()
+    assert '<link rel="icon" href="/favicon.ico"' in text

@@ -126,9 +126,11 @@ async def list_conversations(
     """A page of conversations, newest first, `limit` (1–200) at a time.
 
     Each item is the conversation's row: `id`, `persona`, `status` (`active`, `live` once the
-    replica joined, `ended`), `conversation_url`, `shutdown_reason`, `meta`, timestamps. When
-    `has_more` is true, pass `next_cursor` back as `cursor` for the next page; the cursor is
-    stable while new conversations are created.
+    replica joined, `ended`), `conversation_url`, `shutdown_reason`, `meta`, timestamps, and
+    `last_event_at` (when its latest event arrived; null without events); `now` is the
+    server's clock, to tell how long each has been quiet. When `has_more` is true, pass
+    `next_cursor` back as `cursor` for the next page; the cursor is stable while new
+    conversations are created.
     """
     record = _record(request)
     if not 1 <= limit <= 200:
@@ -137,9 +139,11 @@ async def list_conversations(
     rows = await record.store.list_conversations(limit + 1, before, before_id)
     more = len(rows) > limit
     rows = rows[:limit]
+    latest = await record.store.last_event_times([c.id for c in rows])
     return {
         "object": "list",
-        "data": [c.as_dict() for c in rows],
+        "data": [{**c.as_dict(), "last_event_at": latest.get(c.id)} for c in rows],
+        "now": now(),
         "has_more": more,
         "next_cursor": _encode_cursor(rows[-1]) if more and rows else None,
     }

@@ -19,7 +19,7 @@ class CircuitBreaker:
     design: it is only touched from the event loop.
     """
 
-    __slots__ = ("_failures", "_opened_at", "_trial", "failures", "name", "reset")
+    __slots__ = ("_failures", "_opened_at", "_trial", "failures", "last_error", "name", "reset")
 
     def __init__(self, name: str, failures: int = 3, reset: float = 10.0) -> None:
         self.name = name
@@ -28,6 +28,8 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at: float | None = None
         self._trial = False
+        #: The cause of the last failure (kept while open, so a skip can say why).
+        self.last_error: str | None = None
 
     @property
     def state(self) -> str:
@@ -54,9 +56,12 @@ class CircuitBreaker:
         self._failures = 0
         self._opened_at = None
         self._trial = False
+        self.last_error = None
 
-    def failure(self) -> None:
-        """A request failed: count it; the threshold, or a failed trial, (re)opens the breaker."""
+    def failure(self, cause: str | None = None) -> None:
+        """A request failed (`cause`: why, one line, kept in `last_error`): count it; the
+        threshold, or a failed trial, (re)opens the breaker."""
+        self.last_error = cause
         self._trial = False
         self._failures += 1
         if self._opened_at is not None or self._failures >= self.failures:

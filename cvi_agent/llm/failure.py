@@ -8,7 +8,8 @@ open) or 504 (no first token within the budget) in the OpenAI error shape, or, o
 has started, an error event and `[DONE]`, so the OpenAI SDKs retry and LiteLLM or LangChain
 fall back. Unset, it is `speak` when the request carries a Tavus conversation id and `error`
 otherwise. Either way the response says so in `x-cvi-fallback` (when its headers had not gone
-out yet) and the turn's record in its `fallback` fields.
+out yet) and the turn's record in its `fallback` fields, with the cause in `error` (one line,
+any key masked), and `cvi_turn_fallbacks` counts it.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from cvi_agent import metrics
 from cvi_agent.llm.brains.upstream import UpstreamError, UpstreamTimedOut, UpstreamUnavailable
-from cvi_agent.llm.upstream.errors import UpstreamHTTPError, UpstreamTimeout
+from cvi_agent.llm.upstream.errors import UpstreamHTTPError, UpstreamTimeout, mask_keys
+from cvi_agent.protocol.redact import redact_text
 from cvi_agent.web.errors import ApiError
 
 if TYPE_CHECKING:
@@ -37,20 +40,37 @@ class Failure:
             `upstream_unavailable`, `upstream_timeout` or `internal_error`.
         message: what the caller reads; never the upstream's own text (it may name hosts or
             echo key fragments), only what kind of failure it was.
+        cause: what went wrong, for the operator (the turn's record and the log): one line,
+            credentials masked, e.g. `upstream unreachable: could not connect to
+            api.openai.com:443: connection refused` or `upstream 401: Incorrect API key …`.
     """
 
     status: int
     code: str
     message: str
+    cause: str = ""
 
     def api_error(self) -> ApiError:
         """The failure as an OpenAI error response (with the fallback header)."""
         return ApiError(self.status, self.message, self.code, headers={FALLBACK_HEADER: self.code})
 
 
+def cause_of(exc: BaseException) -> str:
+    """What an exception raised by a brain says went wrong: one line of at most 300
+    characters, with anything shaped like a credential masked."""
+    text = str(exc) if isinstance(exc, UpstreamError) else f"{type(exc).__name__}: {exc}"
+    text = mask_keys(redact_text(text))
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
 def classify(exc: BaseException, mid_reply: bool = False) -> Failure:
     """The failure an exception raised by a brain stands for; `mid_reply`: part of the reply
     had been produced (the upstream was reached, then broke off or stalled)."""
+    failure = _classify(exc, mid_reply)
+    return Failure(failure.status, failure.code, failure.message, cause_of(exc))
+
+
+def _classify(exc: BaseException, mid_reply: bool) -> Failure:
     if not isinstance(exc, UpstreamError):
         return Failure(500, "internal_error", "The persona failed to answer.")
     cause = exc.__cause__
@@ -80,8 +100,11 @@ def mode_of(ctx: TurnContext) -> Mode:
 
 
 def note(ctx: TurnContext, failure: Failure, mode: Mode, mid_reply: bool) -> None:
-    """Leave the failure in the turn's state, where the record and the headers read it."""
+    """Leave the failure in the turn's state, where the record and the headers read it (the
+    cause in `error`), and count it in `cvi_turn_fallbacks`."""
     ctx.state["fallback"] = (failure.code, mode, mid_reply)
+    ctx.state["error"] = failure.cause
+    metrics.turn_fallback(ctx.persona.name, failure.code)
 
 
 def fallback_headers(ctx: TurnContext) -> list[tuple[bytes, bytes]]:

@@ -49,7 +49,12 @@ class TurnSample:
         answers: the flow brain's questionnaire answers so far, if any.
         fallback: when the brain failed (llm/failure.py): (code, `speak` or `error`, whether
             part of the reply had been sent); None when it answered.
+        error: the failure's cause, one line with credentials masked (None: it answered).
         request_id: the request's `x-request-id`.
+        upstream_ttft: seconds from sending the request upstream to its first token, when an
+            upstream answered this turn's generation (the rest of `ttft` is ours).
+        replayed: the response attached to a generation already under way (llm/turns.py).
+        superseded: the generation was cancelled because a longer transcript arrived.
     """
 
     conversation_id: str
@@ -64,7 +69,11 @@ class TurnSample:
     user_text: str
     answers: dict[str, str] | None
     fallback: tuple[str, str, bool] | None = None
+    error: str | None = None
     request_id: str | None = None
+    upstream_ttft: float | None = None
+    replayed: bool = False
+    superseded: bool = False
 
     def record(self) -> EventRecord:
         """The `llm.turn` event (source `llm`); times in milliseconds."""
@@ -78,7 +87,12 @@ class TurnSample:
             "chunks": self.chunks,
             "user_text": self.user_text,
             "fallback": self.fallback is not None,
+            "error": self.error,
+            "replayed": self.replayed,
+            "superseded": self.superseded,
         }
+        if self.upstream_ttft is not None:
+            payload["upstream_ttft_ms"] = round(self.upstream_ttft * 1000, 2)
         if self.fallback is not None:
             code, mode, mid_reply = self.fallback
             payload["fallback_reason"] = code
@@ -263,7 +277,11 @@ def _sample(
         user_text=_last_user_text(ctx),
         answers=dict(answers) if isinstance(answers, dict) and answers else None,
         fallback=state.get("fallback"),
+        error=state.get("error") if state.get("fallback") is not None else None,
         request_id=state.get("request_id"),
+        upstream_ttft=state.get("upstream_ttft"),
+        replayed=bool(state.get("replayed")),
+        superseded=bool(state.get("superseded")),
     )
 
 

@@ -455,6 +455,14 @@ class GenerationReader:
             self.generation.detach()
             observer = self.generation.tracker.observer
             if observer is not None:
+                # What the record tells apart: a replay, a superseded generation, and the
+                # upstream's share of the time to first token (llm/recording.py).
+                state = self.ctx.state
+                state["replayed"] = self.replay
+                state["superseded"] = self.generation.cancelled == "superseded"
+                upstream = self.generation.ctx.state.get("upstream_ttft")
+                if upstream is not None and not self.replay:
+                    state["upstream_ttft"] = upstream
                 observer(
                     self.ctx, self.enc.id, self.started, self.first_at, self.completed, self.sent
                 )

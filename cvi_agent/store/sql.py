@@ -322,6 +322,24 @@ class SqlStore:
             rows = (await conn.execute(query.limit(limit))).all()
         return [_from_row(ConversationRecord, r) for r in rows]
 
+    async def last_event_times(self, conversation_ids: Sequence[str]) -> dict[str, float]:
+        """When each conversation's latest event arrived (a conversation without events is
+        missing): what tells a live conversation from one nobody has heard of for a while.
+        One query; the latest event is found by the (conversation, id) index."""
+        if not conversation_ids:
+            return {}
+        latest = (
+            sa.select(sa.func.max(events.c.id))
+            .where(events.c.conversation_id.in_(list(conversation_ids)))
+            .group_by(events.c.conversation_id)
+        )
+        query = sa.select(events.c.conversation_id, events.c.received_at).where(
+            events.c.id.in_(latest)
+        )
+        async with self.engine.connect() as conn:
+            rows = (await conn.execute(query)).all()
+        return {row.conversation_id: row.received_at for row in rows}
+
     # -- events --------------------------------------------------------------------------------
 
     async def add_events(

@@ -4,7 +4,7 @@ key, and CORS only for the origins `CVI_CORS_ORIGINS` names.
 `AccessControl` is plain ASGI middleware in front of routing, so a route added later is
 protected by default; the routers' own key checks (`require_key` dependencies, the live
 websocket's handshake check) stay as a second line. The allow-list is `public_paths()`:
-liveness and readiness, the console's static files and the OpenAPI docs (public on purpose: they hold no
+liveness and readiness, the console's static files and icon and the OpenAPI docs (public on purpose: they hold no
 secret and describe the same API the README does), plus the provider callbacks under
 `/callbacks/`, which authenticate with their own URL token or HMAC signature (callbacks.py,
 videos/webhooks.py) because Tavus and the video providers cannot send our API key.
@@ -52,9 +52,11 @@ WS_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 def public_paths(app: FastAPI) -> frozenset[str]:
     """Exact paths anyone may fetch: liveness and readiness (probes send no key; they say
-    which part fails, never a secret), the console page, the OpenAPI docs."""
+    which part fails, never a secret), the console page and its icon, the OpenAPI docs."""
     docs = (app.docs_url, app.redoc_url, app.openapi_url, app.swagger_ui_oauth2_redirect_url)
-    return frozenset({"/healthz", "/readyz", "/", "/console", *(p for p in docs if p)})
+    return frozenset(
+        {"/healthz", "/readyz", "/", "/console", "/favicon.ico", *(p for p in docs if p)}
+    )
 
 
 def is_public(path: str, exact: frozenset[str]) -> bool:

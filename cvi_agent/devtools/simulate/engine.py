@@ -35,7 +35,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -53,6 +53,12 @@ log = logging.getLogger(__name__)
 
 Printer = Callable[[str], None]
 """Where progress lines go: the terminal for the CLI, the log for the server, a list in tests."""
+
+Notify = Callable[[str, dict[str, Any]], Awaitable[None]]
+"""Told of milestones as they happen, `(kind, payload)`: `simulation.turn` when a reply has been
+spoken (what the caller experienced: its TTFT at the simulated Tavus and utterance-to-utterance),
+`simulation.script_finished` when the script is done and only the closing callbacks remain. The
+server's `/api/simulations` stores them as the conversation's events, for the console."""
 
 
 def _interaction_key(message: dict[str, Any]) -> str:
@@ -131,6 +137,7 @@ class Simulation:
         bot_timeout: float = 15.0,
         rest: bool = True,
         tools: list[dict[str, Any]] | None = None,
+        notify: Notify | None = None,
     ) -> None:
         """Prepare the two room peers and the HTTP clients; nothing connects until `run`.
 
@@ -154,6 +161,7 @@ class Simulation:
                 server runs on this machine (else `via: rest` steps go through the bot).
             tools: the tools every LLM request declares, as Tavus sends the persona's
                 `layers.llm.tools` (its client tools); without them none is callable.
+            notify: told of milestones (`Notify`); its failures are logged, never raised.
         """
         self.server_url = server_url.rstrip("/")
         self.api_key = api_key
@@ -164,6 +172,7 @@ class Simulation:
         self.conversation_id = conversation_id or "sim-" + secrets.token_hex(5)
         self.print = printer or (lambda line: None)
         self.linger = linger
+        self.notify = notify
         self.bot_timeout = bot_timeout
         self.request_tools: dict[str, Any] = {"tools": tools} if tools else {}
         self.report = SimulationReport(self.conversation_id, script.persona)
@@ -355,10 +364,12 @@ class Simulation:
 
     async def _final(
         self, messages: list[dict[str, Any]]
-    ) -> tuple[str, list[dict[str, str]], float, float]:
-        """The request whose reply is spoken: (text, client tool calls, ttft s, first-token time)."""
+    ) -> tuple[str, list[dict[str, str]], float, float, str | None]:
+        """The request whose reply is spoken: (text, client tool calls, ttft s, first-token time,
+        the response's `chatcmpl-…` id, which names its `llm.turn` record)."""
         started = time.monotonic()
         first: float | None = None
+        completion_id: str | None = None
         text: list[str] = []
         calls: dict[int, dict[str, str]] = {}
         stream = await self.llm.chat.completions.create(
@@ -369,6 +380,7 @@ class Simulation:
         )
         async with stream:
             async for chunk in stream:
+                completion_id = completion_id or chunk.id
                 if not chunk.choices:
                     continue
                 delta = chunk.choices[0].delta
@@ -383,7 +395,13 @@ class Simulation:
                         call["name"] = tc.function.name or call["name"]
                         call["arguments"] += tc.function.arguments or ""
         first = first or time.monotonic()
-        return "".join(text), [calls[i] for i in sorted(calls)], first - started, first
+        return (
+            "".join(text),
+            [calls[i] for i in sorted(calls)],
+            first - started,
+            first,
+            completion_id,
+        )
 
     async def _turn(
         self,
@@ -410,7 +428,9 @@ class Simulation:
             await self._user_speaks(text, inference_id)
         self.history.append({"role": "user", "content": text})
         stopped = time.monotonic()
-        reply, calls, ttft, first_at = await self._final([self._system_message(), *self.history])
+        reply, calls, ttft, first_at, report.completion_id = await self._final(
+            [self._system_message(), *self.history]
+        )
         report.requests += 1
         report.ttft_ms = round(ttft * 1000, 1)
         # The replica starts speaking with the first token (TTS streams): stopped → first token.
@@ -421,6 +441,7 @@ class Simulation:
         report.reply, report.interrupted = said, interrupted
         line = f"  {self.persona_display}: {said}" + (" [interrupted]" if interrupted else "")
         self.print(line + f"   (ttft {report.ttft_ms:.1f} ms, {report.requests} requests)")
+        await self._notify("simulation.turn", report.as_dict())
         if calls:
             await self._tool_round(report, reply, calls, inference_id)
         elif said:
@@ -481,16 +502,18 @@ class Simulation:
             self.history.append({"role": "tool", "tool_call_id": call["id"], "content": output})
         follow_id = secrets.token_hex(8)
         started = time.monotonic()
-        reply, more_calls, ttft, first_at = await self._final(
+        reply, more_calls, ttft, first_at, completion_id = await self._final(
             [self._system_message(), *self.history]
         )
         follow = TurnReport(len(self.report.turns) + 1, "tool", report.tool or "", requests=1)
+        follow.completion_id = completion_id
         follow.ttft_ms = round(ttft * 1000, 1)
         follow.u2u_ms = round((first_at - started) * 1000, 1)
         self.report.turns.append(follow)
         spoken, interrupted = await self._replica_speaks(reply, follow_id)
         follow.reply, follow.interrupted = spoken, interrupted
         self.print(f"  {self.persona_display}: {spoken}   (ttft {follow.ttft_ms:.1f} ms)")
+        await self._notify("simulation.turn", follow.as_dict())
         if spoken:
             self.history.append({"role": "assistant", "content": spoken})
         if more_calls:
@@ -677,10 +700,16 @@ class Simulation:
                 await self._step(step)
                 if step.pause:
                     await asyncio.sleep(step.pause)
+            async with self._speech:  # let a speech in progress finish
+                pass
+            await self._notify(
+                "simulation.script_finished",
+                {"turns": len(self.report.turns), "callbacks_in_s": self.linger},
+            )
             if self.linger:
                 self.print(f"  (lingering {self.linger:g}s for interactions)")
                 await asyncio.sleep(self.linger)
-            async with self._speech:  # let a speech in progress finish
+            async with self._speech:  # an interaction sent meanwhile may still be speaking
                 pass
             if self._arrivals:  # every interaction sent has arrived, or timed out
                 await asyncio.gather(*self._arrivals, return_exceptions=True)
@@ -722,6 +751,14 @@ class Simulation:
                 self._standin_server = None
             self.report.duration_s = time.monotonic() - self._started
         return self.report
+
+    async def _notify(self, kind: str, payload: dict[str, Any]) -> None:
+        if self.notify is None:
+            return
+        try:
+            await self.notify(kind, payload)
+        except Exception as exc:  # a milestone the console misses must not stop the script
+            log.warning("simulation %s: could not report %s: %s", self.conversation_id, kind, exc)
 
     async def _step(self, step: Step) -> None:
         path = f" ({step.via})" if step.via else ""
@@ -771,6 +808,7 @@ class Simulation:
         by_source: dict[str, int] = {}
         for event in events:
             by_source[str(event.get("source"))] = by_source.get(str(event.get("source")), 0) + 1
+        self._note_fallbacks(events)
         conversation = data.get("conversation") or {}
         self.report.recorded = {
             "status": conversation.get("status"),
@@ -779,3 +817,30 @@ class Simulation:
             "tool_calls": len(data.get("tool_calls") or []),
             "transcript_lines": len((data.get("transcript") or {}).get("entries") or []),
         }
+
+    def _note_fallbacks(self, events: list[dict[str, Any]]) -> None:
+        """Every spoken turn the server answered with its fallback line (or an error) is an
+        error of the run, with its cause, and marks the turn; speculative requests that fell
+        back make one more error line between them (their cause is the same in practice)."""
+        by_completion = {t.completion_id: t for t in self.report.turns if t.completion_id}
+        speculative: list[str] = []
+        for event in events:
+            payload = event.get("payload") or {}
+            if event.get("kind") != "llm.turn" or not payload.get("fallback"):
+                continue
+            cause = str(payload.get("error") or payload.get("fallback_reason") or "unknown cause")
+            turn = by_completion.get(str(payload.get("completion_id")))
+            if turn is None:
+                speculative.append(cause)
+                continue
+            turn.fallback = cause
+            said = str(payload.get("user_text") or "")
+            self.report.errors.append(
+                f"turn {turn.index} fell back ({payload.get('fallback_reason')}) "
+                f"after {said[:40]!r}: {cause}"
+            )
+        if speculative:
+            self.report.errors.append(
+                f"{len(speculative)} speculative request(s) fell back too; the last: "
+                f"{speculative[-1]}"
+            )

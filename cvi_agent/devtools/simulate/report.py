@@ -25,6 +25,8 @@ class TurnReport:
         u2u_ms: user stopped speaking → replica started speaking.
         interrupted: whether the reply was cut short.
         tool: the client tool the reply called, if any.
+        completion_id: the final request's `chatcmpl-…` id (its `llm.turn` record's).
+        fallback: the cause, when the server answered with its fallback line instead.
     """
 
     index: int
@@ -36,6 +38,8 @@ class TurnReport:
     u2u_ms: float | None = None
     interrupted: bool = False
     tool: str | None = None
+    completion_id: str | None = None
+    fallback: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """Plain JSON-ready values, for `--json` and the tests."""
@@ -49,6 +53,8 @@ class TurnReport:
             "u2u_ms": self.u2u_ms,
             "interrupted": self.interrupted,
             "tool": self.tool,
+            "completion_id": self.completion_id,
+            "fallback": self.fallback,
         }
 
 
@@ -132,6 +138,7 @@ class SimulationReport:
             "u2u_ms_p95": pct(u2us, 0.95),
             "interruptions": sum(t.interrupted for t in self.turns),
             "tool_calls": sum(t.tool is not None for t in self.turns),
+            "fallbacks": sum(t.fallback is not None for t in self.turns),
             "interactions": self.interaction_latency(),
             "errors": len(self.errors),
         }
@@ -171,7 +178,9 @@ class SimulationReport:
 
 def render_table(report: SimulationReport) -> str:
     """The report as a table and a few summary lines, for a person reading a terminal."""
-    rows = [("#", "kind", "requests", "ttft ms", "u2u ms", "interrupted", "tool", "text")]
+    rows = [
+        ("#", "kind", "requests", "ttft ms", "u2u ms", "interrupted", "tool", "fell back", "text")
+    ]
     for t in report.turns:
         rows.append(
             (
@@ -182,6 +191,7 @@ def render_table(report: SimulationReport) -> str:
                 f"{t.u2u_ms:.1f}" if t.u2u_ms is not None else "-",
                 "yes" if t.interrupted else "",
                 t.tool or "",
+                "yes" if t.fallback is not None else "",
                 (t.text[:40] + "…") if len(t.text) > 41 else t.text,
             )
         )
@@ -196,7 +206,7 @@ def render_table(report: SimulationReport) -> str:
         f"turns {s['turns']}, LLM requests {s['llm_requests']}, ttft p50 {s['ttft_ms_p50']} ms "
         f"(p95 {s['ttft_ms_p95']}), utterance-to-utterance p50 {s['u2u_ms_p50']} ms "
         f"(p95 {s['u2u_ms_p95']}), interruptions {s['interruptions']}, tool calls {s['tool_calls']}, "
-        f"errors {s['errors']}"
+        f"fallbacks {s['fallbacks']}, errors {s['errors']}"
     )
     for via, leg in s["interactions"].items():
         lines.append(

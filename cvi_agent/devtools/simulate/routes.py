@@ -1,12 +1,16 @@
 """`POST /api/simulations`: the console's "start a simulated conversation" button.
 
 The server runs the simulation against itself (over loopback), so a developer sees a whole
-conversation in the console with nothing but the server running.
+conversation in the console with nothing but the server running. What only the simulated Tavus
+measures (each turn's time to first token and utterance-to-utterance as the caller experienced
+them) and when the script is done are stored as the conversation's `simulation` events, so the
+console can chart them and say it is waiting for the end-of-call callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 from typing import Any
@@ -16,11 +20,13 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cvi_agent.config import Settings
-from cvi_agent.devtools.simulate.engine import Simulation
+from cvi_agent.conversations.deps import conversations_of
+from cvi_agent.devtools.simulate.engine import Notify, Simulation
 from cvi_agent.devtools.simulate.report import SimulationReport
 from cvi_agent.devtools.simulate.script import load_script
 from cvi_agent.personas import Persona
 from cvi_agent.rooms.local_server import LocalRoomServer
+from cvi_agent.store import EventRecord
 from cvi_agent.web.auth import presented_key, require_key
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
@@ -56,6 +62,27 @@ class RoomHost:
         if self.server is not None:
             await self.server.close()
             self.server = None
+
+
+def milestones(request: Request, conversation_id: str) -> Notify | None:
+    """Store a simulation's milestones as `simulation` events of its conversation (and publish
+    them on its live feed), or None when the app runs no conversation record."""
+    service = conversations_of(request.app.state)
+    if service is None:
+        return None
+    counter = itertools.count(1)
+
+    async def notify(kind: str, payload: dict[str, Any]) -> None:
+        record = EventRecord(
+            conversation_id=conversation_id,
+            source="simulation",
+            kind=kind,
+            dedupe_key=f"{conversation_id}:{next(counter)}",
+            payload=payload,
+        )
+        await service.add_events([record])
+
+    return notify
 
 
 router = APIRouter(prefix="/api/simulations", tags=["simulations"])
@@ -142,6 +169,7 @@ async def start_simulation(request: Request) -> JSONResponse:
         conversation_id=conversation_id,
         printer=lambda line: log.info("simulation %s: %s", conversation_id, line.strip()),
         linger=body.linger,
+        notify=milestones(request, conversation_id),
     )
     task = asyncio.create_task(simulation.run())
     host.tasks.add(task)

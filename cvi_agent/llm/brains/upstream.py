@@ -132,10 +132,19 @@ class _Target:
     client: ChatStreamClient
     model: str
     breaker: CircuitBreaker
+    missing_key: str | None = None  # the setting to set when no API key is configured
 
     @property
     def name(self) -> str:
         return f"{self.breaker.name} ({self.model})"
+
+    def http_error(self, exc: UpstreamHTTPError) -> UpstreamError:
+        """The turn's error for an HTTP error answer; a refusal without any key says which
+        setting would hold it."""
+        hint = ""
+        if exc.status in (401, 403) and self.missing_key:
+            hint = f" (no API key is configured for this upstream: set {self.missing_key})"
+        return UpstreamError(f"upstream {exc.status}: {exc.message}{hint}")
 
 
 class UpstreamBrain:
@@ -156,8 +165,18 @@ class UpstreamBrain:
         self.targets: list[_Target] = []
         for base_url, model, key_env in chain:
             api_key = os.environ.get(key_env, "") if key_env else None
+            missing = None
+            if not (api_key or clients.settings.upstream_api_key):
+                missing = (
+                    f"{key_env} or CVI_UPSTREAM_API_KEY" if key_env else "CVI_UPSTREAM_API_KEY"
+                )
             self.targets.append(
-                _Target(clients.get(base_url, api_key), model, clients.breaker(base_url, api_key))
+                _Target(
+                    clients.get(base_url, api_key),
+                    model,
+                    clients.breaker(base_url, api_key),
+                    missing,
+                )
             )
         self.client = self.targets[0].client
         # The persona's defaults, under whatever the request sends (computed once).
@@ -257,7 +276,9 @@ class UpstreamBrain:
         for i, target in enumerate(targets):
             if not target.breaker.allow():
                 metrics.upstream_skipped(target.breaker.name)
-                failure = UpstreamUnavailable(f"circuit open for {target.name}")
+                failure = UpstreamUnavailable(
+                    f"circuit open for {target.name}, last failure: {target.breaker.last_error}"
+                )
                 continue
             remaining = first_deadline - loop.time()
             if remaining <= 0.001:
@@ -283,15 +304,15 @@ class UpstreamBrain:
                 return
             except UpstreamDeadline as exc:
                 if not emitted:  # a reply budget shorter than the first-token one: spent
-                    target.breaker.failure()
-                    metrics.upstream_failed(target.breaker.name)
                     failure = UpstreamTimedOut(
                         f"{target.name} said nothing within the reply budget of {reply_budget:g}s"
                     )
+                    target.breaker.failure(str(failure))
+                    metrics.upstream_failed(target.breaker.name)
                     break
                 cut = str(exc)
             except UpstreamError as exc:
-                target.breaker.failure()
+                target.breaker.failure(str(exc))
                 metrics.upstream_failed(target.breaker.name)
                 if emitted:
                     raise
@@ -360,9 +381,9 @@ class UpstreamBrain:
                     f"no answer from upstream within {first_token_timeout:g}s"
                 ) from exc
             except UpstreamHTTPError as exc:
-                raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
+                raise target.http_error(exc) from exc
             except UpstreamConnectionError as exc:
-                raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
+                raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
             stream.expire_at(reply_deadline)
             try:
                 async with stream:
@@ -518,9 +539,9 @@ class UpstreamBrain:
                 raise UpstreamDeadline("the upstream had not answered yet") from exc
             raise UpstreamError(f"no answer from upstream within {first_token_timeout:g}s") from exc
         except UpstreamHTTPError as exc:
-            raise UpstreamError(f"upstream answered HTTP {exc.status}: {exc.message}") from exc
+            raise target.http_error(exc) from exc
         except UpstreamConnectionError as exc:
-            raise UpstreamUnavailable(f"upstream request failed: {exc}") from exc
+            raise UpstreamUnavailable(f"upstream unreachable: {exc}") from exc
         stream.expire_at(reply_deadline)
         try:
             async with stream:

@@ -24,7 +24,11 @@ from cvi_agent.llm.upstream.base import (
     UpstreamResponse,
     UpstreamTransport,
 )
-from cvi_agent.llm.upstream.errors import UpstreamConnectionError, UpstreamTimeout
+from cvi_agent.llm.upstream.errors import (
+    UpstreamConnectionError,
+    UpstreamTimeout,
+    connect_failure,
+)
 from cvi_agent.llm.upstream.tls import default_ssl_context
 
 _IDLE_TIMEOUT = 30.0  # seconds an idle connection is kept, as in the httptools pool
@@ -130,7 +134,7 @@ class AiohttpTransport(UpstreamTransport):
                 raise UpstreamTimeout(f"no data from upstream for {self.read_timeout:g}s") from None
             except aiohttp.ClientConnectorError as exc:
                 raise UpstreamConnectionError(
-                    f"could not connect to the upstream: {exc.strerror or exc}"
+                    connect_failure(exc.os_error, exc.host, exc.port)
                 ) from None
             except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as exc:
                 if not retried:

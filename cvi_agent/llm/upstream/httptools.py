@@ -31,7 +31,11 @@ from cvi_agent.llm.upstream.base import (
     UpstreamResponse,
     UpstreamTransport,
 )
-from cvi_agent.llm.upstream.errors import UpstreamConnectionError, UpstreamTimeout
+from cvi_agent.llm.upstream.errors import (
+    UpstreamConnectionError,
+    UpstreamTimeout,
+    connect_failure,
+)
 from cvi_agent.llm.upstream.tls import default_ssl_context
 
 _PAUSE_AT = 64  # queued body chunks before we stop reading from the socket (backpressure)
@@ -150,9 +154,7 @@ class _Pool:
                 f"could not connect to the upstream within {self.connect_timeout:g}s"
             ) from None
         except OSError as exc:
-            raise UpstreamConnectionError(
-                f"could not connect to the upstream: {exc.strerror or exc}"
-            ) from None
+            raise UpstreamConnectionError(connect_failure(exc, self.host, self.port)) from None
         return conn
 
     def release(self, conn: _Connection) -> None:
