@@ -17,7 +17,7 @@ from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
 from cvi_agent.llm import routes
 from cvi_agent.web.direct import DirectRoutes
-from tests.support import API_KEY, make_settings
+from tests.support import API_KEY, make_settings, wait_until
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 CHAT: Any = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
@@ -77,6 +77,9 @@ async def test_the_chat_paths_are_served_directly_and_seen_by_middleware(
     assert wrong_method.status_code == 405  # not a direct pair: FastAPI's router answers
     assert wrong_method.json()["error"]["code"] == "method_not_allowed"
     assert models.status_code == 200
+    # The middleware notes a request once its response has gone out: a moment after the client
+    # has read it.
+    await wait_until(lambda: len(Seen.lines) == 6)
     chat = routes.chat_endpoint
     assert Seen.lines[:2] == [
         ("POST", "/v1/chat/completions", "/v1/chat/completions", chat, 200),
