@@ -123,6 +123,52 @@ async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
     await send({"type": "http.response.body", "body": _BUSY_BODY})
 
 
+class HeadWithBody:
+    """The transport as one response sees it: the response head (the first write) is held
+    until the end of the event loop's current turn, and goes out in one write with the body
+    when that comes in the same turn, as it does for a JSON answer and for a stream's first
+    chunk (uvicorn writes the head on `http.response.start`, the body on the next message: two
+    system calls and two TCP segments per response otherwise). Every later write goes through
+    at once; a head with no body yet goes out at the end of the turn, never later.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop: asyncio.AbstractEventLoop | None = loop  # None once the head was written
+        self._held: bytes | None = None
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            loop = self._loop
+            if loop is not None:  # the head: held for the rest of this turn
+                self._loop = None
+                self._held = data
+                loop.call_soon(self.flush)
+                return
+            self._transport.write(data)
+            return
+        self._held = None
+        self._transport.write(held + data)
+
+    def flush(self) -> None:
+        """Write the head if it is still held."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol with header and body deadlines and a connection cap (see
     the module docstring). Reads its `ConnectionLimits` from `config.connection_limits`
@@ -174,6 +220,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._request_bytes = True
 
     def on_headers_complete(self) -> None:
+        previous = self.cycle
         cap = self.limits.max_connections
         upgrade = self.parser.should_upgrade() and self._should_upgrade()  # not ours to refuse
         if cap and not upgrade and (len(self.connections) > cap or len(self.tasks) >= cap):
@@ -185,6 +232,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self.app = self._served_app
         else:
             super().on_headers_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle is not previous:  # a new request (not an upgrade)
+            cycle.transport = HeadWithBody(self.transport, self.loop)  # type: ignore[assignment]
         self._enter(BODY)
 
     def on_message_complete(self) -> None:
