@@ -5,7 +5,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from cvi_agent.devtools.bench.load import PhaseStats, Progress, Target, merge_phases, run_phase
+from cvi_agent.devtools.bench.load import (
+    PhaseStats,
+    Progress,
+    Target,
+    merge_phases,
+    run_phase,
+    settle,
+)
 from cvi_agent.devtools.bench.metrics import histogram_quantiles, server_histogram
 from cvi_agent.devtools.bench.params import BenchParams
 from cvi_agent.devtools.bench.processes import Child
@@ -50,6 +57,7 @@ async def overhead_scenario(
     """Phases alternate between the targets (direct, null relay, through cvi-agent)."""
     if params.warmup_seconds > 0:
         await run_phase(targets[-1], params, params.warmup_seconds, progress, "warm-up", None)
+        await settle(children)
     phases: dict[str, list[PhaseStats]] = {t.name: [] for t in targets}
     overhead0 = server_histogram(children["server"], "cvi_added_overhead_seconds")
     for round_no in range(1, params.rounds + 1):
