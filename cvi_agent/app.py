@@ -19,10 +19,12 @@ from cvi_agent.devtools.memdebug import start_from_env as start_memory_reporter
 from cvi_agent.devtools.simulate.routes import RoomHost
 from cvi_agent.devtools.simulate.routes import router as simulations_router
 from cvi_agent.doctor.readiness import readiness
+from cvi_agent.llm.routes import DIRECT_ENDPOINTS
 from cvi_agent.llm.routes import router as llm_router
 from cvi_agent.personas import Persona
 from cvi_agent.runtime import Runtime, load_checked_personas
 from cvi_agent.videos.webhooks import router as videos_router
+from cvi_agent.web.direct import DirectRoutes
 from cvi_agent.web.errors import install_error_handlers
 from cvi_agent.web.logs import configured_secrets, install_log_filters
 from cvi_agent.web.metrics import router as metrics_router
@@ -71,6 +73,8 @@ def create_app(
     app.state.settings = settings
     app.state.personas = personas
     install_error_handlers(app)
+    # Innermost: the chat route as plain ASGI, beside FastAPI's routing (web/direct.py).
+    app.add_middleware(DirectRoutes, endpoints=DIRECT_ENDPOINTS)
     install_security(app, settings)  # API keys, per-key rate limit, CORS (web/security.py)
     app.add_middleware(RequestId)  # outermost: refusals and preflights carry x-request-id too
     app.include_router(llm_router)

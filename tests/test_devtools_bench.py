@@ -126,3 +126,29 @@ def test_bench_scaleout_report(capsys: pytest.CaptureFixture[str]) -> None:
     shared = scaleout["setups"]["2_redis"]
     assert shared["replay_hits"] == shared["turns"], "every final replays, whichever process"
     assert scaleout["upstream_peak_rss_mb"]
+
+
+def test_bench_hop_cpu_ratios_to_the_relay(capsys: pytest.CaptureFixture[str]) -> None:
+    """The overhead scenario reports, per side, the CPU of the process each stream went
+    through per chunk and per request, and both as ratios to the null relay of the same run
+    (`--words 1`: the per-request figure is a request's own cost)."""
+    # Enough requests that the relay's CPU is well above the clock tick (10 ms) it is read in.
+    args = ["bench", "--scenario", "overhead", "-c", "30", "--rounds", "1", "--seconds", "1"]
+    args += ["--warmup", "0", "--ttft", "0.002", "--tps", "1000", "--words", "1"]
+    assert main([*args, "--json"]) == 0
+    hop = json.loads(capsys.readouterr().out)["overhead"]["hop_cpu"]
+    for key in ("us_per_chunk", "us_per_request"):
+        assert set(hop[key]) == {"relay", "through"}
+        assert all(0 < v < 1_000_000 for v in hop[key].values())
+    for key in ("per_chunk_ratio_to_relay", "per_request_ratio_to_relay"):
+        assert hop[key]["relay"] == 1.0
+        assert hop[key]["through"] > 0
+    # A request relays at least one chunk: it costs at least what one chunk costs.
+    assert hop["us_per_request"]["through"] >= hop["us_per_chunk"]["through"] * 0.9
+
+    assert main(args) == 0
+    table = capsys.readouterr().out
+    for label in ("hop CPU per chunk (µs)", "hop CPU per request (µs)"):
+        row = next(line for line in table.splitlines() if line.startswith(label))
+        assert "(ratio: through / relay)" in row
+        assert row.split()[-5] not in ("-", "")  # the ratio column is filled

@@ -4,6 +4,7 @@ as in these tests. Raw sockets on loopback, so the bytes on the wire are what we
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import socket
@@ -17,7 +18,7 @@ import pytest
 
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, FakeUpstreamConfig
-from cvi_agent.web.connections import GuardedHttpToolsProtocol
+from cvi_agent.web.connections import GuardedHttpToolsProtocol, ResponseTransport
 from tests.procs import ServerProcess
 from tests.support import API_KEY, ServerFactory
 
@@ -220,3 +221,90 @@ def test_replies_to_clients_that_left_leave_the_log_quiet(
         if "socket.send" in r.getMessage() and r.threadName == ours
     ]
     assert noise == []
+
+
+class _Wire:
+    """A transport that records each write (one write is one system call and one segment)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def get_extra_info(self, name: str) -> str:
+        return f"info {name}"
+
+
+async def test_a_response_head_goes_out_with_the_body_of_the_same_turn() -> None:
+    loop = asyncio.get_running_loop()
+    wire = _Wire()
+    answer = ResponseTransport(wire, loop)  # type: ignore[arg-type]
+    answer.write(b"HEAD ")
+    answer.write(b"body")
+    await asyncio.sleep(0)
+    answer.write(b" more")
+    assert wire.writes == [b"HEAD body", b" more"]
+    assert answer.get_extra_info("peername") == "info peername"  # the rest is the transport's
+
+    wire = _Wire()
+    alone = ResponseTransport(wire, loop)  # type: ignore[arg-type]
+    alone.write(b"HEAD")
+    assert wire.writes == []
+    await asyncio.sleep(0)  # the end of the turn: never held longer
+    assert wire.writes == [b"HEAD"]
+    alone.write(b"later")
+    assert wire.writes == [b"HEAD", b"later"]
+
+    wire = _Wire()
+    closing = ResponseTransport(wire, loop)  # type: ignore[arg-type]
+    closing.write(b"HEAD")
+    closing.close()
+    assert wire.writes == [b"HEAD"] and wire.closed
+    closing.write(b"after the client left")  # dropped quietly, not asyncio's to count and log
+    assert wire.writes == [b"HEAD"]
+
+
+def test_a_stream_that_starts_at_once_sends_its_head_before_the_first_token(
+    serve: ServerFactory, upstream: FakeUpstream
+) -> None:
+    """A turn's stream starts at once: its head is not held until the first chunk (1 s on)."""
+    upstream.config.ttft = 1.0
+    server = serve(upstream)
+    body = json.dumps(
+        {"model": "storyteller", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    head = (
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nx-conversation-id: c-head\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with connect(server) as sock:
+        sent = time.monotonic()
+        sock.sendall(head + body)
+        sock.settimeout(5)
+        first = sock.recv(65536)
+        took = time.monotonic() - sent
+        rest, _ = read_until_closed_or_done(sock)
+    assert first.startswith(b"HTTP/1.1 200 ") and b"data:" not in first
+    assert took < 0.8
+    assert (first + rest).endswith(b"data: [DONE]\n\n\r\n0\r\n\r\n")
+
+
+def read_until_closed_or_done(sock: socket.socket) -> tuple[bytes, float]:
+    """What the server sends until the chunked body's last chunk (or the connection closes)."""
+    start = time.monotonic()
+    data = b""
+    while not data.endswith(b"0\r\n\r\n"):
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    return data, time.monotonic() - start

@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from cvi_agent import metrics
 from cvi_agent.llm.brains.base import (
@@ -48,7 +50,8 @@ def _count_refusal(error: ApiError) -> None:
     metrics.request_done("unknown", error.status)
 
 
-router = APIRouter(dependencies=[Depends(key_dependency(on_refused=_count_refusal))])
+_require_key = key_dependency(on_refused=_count_refusal)
+router = APIRouter(dependencies=[Depends(_require_key)])
 
 CONVERSATION_HEADERS = ("conversation_id", "conversation-id", "x-conversation-id")
 
@@ -365,7 +368,26 @@ async def chat_completions(request: Request) -> Response:
     return JSONResponse(body)
 
 
-for _path in ("/v1/chat/completions", "/chat/completions"):
+async def chat_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
+    """`chat_completions` as a plain ASGI endpoint (`web/direct.py` routes the chat paths to
+    it): the same key check as the router's dependency, the same answers, without FastAPI's
+    per-request routing and dependency machinery. An `ApiError` is answered here, as the
+    app's handler would; anything else goes on to the server-error handler."""
+    request = Request(scope, receive)
+    try:
+        await _require_key(request)
+        response = await chat_completions(request)
+    except ApiError as exc:
+        response = exc.response()
+    await response(scope, receive, send)
+
+
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
+#: The chat paths, served by `chat_endpoint` directly (`web.direct.DirectRoutes`), each with
+#: its FastAPI route (the OpenAPI description, and what the scope's `route` names).
+DIRECT_ENDPOINTS: dict[tuple[str, str], tuple[ASGIApp, BaseRoute]] = {}
+
+for _path in CHAT_PATHS:
     router.add_api_route(
         _path,
         chat_completions,
@@ -375,6 +397,7 @@ for _path in ("/v1/chat/completions", "/chat/completions"):
         summary="OpenAI-compatible chat completions (the persona is the model)",
         include_in_schema=_path.startswith("/v1"),
     )
+    DIRECT_ENDPOINTS[("POST", _path)] = (chat_endpoint, router.routes[-1])
 
 
 def _model(name: str) -> dict[str, Any]:

@@ -132,20 +132,55 @@ async def _busy(scope: Scope, receive: Receive, send: Send) -> None:
 
 
 class ResponseTransport:
-    """The connection's transport as a response sees it: a write once the transport is closing
-    (the client went away and asyncio noticed on an earlier write, or we closed it) is dropped
-    here, quietly, instead of being counted and logged by asyncio. Everything else is the
-    transport's own."""
+    """The connection's transport as one response sees it.
 
-    __slots__ = ("_transport",)
+    - The response head (the first write) is held until the end of the event loop's current
+      turn, and goes out in one write with the body when that comes in the same turn, as it
+      does for a JSON answer and for a stream's first chunk (uvicorn writes the head on
+      `http.response.start`, the body on the next message: two system calls and two TCP
+      segments per response otherwise). Every later write goes through at once; a head with no
+      body yet goes out at the end of the turn, never later.
+    - A write once the transport is closing (the client went away and asyncio noticed on an
+      earlier write, or we closed it) is dropped here, quietly, instead of being counted and
+      logged by asyncio (`socket.send() raised exception.`).
 
-    def __init__(self, transport: asyncio.Transport) -> None:
+    Everything else is the transport's own.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
         self._transport = transport
+        self._loop: asyncio.AbstractEventLoop | None = loop  # None once the head was written
+        self._held: bytes | None = None
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        transport = self._transport
-        if not transport.is_closing():
-            transport.write(data)
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            loop = self._loop
+            if loop is not None:  # the head: held for the rest of this turn
+                self._loop = None
+                self._held = data
+                loop.call_soon(self.flush)
+                return
+            if not self._transport.is_closing():
+                self._transport.write(data)
+            return
+        self._held = None
+        if not self._transport.is_closing():
+            self._transport.write(held + data)
+
+    def flush(self) -> None:
+        """Write the head if it is still held."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if not self._transport.is_closing():
+                self._transport.write(held)
+
+    def close(self) -> None:
+        self.flush()
+        self._transport.close()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
@@ -202,6 +237,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._request_bytes = True
 
     def on_headers_complete(self) -> None:
+        previous = self.cycle
         cap = self.limits.max_connections
         upgrade = self.parser.should_upgrade() and self._should_upgrade()  # not ours to refuse
         if cap and not upgrade and (len(self.connections) > cap or len(self.tasks) >= cap):
@@ -214,8 +250,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         else:
             super().on_headers_complete()
         cycle = self.cycle
-        if cycle is not None and cycle.transport is self.transport:  # a new request's cycle
-            cycle.transport = ResponseTransport(self.transport)  # type: ignore[assignment]
+        if cycle is not None and cycle is not previous:  # a new request (not an upgrade)
+            cycle.transport = ResponseTransport(self.transport, self.loop)  # type: ignore[assignment]
         self._enter(BODY)
 
     def on_message_complete(self) -> None:

@@ -303,10 +303,26 @@ async def run_phase(
     )
     stats.seconds = loop.time() - started
     if children is not None:
+        await settle(children)
         cpu1 = cpu_snapshot(children)
         stats.cpu = {name: cpu1[name] - cpu0[name] for name in cpu1}
         stats.server_cpu = stats.cpu["server"]
     return stats
+
+
+async def settle(children: dict[str, Child], within: float = 3.0) -> None:
+    """Wait (at most `within` seconds) until the processes have finished the work the phase
+    left them (the server records each turn after its response ended): that CPU belongs to
+    this phase's side, not to the next one's."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    before = sum(child.cpu() for child in children.values())
+    while loop.time() < deadline:
+        await asyncio.sleep(0.1)
+        now = sum(child.cpu() for child in children.values())
+        if now - before < 0.003:  # under 3 % of a core: idle (timers, the clock tick)
+            return
+        before = now
 
 
 def cpu_snapshot(children: dict[str, Child] | None) -> dict[str, float]:

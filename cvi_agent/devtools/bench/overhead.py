@@ -5,11 +5,47 @@ from __future__ import annotations
 
 from typing import Any
 
-from cvi_agent.devtools.bench.load import PhaseStats, Progress, Target, merge_phases, run_phase
+from cvi_agent.devtools.bench.load import (
+    PhaseStats,
+    Progress,
+    Target,
+    merge_phases,
+    run_phase,
+    settle,
+)
 from cvi_agent.devtools.bench.metrics import histogram_quantiles, server_histogram
 from cvi_agent.devtools.bench.params import BenchParams
 from cvi_agent.devtools.bench.processes import Child
-from cvi_agent.devtools.bench.stats import delta, summarize_ms
+from cvi_agent.devtools.bench.stats import delta, ratio, summarize_ms
+
+#: The process that carries each side's streams: its CPU is what the side's hop costs.
+HOP_PROCESS = {"relay": "relay", "through": "server"}
+
+
+def hop_cpu(sides: dict[str, PhaseStats]) -> dict[str, dict[str, float | None]]:
+    """CPU of the process each stream went through (the null relay, the server), per relayed
+    chunk and per request (µs), and as a ratio to the null relay's of the same run: the floor
+    any extra process hop costs on this machine, so a ratio reads the same on a busy machine.
+    With `--words 1`, the per-request figure is what a request costs apart from its chunks."""
+    per_chunk: dict[str, float | None] = {}
+    per_request: dict[str, float | None] = {}
+    for name, proc in HOP_PROCESS.items():
+        side = sides.get(name)
+        if side is None:
+            continue
+        cpu = side.cpu.get(proc)
+        per_chunk[name] = round(cpu / side.chunks * 1e6, 2) if cpu and side.chunks else None
+        per_request[name] = round(cpu / side.streams * 1e6, 1) if cpu and side.streams else None
+    return {
+        "us_per_chunk": per_chunk,
+        "us_per_request": per_request,
+        "per_chunk_ratio_to_relay": {
+            name: ratio(per_chunk.get(name), per_chunk.get("relay")) for name in per_chunk
+        },
+        "per_request_ratio_to_relay": {
+            name: ratio(per_request.get(name), per_request.get("relay")) for name in per_request
+        },
+    }
 
 
 async def overhead_scenario(
@@ -24,6 +60,7 @@ async def overhead_scenario(
             if target.name.startswith("through"):  # each cvi-agent server
                 label = f"warm-up: {target.name}"
                 await run_phase(target, params, params.warmup_seconds, progress, label, None)
+        await settle(children)
     phases: dict[str, list[PhaseStats]] = {t.name: [] for t in targets}
     overhead0 = server_histogram(children["server"], "cvi_added_overhead_seconds")
     for round_no in range(1, params.rounds + 1):
@@ -69,6 +106,7 @@ async def overhead_scenario(
         "server_cpu_us_per_chunk": round(server_cpu_per_chunk, 2)
         if server_cpu_per_chunk is not None
         else None,
+        "hop_cpu": hop_cpu(sides),
         "server_cpu_share": round(t.server_cpu / t.seconds, 3) if t.seconds else None,
         "cpu_share": {
             name: {proc: round(sec / side.seconds, 3) for proc, sec in side.cpu.items()}

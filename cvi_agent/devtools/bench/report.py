@@ -31,6 +31,25 @@ def _rss(report: dict[str, Any]) -> str:
     )
 
 
+def _hop_rows(o: dict[str, Any], sides: list[str]) -> list[str]:
+    """CPU of the hop each side went through (relay process, server), per chunk and per
+    request, and its ratio to the null relay's."""
+    hop = o.get("hop_cpu")
+    if not hop or "relay" not in sides:
+        return []
+    rows = []
+    for label, key in (("chunk", "chunk"), ("request", "request")):
+        values = hop[f"us_per_{key}"]
+        ratios = hop[f"per_{key}_ratio_to_relay"]
+        rows.append(
+            f"{'hop CPU per ' + label + ' (µs)':28}"
+            + "".join(f"{_fmt(values.get(x)):>11}" for x in sides)
+            + f"{'':>10}{_fmt(ratios.get('through')):>8}"
+            + "   (ratio: through / relay)"
+        )
+    return rows
+
+
 def format_table(report: dict[str, Any]) -> str:
     """The report as the text table `cvi-agent bench` prints."""
     p = report["params"]
@@ -106,6 +125,7 @@ def format_table(report: dict[str, Any]) -> str:
             f"{'server CPU per chunk (µs)':28}{_fmt(o['server_cpu_us_per_chunk']):>11}"
             f"   (through; one idle wake-up on this machine costs "
             f"{_fmt(m.get('idle_wakeup_cpu_us'))} µs)",
+            *_hop_rows(o, sides),
             rss,
         ]
         if o["error_samples"]:
