@@ -122,13 +122,22 @@ class TurnRecorder:
         store: where the `llm` events and questionnaire answers go.
         publish: called with the newly stored events (the live feed), if given.
         maxsize: samples queued before new ones are dropped (and counted in `dropped`).
+        linger: seconds a batch waits, after its first turn, for the turns that end meanwhile
+            (at most 100 a batch). A transaction costs the same for one turn as for ten: at
+            250 turns a second, writing each batch at once cost ~30 % of the server's CPU in
+            `cvi-agent bench` (ARCHITECTURE.md, "Hot path"); a turn is stored this much later.
     """
 
     def __init__(
-        self, store: SqlStore, publish: Publish | None = None, maxsize: int = 2000
+        self,
+        store: SqlStore,
+        publish: Publish | None = None,
+        maxsize: int = 2000,
+        linger: float = 0.05,
     ) -> None:
         self.store = store
         self.publish = publish
+        self.linger = linger
         self.queue: asyncio.Queue[TurnSample] = asyncio.Queue(maxsize)
         self.dropped = 0
         self._last_drop_log = 0.0
@@ -185,6 +194,10 @@ class TurnRecorder:
     async def _drain(self) -> None:
         while True:
             batch = [await self.queue.get()]
+            if self.linger > 0 and self.queue.qsize() < 99:
+                # Let the turns ending meanwhile join this batch: a write's cost is mostly per
+                # transaction, not per turn (see `linger`).
+                await asyncio.sleep(self.linger)
             while len(batch) < 100 and not self.queue.empty():
                 batch.append(self.queue.get_nowait())
             try:
