@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from cvi_agent.rooms import daily as daily_room
 from cvi_agent.rooms.base import (
     Participant,
     RoomJoinError,
@@ -252,3 +253,30 @@ async def test_daily_room_left_while_its_join_is_resolving_does_not_wait_for_it(
         await asyncio.sleep(0.01)
         ticks += 1
     assert ticks == 10
+
+
+async def test_daily_client_made_for_a_cancelled_room_is_still_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`CallClient()` runs on a worker thread; a room cancelled meanwhile (a bot stopped at
+    once) still releases the client made for it, instead of leaving it to the garbage
+    collector."""
+    asked: list[Any] = []
+    release = daily_room._NativeClient.release
+
+    def recording(native: Any) -> None:
+        asked.append(native)
+        release(native)
+
+    monkeypatch.setattr(daily_room._NativeClient, "release", recording)
+    room = DailyRoom()
+    preparing = asyncio.create_task(room.prepare())
+    await asyncio.sleep(0)  # the worker thread is making the client
+    preparing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await preparing
+    assert room._native is None
+    started = time.monotonic()
+    while not (asked and asked[0].released):
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0.02)

@@ -240,10 +240,35 @@ def unreleased_clients() -> int:
     return len(_unreleased)
 
 
-def _new_client(handler: _DailyHandler) -> _NativeClient:
-    init_daily()
-    with _native_lock:
-        return _NativeClient(handler)
+class _Creation:
+    """A `CallClient()` made on a worker thread for a coroutine that may be cancelled meanwhile:
+    a client nobody will use is still released (never left to the garbage collector, whose
+    destroy would hold the GIL)."""
+
+    def __init__(self, handler: _DailyHandler) -> None:
+        self.handler = handler
+        self._lock = threading.Lock()
+        self._native: _NativeClient | None = None
+        self._abandoned = False
+
+    def make(self) -> _NativeClient:
+        """On a worker thread: the client, made while no release runs."""
+        init_daily()
+        with _native_lock:
+            native = _NativeClient(self.handler)
+        with self._lock:
+            self._native, abandoned = native, self._abandoned
+        if abandoned:
+            native.release()
+        return native
+
+    def abandon(self) -> None:
+        """On the loop, when the coroutine waiting for `make` was cancelled."""
+        self.handler.room = None
+        with self._lock:
+            self._abandoned, native = True, self._native
+        if native is not None:
+            native.release()
 
 
 def _participants(client: Any) -> Any:
@@ -354,10 +379,14 @@ class DailyRoom(BaseRoom):
             handler = _DailyHandler(self, self._loop)
             # `CallClient()` waits for daily's core with the GIL held: a worker thread waits for
             # `_native_lock`, never the loop.
-            native = await asyncio.to_thread(_new_client, handler)
+            creation = _Creation(handler)
+            try:
+                native = await asyncio.to_thread(creation.make)
+            except asyncio.CancelledError:
+                creation.abandon()
+                raise
             if self._client is not None:  # another coroutine of this room made one meanwhile
-                handler.room = None
-                native.release()
+                creation.abandon()
             else:
                 self._handler, self._native, self._client = handler, native, native.client
         self._client.set_user_name(self.user_name)
