@@ -4,14 +4,22 @@ cannot be reached from here)."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
 
 import pytest
 
-from cvi_agent.rooms.base import Participant, RoomJoinError, RoomNotJoined, RoomSendError
-from cvi_agent.rooms.daily import DailyRoom, describe_daily_error
+from cvi_agent.rooms import daily as daily_room
+from cvi_agent.rooms.base import (
+    Participant,
+    RoomJoinError,
+    RoomNotJoined,
+    RoomSendError,
+)
+from cvi_agent.rooms.daily import DailyRoom, describe_daily_error, unreleased_clients
 from tests.rooms_support import Recorder
 
 
@@ -62,7 +70,7 @@ async def test_daily_callbacks_from_native_threads_reach_the_loop() -> None:
         got_error.set()
 
     room._daily_error = on_error  # type: ignore[method-assign]
-    room._ensure_client()
+    await room._ensure_client()
     # A real send on a client that is not connected: daily answers on its own thread, both through
     # the completion callback (-> our future) and through on_error (-> the handler).
     with pytest.raises(RoomSendError, match="signalling channel is not open"):
@@ -151,3 +159,125 @@ async def test_daily_refused_profile_is_logged_and_the_join_goes_ahead(
     assert room.applied_profiles is None
     assert any("could not set the subscription profiles" in r.getMessage() for r in caplog.records)
     await room.leave()
+
+
+# Many bots whose joins fail while others start: each room's release overlapped the next room's
+# `CallClient()`. daily's destroy joins the client's event thread, which may still wait for the
+# GIL to deliver a last event, while `CallClient()` held the GIL waiting for daily's core: the
+# whole process froze. The script must finish its loop and exit; a frozen process is killed.
+CHURN = """
+import asyncio, sys, time
+from cvi_agent.rooms.base import RoomError
+from cvi_agent.rooms.daily import DailyRoom, unreleased_clients
+
+async def one() -> None:
+    room = DailyRoom(join_timeout=1.0)
+    try:
+        await room.join("not a url")
+    except RoomError:
+        pass
+    await room.leave()
+
+async def main(seconds: float) -> None:
+    started, rooms = time.monotonic(), 0
+    while time.monotonic() - started < seconds:
+        await asyncio.gather(one(), one())
+        rooms += 2
+    while unreleased_clients() and time.monotonic() - started < seconds + 5:
+        await asyncio.sleep(0.05)
+    print(rooms, unreleased_clients(), flush=True)
+
+asyncio.run(main(float(sys.argv[1])))
+"""
+
+
+@pytest.mark.process
+def test_daily_rooms_released_while_others_start_never_freeze_the_process() -> None:
+    churn_seconds, allowed = 8.0, 25.0
+    started = time.monotonic()
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CHURN, str(churn_seconds)],
+            capture_output=True,
+            text=True,
+            timeout=allowed,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(
+            f"the process froze: no exit within {allowed:g} s of an {churn_seconds:g} s loop"
+        )
+    assert done.returncode == 0, done.stderr[-2000:]
+    rooms, unreleased = (int(word) for word in done.stdout.split())
+    assert rooms > 20, rooms
+    assert unreleased == 0  # every CallClient was released once daily was done with it
+    assert time.monotonic() - started < allowed
+
+
+async def test_daily_clients_are_released_once_daily_is_done_with_them() -> None:
+    """No CallClient (and its native threads) outlives its room for long: a failed join's client
+    is released once daily delivered the join's completion and its trailing error event."""
+    rooms = [DailyRoom(join_timeout=1.0) for _ in range(6)]
+    natives = []
+    for room in rooms:
+        await room.prepare()  # makes daily's client
+        natives.append(room._native)
+        with pytest.raises(RoomJoinError):
+            await room.join("not a url")
+        await room.leave()
+        assert room._native is None
+    started = time.monotonic()
+    while not all(n is not None and n.released for n in natives):
+        assert time.monotonic() - started < 5, [n is not None and n.released for n in natives]
+        await asyncio.sleep(0.02)
+
+
+async def test_daily_room_left_while_its_join_is_resolving_does_not_wait_for_it() -> None:
+    """Offline, daily resolves a daily.co room for ~20 s: a bot stopped meanwhile is gone at once
+    and the loop keeps running; its client waits to be released until daily answered the join
+    and the leave asked for after it."""
+    room = DailyRoom(join_timeout=30)
+    join = asyncio.create_task(room.join("https://cvi-agent-test.daily.co/room"))
+    while room._client is None or room.join_attempts == 0:
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.2)
+    native = room._native
+    assert native is not None
+    started = time.monotonic()
+    join.cancel()  # the bot is stopped
+    with pytest.raises(asyncio.CancelledError):
+        await join
+    await room.leave()
+    assert time.monotonic() - started < 1.0
+    assert not native.released and unreleased_clients() >= 1  # still owed the join's answer
+    ticks = 0
+    for _ in range(10):
+        await asyncio.sleep(0.01)
+        ticks += 1
+    assert ticks == 10
+
+
+async def test_daily_client_made_for_a_cancelled_room_is_still_released(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`CallClient()` runs on a worker thread; a room cancelled meanwhile (a bot stopped at
+    once) still releases the client made for it, instead of leaving it to the garbage
+    collector."""
+    asked: list[Any] = []
+    release = daily_room._NativeClient.release
+
+    def recording(native: Any) -> None:
+        asked.append(native)
+        release(native)
+
+    monkeypatch.setattr(daily_room._NativeClient, "release", recording)
+    room = DailyRoom()
+    preparing = asyncio.create_task(room.prepare())
+    await asyncio.sleep(0)  # the worker thread is making the client
+    preparing.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await preparing
+    assert room._native is None
+    started = time.monotonic()
+    while not (asked and asked[0].released):
+        assert time.monotonic() - started < 5
+        await asyncio.sleep(0.02)

@@ -4,6 +4,15 @@ daily calls us back on its own native threads; every callback is handed to the a
 with `call_soon_threadsafe` and nothing else happens on daily's thread. Completion callbacks
 resolve futures the same way. The join deadline, retries, send queue and reconnection come from
 `BaseRoom`; this module only speaks daily-python.
+
+Releasing a `CallClient` is where daily can freeze the whole process. Its destroy occupies one of
+daily's core threads until the client's event thread ends, and that thread may be waiting for the
+GIL to deliver one last event or completion; a Python thread that meanwhile holds the GIL inside a
+call that waits for daily's core (`CallClient()` itself does) then waits forever, and so does
+every other Python thread. So a released room hands its client to `_NativeClient`, which releases
+it on one reaper thread only once daily owes it nothing (every completion delivered, the call not
+joining or leaving), and the calls that wait for daily's core take `_native_lock`, which the reaper
+holds around `release()`; they run on a worker thread so the loop never waits for that lock.
 """
 
 from __future__ import annotations
@@ -13,9 +22,11 @@ import io
 import json
 import logging
 import os
+import queue
 import re
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +51,19 @@ log = logging.getLogger(__name__)
 
 _daily_lock = threading.Lock()
 _daily_ready = False
+
+# Held around every daily call that waits for daily's core threads while holding the GIL
+# (`CallClient()`, `participants()`) and by the reaper around `release()`: the two never overlap.
+_native_lock = threading.Lock()
+# Seconds the reaper leaves a client alone after daily's last completion, for the event that
+# sometimes trails it (a failed join's `on_error`) to be delivered first.
+RELEASE_GRACE = 0.1
+# A client that daily still owes a completion, or whose call never reports that it stopped joining
+# or leaving, is released anyway this many seconds after its room let it go (longer than an
+# offline join takes to fail), rather than kept for the life of the process.
+RELEASE_PATIENCE = 60.0
+# How often the reaper looks for clients whose patience ran out.
+_SWEEP_EVERY = 5.0
 
 
 def init_daily(worker_threads: int = 2) -> None:
@@ -79,6 +103,7 @@ class _DailyHandler(daily.EventHandler):
         super().__init__()
         self.room: DailyRoom | None = room
         self.loop = loop
+        self.native: _NativeClient | None = None
 
     def _forward(self, name: str, *args: Any) -> None:
         room = self.room
@@ -95,6 +120,9 @@ class _DailyHandler(daily.EventHandler):
         self._forward("_daily_participant_left", participant, reason)
 
     def on_call_state_updated(self, state: Any) -> None:
+        native = self.native
+        if native is not None:
+            native.call_state_updated(state)
         self._forward("_daily_call_state", state)
 
     def on_error(self, message: Any) -> None:
@@ -102,6 +130,150 @@ class _DailyHandler(daily.EventHandler):
 
     def on_subscription_profiles_updated(self, profiles: Any) -> None:
         self._forward("_daily_profiles", profiles)
+
+
+class _NativeClient:
+    """One daily `CallClient` and what daily still owes it: the completions not yet delivered
+    and the call's last reported state. `release()` is asked for once; the reaper does it when
+    daily is done with the client (see the module docstring)."""
+
+    def __init__(self, handler: _DailyHandler) -> None:
+        self.client: Any = daily.CallClient(event_handler=handler)
+        handler.native = self
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._call_state: str | None = None
+        self._release_asked: float | None = None
+        self._queued = False
+        self.released = False
+
+    def request(self, method: str, deliver: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """Call the client's `method` with a completion that runs `deliver`, counted until
+        daily delivers it."""
+        with self._lock:
+            self._pending += 1
+
+        def done(*results: Any) -> None:
+            try:
+                deliver(*results)
+            finally:
+                with self._lock:
+                    self._pending -= 1
+                self._maybe_release()
+
+        try:
+            getattr(self.client, method)(*args, completion=done, **kwargs)
+        except BaseException:
+            with self._lock:
+                self._pending -= 1
+            raise
+
+    def call_state_updated(self, state: Any) -> None:
+        """daily reported the call's state (on daily's thread)."""
+        with self._lock:
+            self._call_state = state if isinstance(state, str) else None
+        self._maybe_release()
+
+    def release(self) -> None:
+        """Release the client once daily owes it nothing; until then it stays registered."""
+        with self._lock:
+            if self._release_asked is not None:
+                return
+            self._release_asked = time.monotonic()
+        _unreleased.add(self)
+        _reaper()
+        self._maybe_release()
+
+    def _releasable(self) -> bool:
+        if self._release_asked is None or self._queued:
+            return False
+        if time.monotonic() - self._release_asked > RELEASE_PATIENCE:
+            return True  # daily never said it was done: release rather than keep it forever
+        return not self._pending and self._call_state not in ("joining", "joined", "leaving")
+
+    def _maybe_release(self) -> None:
+        with self._lock:
+            if not self._releasable():
+                return
+            self._queued = True
+        _reaper().put((time.monotonic() + RELEASE_GRACE, self))
+
+
+_unreleased: set[_NativeClient] = set()  # strong references until released
+_reaper_queue: queue.SimpleQueue[tuple[float, _NativeClient]] = queue.SimpleQueue()
+_reaper_thread: threading.Thread | None = None
+_reaper_lock = threading.Lock()
+
+
+def _reap() -> None:
+    while True:
+        try:
+            not_before, native = _reaper_queue.get(timeout=_SWEEP_EVERY)
+        except queue.Empty:
+            for waiting in list(_unreleased):
+                waiting._maybe_release()
+            continue
+        time.sleep(max(0.0, not_before - time.monotonic()))
+        try:
+            with _native_lock:
+                native.client.release()
+        except Exception:  # pragma: no cover - defensive: daily refused the release
+            log.exception("daily: releasing a client failed")
+        native.released = True
+        _unreleased.discard(native)
+
+
+def _reaper() -> queue.SimpleQueue[tuple[float, _NativeClient]]:
+    """The queue of the one thread that releases clients, one at a time (started on first use;
+    a daemon, so interpreter exit never waits for it)."""
+    global _reaper_thread
+    with _reaper_lock:
+        if _reaper_thread is None:
+            _reaper_thread = threading.Thread(target=_reap, name="daily-release", daemon=True)
+            _reaper_thread.start()
+    return _reaper_queue
+
+
+def unreleased_clients() -> int:
+    """daily clients whose rooms were released but that daily still owes an event or completion
+    (they are released as soon as it delivered them)."""
+    return len(_unreleased)
+
+
+class _Creation:
+    """A `CallClient()` made on a worker thread for a coroutine that may be cancelled meanwhile:
+    a client nobody will use is still released (never left to the garbage collector, whose
+    destroy would hold the GIL)."""
+
+    def __init__(self, handler: _DailyHandler) -> None:
+        self.handler = handler
+        self._lock = threading.Lock()
+        self._native: _NativeClient | None = None
+        self._abandoned = False
+
+    def make(self) -> _NativeClient:
+        """On a worker thread: the client, made while no release runs."""
+        init_daily()
+        with _native_lock:
+            native = _NativeClient(self.handler)
+        with self._lock:
+            self._native, abandoned = native, self._abandoned
+        if abandoned:
+            native.release()
+        return native
+
+    def abandon(self) -> None:
+        """On the loop, when the coroutine waiting for `make` was cancelled."""
+        self.handler.room = None
+        with self._lock:
+            self._abandoned, native = True, self._native
+        if native is not None:
+            native.release()
+
+
+def _participants(client: Any) -> Any:
+    with _native_lock:
+        return client.participants()
 
 
 _PERMANENT_DAILY = ("Failed to parse url", "InvalidUrl", "Invalid client settings")
@@ -199,24 +371,39 @@ class DailyRoom(BaseRoom):
         self._profiles_updated: asyncio.Event | None = None
         self._client: Any = None
         self._handler: Any = None
+        self._native: _NativeClient | None = None
 
-    def _ensure_client(self) -> Any:
+    async def _ensure_client(self) -> Any:
         if self._client is None:
-            init_daily()
             assert self._loop is not None
-            self._handler = _DailyHandler(self, self._loop)
-            self._client = daily.CallClient(event_handler=self._handler)
+            handler = _DailyHandler(self, self._loop)
+            # `CallClient()` waits for daily's core with the GIL held: a worker thread waits for
+            # `_native_lock`, never the loop.
+            creation = _Creation(handler)
+            try:
+                native = await asyncio.to_thread(creation.make)
+            except asyncio.CancelledError:
+                creation.abandon()
+                raise
+            if self._client is not None:  # another coroutine of this room made one meanwhile
+                creation.abandon()
+            else:
+                self._handler, self._native, self._client = handler, native, native.client
         self._client.set_user_name(self.user_name)
         return self._client
 
-    def _completion(self, future: asyncio.Future[Any]) -> Callable[..., None]:
-        """A daily completion callback (runs on daily's thread) that resolves `future`."""
-        loop = future.get_loop()
+    def _request(self, method: str, *args: Any, **kwargs: Any) -> asyncio.Future[Any]:
+        """Call daily's `method` with a completion; the future resolves (on the loop) to the
+        completion's arguments."""
+        assert self._loop is not None and self._native is not None
+        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
+        loop = self._loop
 
-        def done(*args: Any) -> None:
-            _call_soon(loop, _resolve, future, args)
+        def deliver(*results: Any) -> None:  # on daily's thread
+            _call_soon(loop, _resolve, future, results)
 
-        return done
+        self._native.request(method, deliver, *args, **kwargs)
+        return future
 
     async def prepare(self) -> dict[str, Any] | None:
         """Set the subscription profiles on daily's client (made here if need be), once per
@@ -224,15 +411,11 @@ class DailyRoom(BaseRoom):
         A refusal is logged and the join goes ahead: a bot that receives media still works."""
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        client = self._ensure_client()
+        client = await self._ensure_client()
         if self._profiled is client:
             return self.applied_profiles
-        assert self._loop is not None
-        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
         updated = self._profiles_updated = asyncio.Event()
-        client.update_subscription_profiles(
-            self.subscription_profiles, completion=self._completion(future)
-        )
+        future = self._request("update_subscription_profiles", self.subscription_profiles)
         try:
             async with asyncio.timeout(PROFILE_TIMEOUT):
                 error = _arg(await future, 0)
@@ -252,20 +435,17 @@ class DailyRoom(BaseRoom):
 
     async def _connect(self, url: str, meeting_token: str | None) -> None:
         await self.prepare()
-        client = self._ensure_client()
-        assert self._loop is not None
-        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
-        client.join(
-            url,
-            meeting_token=meeting_token,
-            client_settings=self.client_settings,
-            completion=self._completion(future),
+        client = await self._ensure_client()
+        future = self._request(
+            "join", url, meeting_token=meeting_token, client_settings=self.client_settings
         )
         try:
             error = _arg(await future, 1)
         except asyncio.CancelledError:
-            # The native join goes on; ask daily to leave once it is done with it.
-            client.leave()
+            # The native join goes on; ask daily to leave once it is done with it (the client is
+            # released only after both completions were delivered).
+            if self._client is client:
+                self._request("leave")
             raise
         if self._client is not client:
             raise RoomClosed("the room was left while joining")
@@ -278,7 +458,7 @@ class DailyRoom(BaseRoom):
                 permanent=permanent,
             )
         try:
-            current = client.participants()
+            current = await asyncio.to_thread(_participants, client)
         except Exception:  # pragma: no cover - defensive: daily state while joining
             current = {}
         present = []
@@ -296,11 +476,7 @@ class DailyRoom(BaseRoom):
         client = self._client
         if client is None:
             raise RoomSendError("the Daily client is not open")
-        assert self._loop is not None
-        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
-        client.send_app_message(
-            message, participant_id=participant_id, completion=self._completion(future)
-        )
+        future = self._request("send_app_message", message, participant_id=participant_id)
         error = _arg(await future, 0)
         if error:
             raise RoomSendError(f"send failed: {describe_daily_error(str(error))}")
@@ -309,24 +485,21 @@ class DailyRoom(BaseRoom):
         client = self._client
         if client is None:
             return
-        assert self._loop is not None
-        future: asyncio.Future[tuple[Any, ...]] = self._loop.create_future()
-        client.leave(completion=self._completion(future))
+        future = self._request("leave")
         error = _arg(await future, 0)
         if error:
             raise RoomError(f"leave failed: {describe_daily_error(str(error))}")
 
     async def _release(self) -> None:
-        client, handler = self._client, self._handler
-        self._client = self._handler = None
+        handler, native = self._handler, self._native
+        self._client = self._handler = self._native = None
 
         if handler is not None:
             handler.room = None  # nothing more reaches this room
-        if client is None:
-            return
-        # release() blocks until an in-flight native join finishes (up to the resolver's timeout
-        # offline). Do it on a daemon thread so neither the loop nor interpreter exit waits.
-        threading.Thread(target=client.release, name="daily-release", daemon=True).start()
+        if native is not None:
+            # Released by the reaper once daily delivered what it owes this client: an
+            # in-flight join offline can take the resolver's timeout, and the loop never waits.
+            native.release()
 
     # daily callbacks, already handed to the loop by _DailyHandler
 
