@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 
 from cvi_agent.devtools.fakes.server import free_port
-from tests.support import API_KEY, PERSONAS
+from tests.support import API_KEY, PERSONAS, child_environment
 
 TOKEN = "callback-token-faults-0123456789"
 
@@ -47,11 +47,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}"
 
     def env(self) -> dict[str, str]:
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if not k.startswith(("CVI_", "TAVUS_", "ARGIL_", "JOGG_")) and k not in ("HOST", "PORT")
-        }
+        env = child_environment()
         env.update(
             CVI_API_KEYS=API_KEY,
             CVI_CALLBACK_TOKEN=self.token,

@@ -53,6 +53,18 @@ def load_fixture(name: str) -> dict[str, Any]:
     return value
 
 
+def child_environment(**extra: str) -> dict[str, str]:
+    """The environment for a child process (`cvi-agent …`): this one's, without any variable
+    the application reads (`CVI_TEST_*` included), plus `extra`."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(APP_ENV_PREFIXES) and k not in APP_ENV_NAMES
+    }
+    env.update(extra)
+    return env
+
+
 def clear_app_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     """Remove every variable the application reads, keeping the suite's own `CVI_TEST_*`."""
     for name in list(os.environ):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pytest
 from cvi_agent.cli.main import main
 from cvi_agent.devtools.fakes.server import free_port
 from cvi_agent.devtools.fakes.upstream import FakeUpstream
-from tests.support import PERSONAS
+from tests.support import PERSONAS, child_environment
 
 
 @pytest.mark.process
@@ -23,11 +22,7 @@ def test_a_fresh_clone_without_an_upstream_key_fails_and_says_what_to_set(
     """As a new user runs it: no configuration at all, no upstream reachable (a closed port
     stands for "no internet", so the result does not depend on this machine's network)."""
     shutil.copytree(PERSONAS, tmp_path / "personas")
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CVI_", "TAVUS_")) and k not in ("HOST", "PORT")
-    }
+    env = child_environment()
     env["CVI_UPSTREAM_BASE_URL"] = f"http://127.0.0.1:{free_port()}/v1"
     done = subprocess.run(
         [sys.executable, "-m", "cvi_agent", "doctor", "--timeout", "2"],

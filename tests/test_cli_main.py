@@ -20,18 +20,14 @@ import pytest
 from cvi_agent import __version__
 from cvi_agent.cli.main import build_parser, main
 from cvi_agent.devtools.fakes.server import free_port
-from tests.support import PERSONAS
+from tests.support import PERSONAS, child_environment
 
 
 @pytest.mark.process
 def test_serve_with_zero_configuration(tmp_path: Path) -> None:
     shutil.copytree(PERSONAS, tmp_path / "personas")
     port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CVI_", "TAVUS_")) and k not in ("HOST", "PORT")
-    }
+    env = child_environment()
     env["PORT"] = str(port)
     proc = subprocess.Popen(
         [sys.executable, "-m", "cvi_agent", "serve"],
@@ -99,16 +95,6 @@ def test_serve_with_zero_configuration(tmp_path: Path) -> None:
     assert out.stdout.strip() == key
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CVI_", "TAVUS_")) and k not in ("HOST", "PORT")
-    }
-    env.update(extra)
-    return env
-
-
 def _serve(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     """`cvi-agent serve` that must exit by itself (it could not start)."""
     return subprocess.run(
@@ -128,7 +114,7 @@ def test_a_busy_port_is_one_line_and_exit_2_before_any_banner(tmp_path: Path) ->
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        done = _serve(tmp_path, _env(PORT=str(port)))
+        done = _serve(tmp_path, child_environment(PORT=str(port)))
     assert done.returncode == 2
     assert done.stdout == ""  # no "serving on", no key printed
     assert done.stderr.splitlines() == [
@@ -141,7 +127,7 @@ def test_a_busy_port_is_one_line_and_exit_2_before_any_banner(tmp_path: Path) ->
 def test_an_unreachable_database_is_one_line_and_exit_2(tmp_path: Path) -> None:
     shutil.copytree(PERSONAS, tmp_path / "personas")
     url = f"postgresql+asyncpg://cvi:pw-secret-123@127.0.0.1:{free_port()}/cvi"
-    done = _serve(tmp_path, _env(PORT="0", CVI_DATABASE_URL=url))
+    done = _serve(tmp_path, child_environment(PORT="0", CVI_DATABASE_URL=url))
     assert done.returncode == 2
     assert "serving on" not in done.stdout and "Traceback" not in done.stderr
     [line] = done.stderr.splitlines()
@@ -158,7 +144,9 @@ def test_the_banner_comes_after_the_bind_and_says_where_things_are(tmp_path: Pat
     proc = subprocess.Popen(
         [sys.executable, "-m", "cvi_agent", "serve"],
         cwd=tmp_path,
-        env=_env(PORT=str(port), CVI_UPSTREAM_BASE_URL=f"http://127.0.0.1:{free_port()}/v1"),
+        env=child_environment(
+            PORT=str(port), CVI_UPSTREAM_BASE_URL=f"http://127.0.0.1:{free_port()}/v1"
+        ),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -234,7 +222,9 @@ def test_every_option_is_documented_with_its_default() -> None:
 @pytest.mark.process
 def test_serve_workers_refuse_a_fixed_turn_port(tmp_path: Path) -> None:
     shutil.copytree(PERSONAS, tmp_path / "personas")
-    env = _env(CVI_REDIS_URL="redis://127.0.0.1:9/0", CVI_TURNS_PORT="5555", PORT=str(free_port()))
+    env = child_environment(
+        CVI_REDIS_URL="redis://127.0.0.1:9/0", CVI_TURNS_PORT="5555", PORT=str(free_port())
+    )
     done = subprocess.run(
         [sys.executable, "-m", "cvi_agent", "serve", "--workers", "2"],
         cwd=tmp_path,
@@ -262,7 +252,7 @@ def test_serve_workers_keep_the_metrics_of_another_running_server(tmp_path: Path
     proc = subprocess.Popen(
         [sys.executable, "-m", "cvi_agent", "serve", "--workers", "2"],
         cwd=tmp_path,
-        env=_env(PORT=str(free_port())),
+        env=child_environment(PORT=str(free_port())),
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from cvi_agent.devtools.fakes.server import free_port
-from tests.support import ROOT
+from tests.support import ROOT, child_environment
 
 README = ROOT / "README.md"
 BLOCK = re.compile(r"^```sh runnable[ \t]*\n(.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
@@ -73,11 +73,7 @@ def fresh_clone(tmp_path: Path) -> Path:
 
 def clean_env(tmp_path: Path, port: int) -> dict[str, str]:
     """The environment of a new terminal: none of the project's variables, a private HOME."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("CVI_", "TAVUS_", "ARGIL_", "JOGG_")) and k not in ("HOST", "PORT")
-    }
+    env = child_environment()
     env.update(PORT=str(port), HOME=str(tmp_path / "home"), PYTHONUNBUFFERED="1")
     (tmp_path / "home").mkdir(exist_ok=True)
     return env
