@@ -68,15 +68,18 @@ def _interaction_key(message: dict[str, Any]) -> str:
     )
 
 
+_FIRST_EVENT_MAX = 64 * 1024
+
+
 async def _first_event(response: Any) -> bytes:
     """Read a streamed response up to the end of its first server-sent event (or of its body,
-    if shorter) and close the body's generator: nothing is left suspended for the garbage
-    collector. Returns the event's lines."""
+    if shorter, or 64 KiB) and close the body's generator: nothing is left suspended for the
+    garbage collector. Returns the event's lines."""
     received = b""
     async with contextlib.aclosing(response.aiter_raw()) as body:
         async for data in body:
             received += data
-            if b"\n\n" in received.replace(b"\r\n", b"\n"):
+            if b"\n\n" in received.replace(b"\r\n", b"\n") or len(received) > _FIRST_EVENT_MAX:
                 break
     return received.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
 
