@@ -45,7 +45,11 @@ def test_cli_simulate_json(tmp_path: Path) -> None:
     assert {i["via"] for i in report["interactions"]} == {"rest", "bot"}
 
 
-RUNS = 4  # the stray lines came in about three runs of four
+# The stray lines came from races, in a few runs of a hundred (before: 6 of 160 printed
+# `Exception ignored in: <async_generator …>`, 1 could not bind its port): twelve runs, four at
+# a time, stay within the time budget (about 20 s).
+RUNS = 12
+PARALLEL = 4
 
 
 def _simulate(tmp_path: Path, run: int) -> subprocess.CompletedProcess[str]:
@@ -65,8 +69,11 @@ def _simulate(tmp_path: Path, run: int) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow
 def test_simulate_leaves_stderr_clean_run_after_run(tmp_path: Path) -> None:
     """No `socket.send() raised exception.` (a reply written on after its client left), no
-    `Exception ignored in: <async_generator …>`: stderr is for warnings, and there are none."""
-    with ThreadPoolExecutor(RUNS) as pool:
+    `Exception ignored in: <async_generator …>` (a collection on the server's thread finalizing
+    the simulator's abandoned streams while its loop closed them; the cause itself is tested
+    deterministically in tests/test_devtools_simulate_engine.py): stderr is for warnings, and there
+    are none."""
+    with ThreadPoolExecutor(PARALLEL) as pool:
         runs = list(pool.map(lambda run: _simulate(tmp_path, run), range(RUNS)))
     for run in runs:
         assert run.returncode == 0, run.stderr[-2000:]

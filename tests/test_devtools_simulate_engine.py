@@ -3,7 +3,10 @@ an interruption recorded, callbacks stored, all visible through the API."""
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import time
+import types
 from typing import Any
 
 import httpx
@@ -160,3 +163,57 @@ async def test_turns_answered_by_the_fallback_line_are_errors(serve: ServerFacto
     first = told[0][1]
     assert first["ttft_ms"] is not None and first["u2u_ms"] is not None
     assert first["completion_id"].startswith("chatcmpl-")
+
+
+def _suspended_client_generators() -> list[str]:
+    """The HTTP clients' async generators still suspended (not run to their end, not closed):
+    each is work left to whichever thread's garbage collection finds it."""
+    left = []
+    for obj in gc.get_objects():
+        if type(obj) is types.AsyncGeneratorType and obj.ag_frame is not None:
+            where = obj.ag_code.co_filename
+            if any(f"/{lib}/" in where for lib in ("openai", "httpx", "httpx2", "httpcore")):
+                left.append(f"{obj.ag_code.co_qualname} ({where}:{obj.ag_frame.f_lineno})")
+    return left
+
+
+async def test_abandoned_speculative_requests_leave_nothing_to_the_garbage_collector(
+    serve: ServerFactory,
+) -> None:
+    """Fails before: each speculative request, abandoned after its first chunk, left its
+    stream's async generators suspended in a reference cycle (the SDK's stream and its own
+    generator). `cvi-agent simulate` runs the server in the same process, on another thread:
+    when a collection there found them, it handed their closing to this loop and went on
+    finalizing the same generators while this loop was closing them, which printed
+    `Exception ignored in: <async_generator …>: async generator already executing` on stderr
+    now and then. Every request's stream is closed by the time the turn is over."""
+    server = serve(None, callback_token=TOKEN, local_rooms=True)
+    script = Script(
+        words_per_second=200,
+        partials=4,
+        turns=[Step(user="I would like a table for two tonight, please")],
+    )
+    persona = load_personas(PERSONAS)[script.persona]
+    gc.collect()
+    gc.disable()  # what is left stays visible: no collection may run meanwhile
+    try:
+        async with LocalRoomServer("127.0.0.1", 0) as rooms:
+            simulation = Simulation(
+                server_url=server.url,
+                api_key=API_KEY,
+                callback_token=TOKEN,
+                room_url=rooms.room_url("sim-gc"),
+                script=script,
+                persona_name=persona.persona_name,
+                system_prompt=persona.system_prompt,
+                conversation_id="sim-gc",
+            )
+            report = await simulation.run()
+        for _ in range(10):  # closings handed to the loop (finalized by reference count)
+            await asyncio.sleep(0)
+        left = _suspended_client_generators()
+    finally:
+        gc.enable()
+    assert report.errors == [], report.errors
+    assert report.turns[0].requests == 4  # three speculative requests, then the final one
+    assert left == [], "\n".join(left)

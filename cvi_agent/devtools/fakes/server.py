@@ -21,6 +21,22 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def _listening(host: str) -> socket.socket:
+    """A socket listening on a free port of `host`, as uvicorn's own: protocol TCP named, so
+    asyncio turns Nagle's algorithm off on its connections (else a reply written in two parts
+    waits for the client's delayed acknowledgement, ~40 ms)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, 0))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 class LoopbackServer:
     """`with LoopbackServer(app) as srv: srv.url` — a real HTTP server for the block's duration."""
 
@@ -36,13 +52,18 @@ class LoopbackServer:
         Args:
             app: the ASGI app.
             host: the loopback address to bind.
-            port: the port (default: a free one).
+            port: the port (default: a free one, bound here and held until the server serves on
+                it, so no other process starting servers meanwhile can take it).
             settings: serve as `cvi-agent serve` does with these settings (our HTTP protocol,
                 its deadlines and connection cap, `web/server.py`); default: plain uvicorn.
             config: further uvicorn `Config` arguments.
         """
         self.host = host
-        self.port = port or free_port(host)
+        self._socket: socket.socket | None = None
+        if not port:
+            self._socket = _listening(host)
+            port = int(self._socket.getsockname()[1])
+        self.port = port
         config.setdefault("log_level", "warning")
         config.setdefault("access_log", False)
         config.setdefault("lifespan", "on")
@@ -63,7 +84,7 @@ class LoopbackServer:
         # Runner.close() cancels what is left (e.g. pending server tasks) cleanly.
         with asyncio.Runner() as runner:
             self.loop = runner.get_loop()
-            runner.run(self.server.serve())
+            runner.run(self.server.serve([self._socket] if self._socket is not None else None))
 
     def start(self, timeout: float = 10.0) -> LoopbackServer:
         self._thread.start()
@@ -79,6 +100,8 @@ class LoopbackServer:
     def stop(self, timeout: float = 10.0) -> None:
         self.server.should_exit = True
         self._thread.join(timeout)
+        if self._socket is not None:  # uvicorn closed it; or it never served
+            self._socket.close()
 
     def __enter__(self) -> LoopbackServer:
         return self.start()

@@ -68,6 +68,37 @@ def _interaction_key(message: dict[str, Any]) -> str:
     )
 
 
+_FIRST_EVENT_MAX = 64 * 1024
+
+
+async def _first_event(response: Any) -> bytes:
+    """Read a streamed response up to the end of its first server-sent event (or of its body,
+    if shorter, or 64 KiB) and close the body's generator: nothing is left suspended for the
+    garbage collector. Returns the event's lines."""
+    received = b""
+    async with contextlib.aclosing(response.aiter_raw()) as body:
+        async for data in body:
+            received += data
+            if b"\n\n" in received.replace(b"\r\n", b"\n") or len(received) > _FIRST_EVENT_MAX:
+                break
+    return received.replace(b"\r\n", b"\n").split(b"\n\n", 1)[0]
+
+
+def _event_error(event: bytes) -> str | None:
+    """The message of an `error` event (how an OpenAI-compatible stream fails once started),
+    or None for any other event."""
+    for line in event.split(b"\n"):
+        if not line.startswith(b"data:"):
+            continue
+        with contextlib.suppress(ValueError):
+            data = json.loads(line[5:])
+            if isinstance(data, dict) and data.get("error"):
+                error = data["error"]
+                message = error.get("message") if isinstance(error, dict) else None
+                return str(message or "An error occurred during streaming")
+    return None
+
+
 class _ReplicaInbox(RoomListener):
     """Everything that reaches the simulated replica lands in one queue: the bot's interactions
     from the room, and Tavus's REST deliveries from the stand-in (`receive`).
@@ -346,21 +377,34 @@ class Simulation:
     # -- the LLM, as Tavus calls it --------------------------------------------------------
 
     async def _speculative(self, messages: list[dict[str, Any]]) -> None:
-        """A request that is abandoned after its first chunk, as a speculative one is."""
+        """A request that is abandoned after its first chunk, as a speculative one is.
+
+        The same request as the final one (through the same client, `tools` and all), but its
+        body is read raw, up to the end of the first event, and closed here. The SDK's stream,
+        left after one chunk, stays suspended in a reference cycle (the stream and its own
+        generator): only a garbage collection closes it, on whichever thread it runs, and when
+        the server runs in this process (`cvi-agent simulate`) that was its thread, racing this
+        loop over the same generators (`Exception ignored in: <async_generator …>` on stderr).
+        """
         import openai  # heavy: see the module's docstring
 
         try:
-            stream = await self.llm.chat.completions.create(
+            async with self.llm.chat.completions.with_streaming_response.create(
                 model=self.script.persona,
                 stream=True,
                 messages=cast(Any, messages),
                 **self.request_tools,
-            )
-            async with stream:
-                async for _chunk in stream:
-                    break
+            ) as response:
+                first = await _first_event(response.http_response)
         except openai.APIError as exc:
             self.report.errors.append(f"speculative request failed: {exc}")
+            return
+        except Exception as exc:  # the body broke off: the SDK's stream said the same
+            self.report.errors.append(f"speculative request failed: {type(exc).__name__}: {exc}")
+            return
+        error = _event_error(first)
+        if error is not None:
+            self.report.errors.append(f"speculative request failed: {error}")
 
     async def _final(
         self, messages: list[dict[str, Any]]
