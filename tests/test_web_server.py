@@ -19,6 +19,7 @@ import pytest
 from cvi_agent.devtools.fakes.server import LoopbackServer
 from cvi_agent.devtools.fakes.upstream import FakeUpstream, FakeUpstreamConfig
 from cvi_agent.web.connections import GuardedHttpToolsProtocol, ResponseTransport
+from cvi_agent.web.server import listen
 from tests.procs import ServerProcess
 from tests.support import API_KEY, ServerFactory
 
@@ -308,3 +309,27 @@ def read_until_closed_or_done(sock: socket.socket) -> tuple[bytes, float]:
             break
         data += chunk
     return data, time.monotonic() - start
+
+
+async def test_connections_accepted_on_the_listening_socket_have_nagle_off() -> None:
+    """`serve` binds first (`listen`); asyncio turns Nagle off on accepted connections only when
+    the listening socket is a TCP one by its protocol number, else small writes (a stream's last
+    chunk and its terminator) can wait for a delayed ACK, ~40 ms."""
+    sock = listen("127.0.0.1", 0)
+    accepted: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+
+    class Probe(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            conn = transport.get_extra_info("socket")
+            accepted.set_result(conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            transport.close()
+
+    server = await asyncio.get_running_loop().create_server(Probe, sock=sock)
+    try:
+        port = sock.getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        assert await asyncio.wait_for(accepted, 5) != 0
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()

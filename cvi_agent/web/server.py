@@ -53,7 +53,7 @@ def listen(host: str, port: int, backlog: int = 2048) -> socket.socket:
     busy port is known before the banner, and connections wait in the backlog while the app
     starts). Raises `OSError` (`EADDRINUSE` for a busy port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # asyncio: Nagle off
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
