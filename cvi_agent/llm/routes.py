@@ -42,6 +42,7 @@ from cvi_agent.web.auth import key_dependency
 from cvi_agent.web.body import read_json_object
 from cvi_agent.web.errors import ApiError, validation_message
 from cvi_agent.web.request_id import REQUEST_ID_SCOPE_KEY
+from cvi_agent.web.security import CHAT_PATHS
 
 log = logging.getLogger(__name__)
 
@@ -382,7 +383,6 @@ async def chat_endpoint(scope: Scope, receive: Receive, send: Send) -> None:
     await response(scope, receive, send)
 
 
-CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")
 #: The chat paths, served by `chat_endpoint` directly (`web.direct.DirectRoutes`), each with
 #: its FastAPI route (the OpenAPI description, and what the scope's `route` names).
 DIRECT_ENDPOINTS: dict[tuple[str, str], tuple[ASGIApp, BaseRoute]] = {}

@@ -46,7 +46,7 @@ from cvi_agent.web.errors import ApiError
 #: Paths whose callers authenticate otherwise (a URL token or an HMAC signature).
 CALLBACK_PREFIX = "/callbacks/"
 #: The LLM endpoint's paths: refusals there are counted in `cvi_chat_requests` too.
-CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
+CHAT_PATHS = ("/v1/chat/completions", "/chat/completions")  # also the chat routes (llm/routes.py)
 WS_KEY_PROTOCOL_PREFIXES = ("bearer.", "key.")
 
 

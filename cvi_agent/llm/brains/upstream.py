@@ -394,15 +394,9 @@ class UpstreamBrain:
                             if not got_first:
                                 got_first = True
                                 deadline_cm.reschedule(None)
-                            if type(chunk) is not dict:
-                                raise UpstreamError("upstream sent a chunk that is not an object")
-                            error = chunk.get("error")
-                            if error:
-                                raise UpstreamError(f"upstream error event: {error}")
-                            usage = chunk.get("usage")
-                            if usage:
-                                prompt_tokens += usage.get("prompt_tokens") or 0
-                                completion_tokens += usage.get("completion_tokens") or 0
+                            prompt, completion = _checked_usage(chunk)
+                            prompt_tokens += prompt
+                            completion_tokens += completion
                             choices = chunk.get("choices")
                             if not choices:
                                 continue
@@ -549,15 +543,9 @@ class UpstreamBrain:
                 async with deadline_cm:
                     async for chunk in stream:
                         deadline_cm.reschedule(None)
-                        if type(chunk) is not dict:
-                            raise UpstreamError("upstream sent a chunk that is not an object")
-                        error = chunk.get("error")
-                        if error:
-                            raise UpstreamError(f"upstream error event: {error}")
-                        usage = chunk.get("usage")
-                        if usage:
-                            prompt_tokens += usage.get("prompt_tokens") or 0
-                            completion_tokens += usage.get("completion_tokens") or 0
+                        prompt, completion = _checked_usage(chunk)
+                        prompt_tokens += prompt
+                        completion_tokens += completion
                         for choice in chunk.get("choices") or ():
                             ci = choice.get("index") or 0
                             if type(ci) is not int:
@@ -657,3 +645,20 @@ def _stream_error(exc: Exception, at_reply_deadline: bool, first_token_timeout: 
         return UpstreamError(f"upstream stream failed: {exc}")
     what = str(exc) if type(exc) is TypeError else f"{type(exc).__name__}: {exc}"
     return UpstreamError(f"upstream sent a malformed chunk: {what}")
+
+
+_NO_USAGE = (0, 0)
+
+
+def _checked_usage(chunk: Any) -> tuple[int, int]:
+    """The checks every upstream chunk passes, on the single-choice and the n > 1 paths alike:
+    an object, not an error event. Returns the (prompt, completion) tokens its `usage` reports."""
+    if type(chunk) is not dict:
+        raise UpstreamError("upstream sent a chunk that is not an object")
+    error = chunk.get("error")
+    if error:
+        raise UpstreamError(f"upstream error event: {error}")
+    usage = chunk.get("usage")
+    if not usage:
+        return _NO_USAGE
+    return usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0
