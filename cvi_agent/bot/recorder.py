@@ -149,7 +149,7 @@ class Recorder:
     whoever created it starts and closes it.
 
     Args:
-        store: where the records go (`add_events_bulk`, then the utterance and tool-call rows).
+        store: where the records go (`add_events`, then the utterance and tool-call rows).
         on_record: awaited with each newly stored record, in order, after its batch committed
             (the worker publishes it on the live feed); its errors are logged, not raised.
         max_batch: records written per transaction at most.
@@ -318,7 +318,7 @@ class Recorder:
         retry = _Backoff(self.retry_max)
         while True:
             try:
-                return await self.store.add_events_bulk(records)
+                return await self.store.add_events(records)
             except Exception as exc:
                 if not await retry.wait(exc, len(records)):
                     break
@@ -332,7 +332,7 @@ class Recorder:
         scrubbed = False
         while True:
             try:
-                return await self.store.add_events_bulk([record])
+                return await self.store.add_events([record])
             except Exception as exc:
                 if await retry.wait(exc, 1):
                     continue

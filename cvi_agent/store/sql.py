@@ -220,25 +220,26 @@ class SqlStore:
     async def ensure_conversations(
         self, personas: dict[str, str | None], *, conn: AsyncConnection | None = None
     ) -> None:
-        """Create the conversations not known yet ({id: persona}); never touches existing ones."""
+        """Create the conversations not known yet ({id: persona}); never touches existing ones.
+        One statement with a parameter set per conversation (one round trip, however many)."""
         if not personas:
             return
         ts = now()
+        rows = [
+            {
+                "id": conversation_id,
+                "persona": persona,
+                "meta": {},
+                "created_at": ts,
+                "updated_at": ts,
+                "status": "active",
+            }
+            for conversation_id, persona in personas.items()
+        ]
+        stmt = self._insert(conversations).on_conflict_do_nothing(index_elements=["id"])
 
         async def run(conn: AsyncConnection) -> None:
-            for conversation_id, persona in personas.items():
-                await conn.execute(
-                    self._insert(conversations)
-                    .values(
-                        id=conversation_id,
-                        persona=persona,
-                        meta={},
-                        created_at=ts,
-                        updated_at=ts,
-                        status="active",
-                    )
-                    .on_conflict_do_nothing(index_elements=["id"])
-                )
+            await conn.execute(stmt, rows)
 
         await self._write(run, conn)
 
@@ -345,43 +346,10 @@ class SqlStore:
     async def add_events(
         self, records: Sequence[EventRecord], *, conn: AsyncConnection | None = None
     ) -> list[EventRecord]:
-        """Store a batch; returns the records that were new (duplicates are absorbed)."""
-        if not records:
-            return []
-
-        async def run(conn: AsyncConnection) -> list[EventRecord]:
-            inserted: list[EventRecord] = []
-            for record in records:
-                stmt = (
-                    self._insert(events)
-                    .values(
-                        conversation_id=record.conversation_id,
-                        source=record.source,
-                        kind=record.kind,
-                        dedupe_key=record.dedupe_key,
-                        seq=record.seq,
-                        inference_id=record.inference_id,
-                        turn_idx=record.turn_idx,
-                        role=record.role,
-                        occurred_at=record.occurred_at,
-                        received_at=record.received_at,
-                        payload=record.payload,
-                    )
-                    .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
-                    .returning(events.c.id)
-                )
-                new_id = (await conn.execute(stmt)).scalar()
-                if new_id is not None:
-                    record.id = int(new_id)
-                    inserted.append(record)
-            return inserted
-
-        result: list[EventRecord] = await self._write(run, conn)
-        return result
-
-    async def add_events_bulk(self, records: Sequence[EventRecord]) -> list[EventRecord]:
-        """`add_events` for large batches (the room bot's recorder): one transaction, multi-row
-        INSERTs. Same contract: returns the new records, in input order, with `id` set."""
+        """Store a batch; returns the records that were new, in input order, with `id` set
+        (duplicates, stored before or repeated in the batch, are absorbed). One cached
+        statement executed with every row: SQLAlchemy's "insertmanyvalues" sends multi-row
+        INSERT … RETURNING batches, one round trip for a turn recorder's or a bot's batch."""
         unique: dict[tuple[str, str], EventRecord] = {}
         for record in records:
             unique.setdefault((record.source, record.dedupe_key), record)
@@ -403,9 +371,6 @@ class SqlStore:
             }
             for r in unique.values()
         ]
-
-        # One cached statement executed with many parameter sets: SQLAlchemy's "insertmanyvalues"
-        # turns it into multi-row INSERT … RETURNING batches without recompiling per batch.
         stmt = (
             self._insert(events)
             .on_conflict_do_nothing(index_elements=["source", "dedupe_key"])
@@ -416,7 +381,7 @@ class SqlStore:
             result = await conn.execute(stmt, rows)
             return {(row.source, row.dedupe_key): int(row.id) for row in result.all()}
 
-        ids: dict[tuple[str, str], int] = await self._retrying(run)
+        ids: dict[tuple[str, str], int] = await self._write(run, conn)
         inserted: list[EventRecord] = []
         for key, record in unique.items():
             new_id = ids.get(key)
