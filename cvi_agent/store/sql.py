@@ -225,7 +225,7 @@ class SqlStore:
         if not personas:
             return
         ts = now()
-        rows = [
+        rows: list[dict[str, Any]] = [
             {
                 "id": conversation_id,
                 "persona": persona,
