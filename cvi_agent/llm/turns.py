@@ -132,6 +132,7 @@ class Generation:
         "finished_at",
         "id",
         "key",
+        "key_hash",
         "listeners",
         "speech",
         "subscribers",
@@ -165,6 +166,9 @@ class Generation:
         self.ctx = ctx
         self.id = ctx.conversation_id
         self.key = key
+        # Compared first: most requests match none of the conversation's recent generations,
+        # and a hash tells most of them apart without walking the whole message history.
+        self.key_hash = hash(key)
         self.speech = speech
         self.dialogue = dialogue
         self.events: list[BrainEvent] = []
@@ -510,9 +514,14 @@ class TurnTracker(TurnCoordinator):
             conversation = self._conversations[ctx.conversation_id] = _Conversation()
         conversation.last_request = now
         key, speech, dialogue = turn_keys(ctx)
+        key_hash = hash(key)
         generations = conversation.generations
         for generation in generations:
-            if generation.key == key and generation.replayable(now, self.replay_window):
+            if (
+                generation.key_hash == key_hash
+                and generation.key == key
+                and generation.replayable(now, self.replay_window)
+            ):
                 metrics.REPLAYED.inc()
                 return GenerationReader(generation, ctx, enc, started, replay=True)
         if speech is not None:
