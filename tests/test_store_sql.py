@@ -39,6 +39,24 @@ async def test_duplicate_deliveries_stored_once(store: SqlStore) -> None:
     assert await store.count_events("c1") == 4
 
 
+async def test_a_large_batch_is_stored_once_in_pages_and_answered_in_order(
+    store: SqlStore,
+) -> None:
+    # 131 records: pages of 64, 64, 2 and 1 rows; some stored before, some repeated in the batch.
+    stored = await store.add_events([event(f"k{i}", i) for i in range(0, 130, 13)])
+    assert len(stored) == 10
+    batch = [event(f"k{i}", i) for i in range(126)] + [event(f"k{i}", i) for i in (3, 70, 125)]
+    batch += [event(f"k{i}", i) for i in range(126, 128)]
+    new = await store.add_events(batch)
+    expected = [f"k{i}" for i in range(128) if i % 13]
+    assert [e.dedupe_key for e in new] == expected
+    assert all(e.id is not None for e in new)
+    assert len({e.id for e in new} | {e.id for e in stored}) == 128
+    assert await store.count_events("c1") == 128
+    listed = await store.list_events("c1", order="id")
+    assert {e.id: e.dedupe_key for e in listed} == {e.id: e.dedupe_key for e in [*stored, *new]}
+
+
 async def test_events_read_back_in_seq_order(store: SqlStore) -> None:
     for seq in (5, 3, 4, 1, 2):
         rec = event(f"k{seq}", seq)
