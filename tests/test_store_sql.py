@@ -39,10 +39,10 @@ async def test_duplicate_deliveries_stored_once(store: SqlStore) -> None:
     assert await store.count_events("c1") == 4
 
 
-async def test_a_large_batch_is_stored_once_in_pages_and_answered_in_order(
+async def test_a_large_batch_is_stored_once_and_answered_in_order(
     store: SqlStore,
 ) -> None:
-    # 131 records: pages of 64, 64, 2 and 1 rows; some stored before, some repeated in the batch.
+    # 131 records (one statement padded to 256 rows): some stored before, some repeated in it.
     stored = await store.add_events([event(f"k{i}", i) for i in range(0, 130, 13)])
     assert len(stored) == 10
     batch = [event(f"k{i}", i) for i in range(126)] + [event(f"k{i}", i) for i in (3, 70, 125)]

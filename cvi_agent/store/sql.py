@@ -50,8 +50,9 @@ log = logging.getLogger(__name__)
 RETRY_BUDGET = 3.0
 
 _VIDEO_RANK = {"queued": 0, "rendering": 1, "ready": 2, "failed": 2}
-# The most rows one multi-row INSERT of events carries (`SqlStore.add_events`).
-_EVENT_PAGE = 64
+# The most rows one multi-row INSERT of events carries (`SqlStore.add_events`): above the room
+# bot's batches (500), within both databases' limits on parameters (11 a row).
+_EVENT_PAGE = 512
 
 
 def _sqlite_path(url: str) -> Path | None:
@@ -381,15 +382,15 @@ class SqlStore:
 
         async def run(conn: AsyncConnection) -> dict[tuple[str, str], int]:
             ids: dict[tuple[str, str], int] = {}
-            start = 0
-            while start < len(rows):
-                # Pages of a power of two rows (64 at most): a multi-row statement is prepared
-                # and cached by the driver for each row count, so any batch size costs one of
-                # seven statements instead of a new one per size (~9 MB more after sizes 1-100).
-                size = min(1 << ((len(rows) - start).bit_length() - 1), _EVENT_PAGE)
-                result = await conn.execute(stmt, rows[start : start + size])
+            for start in range(0, len(rows), _EVENT_PAGE):
+                page = rows[start : start + _EVENT_PAGE]
+                # Padded to a power of two rows with copies of its last row (a copy is a
+                # conflict, skipped): the driver prepares and caches a statement per row count,
+                # so a statement per batch size grew the RSS by ~9 MB over sizes 1-100; padded,
+                # any size is one of ten statements, and still one round trip.
+                page += [page[-1]] * ((1 << (len(page) - 1).bit_length()) - len(page))
+                result = await conn.execute(stmt, page)
                 ids.update({(row.source, row.dedupe_key): int(row.id) for row in result.all()})
-                start += size
             return ids
 
         found: dict[tuple[str, str], int] = await self._write(run, conn)
