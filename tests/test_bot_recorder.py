@@ -123,6 +123,24 @@ async def test_close_gives_up_when_the_database_stays_away(pg_url: str) -> None:
 
 
 @pytest.mark.postgres
+async def test_close_with_no_patience_gives_up_at_once(pg_url: str) -> None:
+    database = pg_url.rsplit("/", 1)[1]
+    store = await open_store(pg_url)
+    recorder = Recorder(store, close_timeout=0, retry_max=0.2)
+    recorder.start()
+    await set_connections(database, False)
+    try:
+        recorder.put(Pending(event(1)))
+        started = time.monotonic()
+        await asyncio.wait_for(recorder.close(), 5)
+        assert time.monotonic() - started < 1
+        assert recorder.dropped == 1
+    finally:
+        await set_connections(database, True)
+    await store.aclose()
+
+
+@pytest.mark.postgres
 @pytest.mark.parametrize("linger", [0.0, 0.02])
 async def test_flush_waits_for_everything_put_before_it(pg_url: str, linger: float) -> None:
     store = await open_store(pg_url)
