@@ -146,6 +146,7 @@ class Generation:
         conversation: _Conversation,
         ctx: TurnContext,
         key: Hashable,
+        key_hash: int,
         speech: str | None,
         dialogue: Hashable,
     ) -> None:
@@ -157,6 +158,9 @@ class Generation:
             conversation: its conversation's state (the time of the latest request).
             ctx: the request that started it; the brain answers from it.
             key: the replay key (`turn_keys`): equal keys mean the same answer.
+            key_hash: `hash(key)`, computed once by the tracker; compared before the key (most
+                requests match none of the conversation's recent generations, and a hash tells
+                most of them apart without walking the whole message history).
             speech: the normalized trailing user speech, if the request ends with a user
                 message; a later request whose speech extends it supersedes this one.
             dialogue: the history before that speech; supersede only within equal dialogues.
@@ -166,9 +170,7 @@ class Generation:
         self.ctx = ctx
         self.id = ctx.conversation_id
         self.key = key
-        # Compared first: most requests match none of the conversation's recent generations,
-        # and a hash tells most of them apart without walking the whole message history.
-        self.key_hash = hash(key)
+        self.key_hash = key_hash
         self.speech = speech
         self.dialogue = dialogue
         self.events: list[BrainEvent] = []
@@ -534,7 +536,7 @@ class TurnTracker(TurnCoordinator):
                     and speech.startswith(generation.speech)
                 ):
                     generation.cancel("superseded")
-        generation = Generation(self, conversation, ctx, key, speech, dialogue)
+        generation = Generation(self, conversation, ctx, key, key_hash, speech, dialogue)
         ctx.side_effects_allowed = False
         ctx.tools.await_final = generation.until_final
         generations.append(generation)
